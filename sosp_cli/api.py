@@ -1,0 +1,84 @@
+"""Public Python API: the parts of the runner without Hydra (for notebooks and external checks).
+
+>>> model = create_model("resnet20", num_classes=10)
+>>> x = torch.randn(8, 3, 32, 32); y = torch.randint(0, 10, (8,))
+>>> scores = saliency(model, [(x, y)], "sosp_h", example_input=x[:1])
+>>> small = prune(model, sorted(scores, key=scores.get)[:50], x[:1])
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import MethodConfig
+from .models import create_model as _create_model, list_models
+from .pruning import SaliencyInput, get_criterion, list_criteria
+from .structures import StructureSet
+from .surgery import remove_structures
+
+__all__ = ["create_model", "list_models", "list_criteria", "structures", "saliency", "mask", "prune"]
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
+                 width: float | Sequence[float] = 1.0) -> nn.Module:
+    """A registered model (``list_models()``), randomly initialised."""
+    return _create_model(name, num_classes, in_channels, width)
+
+
+def structures(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Structure names ``"<producing module>:<channel>"`` in a stable order."""
+    return StructureSet(model, example_input[:1].cpu()).names()
+
+
+def saliency(model: nn.Module, batches: Iterable, method: str, example_input: torch.Tensor | None = None,
+             seed: int = 0, device: str | torch.device | None = None, **options) -> dict[str, float]:
+    """Score per structure (higher = keep) with the registered criterion ``method``.
+
+    ``batches`` yields ``(inputs, targets)``; the loss is the mean cross-entropy over all
+    samples. ``options`` are :class:`sosp_cli.config.MethodConfig` fields (``combine``,
+    ``curvature``, ``selection``, ``chunk_size``, ...). The model is scored in eval mode.
+    """
+    batches = list(batches)
+    if example_input is None:
+        example_input = batches[0][0][:1]
+    if device is None:
+        p = next(model.parameters())
+        device = p.device
+    device = torch.device(device)
+    cfg = MethodConfig(name=method, **options)
+    criterion = get_criterion(cfg)
+    work = copy.deepcopy(model).eval()
+    ss = StructureSet(work.cpu(), example_input[:1].cpu())
+    sal = criterion.compute(SaliencyInput(work.to(device), ss, batches, device, seed))
+    return dict(zip(ss.names(), sal.scores.tolist()))
+
+
+def mask(model: nn.Module, remove: Iterable[str], example_input: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose forward pass runs with the gates of ``remove`` at 0."""
+    work = copy.deepcopy(model)
+    ss = StructureSet(work, example_input[:1].cpu())
+    gates = torch.ones(ss.num_structures)
+    gates[ss.indices_of(list(remove))] = 0.0
+    return _Masked(work, ss, gates)
+
+
+def prune(model: nn.Module, remove: Iterable[str], example_input: torch.Tensor) -> nn.Module:
+    """A physically pruned copy of ``model`` (a genuinely smaller ``nn.Module``)."""
+    ss = StructureSet(model, example_input[:1].cpu())
+    ss.indices_of(list(remove))  # validates the names
+    pruned, _ = remove_structures(model, ss, list(remove), example_input[:1])
+    return pruned
+
+
+class _Masked(nn.Module):
+    def __init__(self, model: nn.Module, ss: StructureSet, gates: torch.Tensor):
+        super().__init__()
+        self.model, self.ss = model, ss
+        self.register_buffer("gates", gates)
+
+    def forward(self, x):
+        with self.ss.gated(self.model, self.gates.to(x.device)):
+            return self.model(x)

@@ -1,0 +1,83 @@
+"""Model checkpoints that rebuild themselves: model spec + pruning history + state dict.
+
+A pruned checkpoint reloads in a fresh process without the original model: the architecture
+is rebuilt from the registry (``model``, ``num_classes``, ``in_channels``, ``width``) and the
+saved Torch-Pruning history is replayed before the weights are loaded (:mod:`.surgery`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import SospError
+from .models import create_model
+from .surgery import replay
+from .utils import save_torch
+
+FORMAT = "sosp-model/1"
+
+
+def model_record(model: nn.Module, spec: dict, history: list | None = None, **extra) -> dict:
+    return {"format": FORMAT, "spec": dict(spec), "history": list(history or []),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+
+
+def save_model(path: Path, model: nn.Module, spec: dict, history: list | None = None, **extra) -> None:
+    """``spec`` = {model, num_classes, in_channels, width, input_shape}."""
+    save_torch(model_record(model, spec, history, **extra), path)
+
+
+def build_from_record(record: dict) -> nn.Module:
+    spec = record["spec"]
+    model = create_model(spec["model"], spec["num_classes"], spec["in_channels"], spec["width"])
+    if record["history"]:
+        replay(model, record["history"], torch.zeros(1, *spec["input_shape"]))
+    model.load_state_dict(record["state_dict"])
+    return model
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by :func:`save_model`; returns (model, record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SospError(f"checkpoint not found: {path}")
+    record = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise SospError(f"{path} is not a sosp model checkpoint (format {FORMAT})")
+    return build_from_record(record), record
+
+
+def load_weights_into(model: nn.Module, path: str | Path) -> None:
+    """Load a user-supplied checkpoint (a sosp checkpoint of an unpruned model, a dict with a
+    ``state_dict``/``model`` entry, or a bare state dict) into ``model``, strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise SospError(f"pretrain.checkpoint={path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's bad input
+        raise SospError(f"pretrain.checkpoint={path} is not a torch checkpoint ({exc})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT and obj["history"]:
+        raise SospError(f"pretrain.checkpoint={path} holds a pruned model; pass an unpruned one")
+    state = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict):
+        raise SospError(f"pretrain.checkpoint={path} holds no state dict")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape:
+        what = (f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'" if unexpected
+                else f"'{shape[0]}' has shape {tuple(state[shape[0]].shape)}, "
+                     f"model expects {tuple(own[shape[0]].shape)}")
+        raise SospError(f"pretrain.checkpoint={path} does not match the model ({what}; "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shape)} "
+                        "shape mismatches)")
+    model.load_state_dict(state)

@@ -1,0 +1,80 @@
+"""``sosp-run``: the Hydra application (the only module that imports Hydra).
+
+Composes ``configs/`` against the typed schema :class:`sosp_cli.config.RunConfig`, converts the
+result to dataclasses and calls :func:`sosp_cli.pipeline.run` in the job's output directory.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from .config import RunConfig
+from .errors import SospError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Typed config with launch-relative paths made absolute (jobs run in their own dirs)."""
+    run_cfg: RunConfig = OmegaConf.to_object(cfg)
+    run_cfg.dataset.root = to_absolute_path(run_cfg.dataset.root)
+    run_cfg.pretrain.cache_dir = to_absolute_path(run_cfg.pretrain.cache_dir)
+    if run_cfg.pretrain.checkpoint:
+        run_cfg.pretrain.checkpoint = to_absolute_path(run_cfg.pretrain.checkpoint)
+    if isinstance(run_cfg.model.width, list):
+        run_cfg.model.width = [float(w) for w in run_cfg.model.width]
+    return run_cfg
+
+
+def summary(result: dict) -> str:
+    rows = [("top-1 before pruning", f"{result['top1_before']:.2f} %"),
+            ("top-1 after pruning", f"{result['top1_pruned']:.2f} %"),
+            ("top-1 after fine-tuning", f"{result['top1_finetuned']:.2f} %"),
+            ("structures removed", f"{result['removed_structures']} ({100 * result['achieved_ratio']:.1f} %)"),
+            ("params", f"{result['params_before']:,} → {result['params_after']:,} "
+                       f"(−{100 * result['params_reduction']:.1f} %)"),
+            ("MACs", f"{result['macs_before']:,} → {result['macs_after']:,} "
+                     f"(−{100 * result['macs_reduction']:.1f} %)"),
+            ("CPU latency bs64", f"×{result['latency']['cpu_bs64']['speedup']:.2f} speed-up"),
+            ("saliency time", f"{result['saliency_seconds']:.2f} s")]
+    width = max(len(k) for k, _ in rows)
+    head = f"{result['dataset']} / {result['model']} / {result['method']} / ratio {result['prune_ratio']}"
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+class ReportCallback(Callback):
+    """At the end of a multirun, collect every result.json of the sweep into a report."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from .report import write_report
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_absolute():
+            sweep_dir = Path(to_absolute_path(str(sweep_dir)))
+        try:
+            print(write_report(sweep_dir))
+        except SospError as exc:
+            print(f"sosp-report: {exc}", file=sys.stderr)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> dict | None:
+    from .pipeline import run
+    try:
+        result = run(to_run_config(cfg), HydraConfig.get().runtime.output_dir)
+    except SospError as exc:
+        print(f"sosp-run: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Datasets (DESIGN.md §6): train / validation / test splits for every dataset.
+
+- ``digits``: scikit-learn's bundled 8×8 handwritten digits (1,797 real images, 10 classes),
+  upsampled to ``image_size`` (32 by default) — the offline dataset for quick runs and tests.
+- ``cifar10`` / ``cifar100``: the standard python-pickle batches (``cifar-10-batches-py`` /
+  ``cifar-100-python``) under ``root``; downloaded there with torchvision when
+  ``download=true`` and online. Validation = ``val_size`` images held out of the training set.
+- ``imagenet``: an ImageFolder tree, ``root/train/<class>/*`` and ``root/val/<class>/*``; the
+  validation split is held out of ``train/``, ``val/`` is the reported test split.
+
+A missing dataset raises a one-line SospError naming where it looked and what to pass.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .errors import SospError, check_choice
+
+CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_eval: Dataset | None = None  # the training images without augmentation (saliency)
+
+
+class TensorImages(Dataset):
+    """Images held in memory as a float tensor [N, C, H, W], with optional train augmentation
+    (random crop after zero padding, optional horizontal flip)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False,
+                 pad: int = 4, flip: bool = True):
+        self.images, self.labels = images, labels
+        self.augment, self.pad, self.flip = augment, pad, flip
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        if self.augment:
+            h, w = x.shape[-2:]
+            x = F.pad(x, (self.pad,) * 4)
+            top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            x = x[:, top:top + h, left:left + w]
+            if self.flip and torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def _split_indices(n: int, held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[held_out:], perm[:held_out]
+
+
+def load_digits(image_size: int = 32, split_seed: int = 0, augment: bool = True) -> Splits:
+    """Digits: 70 % train / 10 % val / 20 % test, stratification-free fixed permutation."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    perm = np.random.default_rng(split_seed).permutation(len(y))
+    n_test, n_val = int(0.2 * len(y)), int(0.1 * len(y))
+    test, val, train = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+    mean, std = x[train].mean(), x[train].std()
+    x = (x - mean) / std
+    pad = max(1, image_size // 8)
+    return Splits(TensorImages(x[train], y[train], augment, pad=pad, flip=False),
+                  TensorImages(x[val], y[val]), TensorImages(x[test], y[test]),
+                  num_classes=10, in_channels=1, image_size=image_size,
+                  train_eval=TensorImages(x[train], y[train]))
+
+
+def _read_cifar_batches(folder: Path, files: list[str], label_key: str):
+    images, labels = [], []
+    for f in files:
+        with open(folder / f, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[label_key])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long)
+
+
+def load_cifar(name: str, root: str, download: bool = False, val_size: int = 5000,
+               split_seed: int = 0, augment: bool = True) -> Splits:
+    """CIFAR-10/100 from the python-pickle batches (the format torchvision downloads)."""
+    if name == "cifar10":
+        folder, train_files, test_files, key, classes = (
+            "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10)
+    else:
+        folder, train_files, test_files, key, classes = (
+            "cifar-100-python", ["train"], ["test"], "fine_labels", 100)
+    path = Path(root).expanduser() / folder
+    if download and not path.exists():
+        from torchvision import datasets
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        cls(root=str(Path(root).expanduser()), download=True)
+    missing = [f for f in train_files + test_files if not (path / f).exists()]
+    if missing:
+        raise SospError(f"{name} not found: looked for {path}/{missing[0]}; pass dataset.root=DIR "
+                        f"(the folder holding '{folder}') or dataset.download=true when online")
+    x_train, y_train = _read_cifar_batches(path, train_files, key)
+    x_test, y_test = _read_cifar_batches(path, test_files, key)
+    mean = torch.tensor(CIFAR_MEAN[name]).view(3, 1, 1)
+    std = torch.tensor(CIFAR_STD[name]).view(3, 1, 1)
+    norm = lambda x: (x.float() / 255.0 - mean) / std  # noqa: E731
+    if not 0 <= val_size < len(y_train):
+        raise SospError(f"dataset.val_size={val_size} must be in [0, {len(y_train)})")
+    train_idx, val_idx = _split_indices(len(y_train), val_size, split_seed)
+    x_train = norm(x_train)
+    return Splits(TensorImages(x_train[train_idx], y_train[train_idx], augment),
+                  TensorImages(x_train[val_idx], y_train[val_idx]),
+                  TensorImages(norm(x_test), y_test),
+                  num_classes=classes, in_channels=3, image_size=32,
+                  train_eval=TensorImages(x_train[train_idx], y_train[train_idx]))
+
+
+def load_imagenet(root: str, image_size: int = 224, val_size: int = 10000,
+                  split_seed: int = 0, augment: bool = True) -> Splits:
+    """ImageNet-style ImageFolder tree: ``root/train`` (train + held-out val), ``root/val`` (test)."""
+    from torchvision import datasets, transforms as T
+
+    base = Path(root).expanduser()
+    for sub in ("train", "val"):
+        if not (base / sub).is_dir():
+            raise SospError(f"imagenet not found: looked for the folder {base / sub}; pass "
+                            "dataset.root=DIR holding train/<class>/* and val/<class>/*")
+    resize = int(round(image_size / 0.875))
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize])
+    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                          normalize]) if augment else eval_tf
+    train_full = datasets.ImageFolder(str(base / "train"), transform=train_tf)
+    train_eval = datasets.ImageFolder(str(base / "train"), transform=eval_tf)
+    test = datasets.ImageFolder(str(base / "val"), transform=eval_tf)
+    if test.classes != train_full.classes:
+        raise SospError(f"imagenet: class folders of {base / 'val'} differ from {base / 'train'}")
+    val_size = min(val_size, len(train_full) // 10) if val_size else 0
+    train_idx, val_idx = _split_indices(len(train_full), val_size, split_seed)
+    return Splits(Subset(train_full, train_idx.tolist()), Subset(train_eval, val_idx.tolist()), test,
+                  num_classes=len(train_full.classes), in_channels=3, image_size=image_size,
+                  train_eval=Subset(train_eval, train_idx.tolist()))
+
+
+def load_dataset(name: str, root: str = "data", download: bool = False, image_size: int = 32,
+                 val_size: int = 5000, split_seed: int = 0, augment: bool = True) -> Splits:
+    check_choice("dataset", name, DATASETS)
+    if name == "digits":
+        return load_digits(image_size, split_seed, augment)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, root, download, val_size, split_seed, augment)
+    return load_imagenet(root, image_size, val_size, split_seed, augment)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
+                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose shuffling is driven by its own generator (``loader.generator``),
+    reseeded per epoch by the trainer so that a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=num_workers > 0)
+
+
+def take_batches(dataset: Dataset, num_samples: int, batch_size: int, seed: int = 0):
+    """The first ``num_samples`` of a seeded permutation of ``dataset``, as a list of batches
+    (the saliency samples: the same for every method of a sweep with the same seed)."""
+    n = min(num_samples, len(dataset))
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False)
+    return [(x, y) for x, y in loader]

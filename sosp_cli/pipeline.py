@@ -1,0 +1,266 @@
+"""The pipeline: pretrain → saliency → prune → fine-tune, one run directory (DESIGN.md §5).
+
+Each stage writes its artefact atomically (``pretrained.pt``, ``saliency.pt``, ``pruned.pt``,
+``finetuned.pt``) tagged with a fingerprint of the config it depends on. A stage whose
+artefact exists with the same fingerprint is skipped, so a killed run resumes (training also
+resumes per epoch); an artefact made by a different config is never overwritten — the run
+stops with an error instead. Pretrained models are shared through a content-addressed cache
+(key: dataset / model / pretrain schedule / seed / sparsity), guarded by a file lock, so a
+sweep over methods and ratios pretrains once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from .checkpoint import build_from_record, load_weights_into, model_record, save_model
+from .config import RunConfig
+from .data import load_dataset, make_loader, take_batches
+from .errors import SospError
+from .measure import count_macs, count_params, latency_ms
+from .models import create_model
+from .pruning import SaliencyInput, get_criterion
+from .selection import select, validate_ratio
+from .structures import StructureSet
+from .surgery import remove_structures
+from .train import evaluate, train
+from .utils import fingerprint, resolve_device, save_json, save_torch, seed_everything
+
+
+def _asdict(x):
+    return dataclasses.asdict(x)
+
+
+def pretrain_key(cfg: RunConfig) -> str:
+    data = {k: v for k, v in _asdict(cfg.dataset).items() if k not in ("num_workers", "root", "download")}
+    return fingerprint(data, _asdict(cfg.model), _asdict(cfg.schedule.pretrain), cfg.seed,
+                       cfg.method.sparsity, cfg.pretrain.checkpoint)
+
+
+def saliency_key(cfg: RunConfig) -> str:
+    return fingerprint(pretrain_key(cfg), _asdict(cfg.method), _asdict(cfg.saliency))
+
+
+def prune_key(cfg: RunConfig) -> str:
+    prune = {k: v for k, v in _asdict(cfg.prune).items() if not k.startswith("diagnostics")}
+    return fingerprint(saliency_key(cfg), prune)
+
+
+def finetune_key(cfg: RunConfig) -> str:
+    return fingerprint(prune_key(cfg), _asdict(cfg.schedule.finetune))
+
+
+def _load_stage(path: Path, key: str):
+    """Return the artefact at ``path`` if it was made for ``key``; None if absent."""
+    if not path.exists():
+        return None
+    record = torch.load(path, map_location="cpu", weights_only=False)
+    if record.get("key") != key:
+        raise SospError(f"{path} was made by a different config (key {record.get('key')} != {key}); "
+                        "it is kept — run in a new output directory")
+    return record
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check that needs no data, before anything is written."""
+    from .data import DATASETS
+    from .errors import check_choice
+    from .models import list_models
+
+    check_choice("dataset", cfg.dataset.name, DATASETS)
+    check_choice("model", cfg.model.name, list_models())
+    validate_ratio(cfg.prune.ratio)
+    resolve_device(cfg.device)
+    get_criterion(cfg.method)
+    if cfg.saliency.num_samples < 1 or cfg.saliency.batch_size < 1:
+        raise SospError(f"saliency.num_samples={cfg.saliency.num_samples} and saliency.batch_size="
+                        f"{cfg.saliency.batch_size} must be >= 1")
+
+
+class Run:
+    """State shared by the stages of one run."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.device = resolve_device(cfg.device)
+        self.splits = load_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.download,
+                                   cfg.dataset.image_size, cfg.dataset.val_size,
+                                   cfg.dataset.split_seed, cfg.dataset.augment)
+        s = self.splits
+        self.input_shape = [s.in_channels, s.image_size, s.image_size]
+        self.example = torch.zeros(1, *self.input_shape)
+        self.spec = {"model": cfg.model.name, "num_classes": s.num_classes,
+                     "in_channels": s.in_channels, "width": cfg.model.width,
+                     "input_shape": self.input_shape}
+        pin = self.device.type == "cuda"
+        workers = cfg.dataset.num_workers
+        self.val_loader = make_loader(s.val, 256, False, num_workers=workers, pin_memory=pin)
+        self.test_loader = make_loader(s.test, 256, False, num_workers=workers, pin_memory=pin)
+        self.metrics = self.out / "metrics.jsonl"
+
+    def train_loader(self, batch_size: int):
+        return make_loader(self.splits.train, batch_size, True, seed=self.cfg.seed,
+                           num_workers=self.cfg.dataset.num_workers,
+                           pin_memory=self.device.type == "cuda", drop_last=True)
+
+    def evaluate(self, model) -> dict:
+        return evaluate(model.to(self.device), self.test_loader, self.device, self.cfg.channels_last)
+
+    def fit(self, model, tcfg, stage: str, checkpoint: Path, bn_sparsity: float = 0.0):
+        return train(model, self.train_loader(tcfg.batch_size), self.val_loader, tcfg, self.device,
+                     stage, self.metrics, checkpoint, self.cfg.seed, self.cfg.amp,
+                     self.cfg.channels_last, bn_sparsity)
+
+
+def stage_pretrain(run: Run) -> torch.nn.Module:
+    cfg, key = run.cfg, pretrain_key(run.cfg)
+    path = run.out / "pretrained.pt"
+    record = _load_stage(path, key)
+    if record is None:
+        if cfg.pretrain.checkpoint:
+            model = create_model(cfg.model.name, run.spec["num_classes"], run.spec["in_channels"],
+                                 cfg.model.width)
+            load_weights_into(model, cfg.pretrain.checkpoint)
+            record = model_record(model, run.spec, key=key, source=str(cfg.pretrain.checkpoint))
+            save_torch(record, path)
+        elif cfg.pretrain.use_cache:
+            cache = Path(cfg.pretrain.cache_dir) / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(cache) + ".lock"):
+                if not cache.exists():
+                    _train_fresh(run, key, cache, cache.with_suffix(".partial.pt"))
+            shutil.copyfile(cache, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+            record = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            _train_fresh(run, key, path, run.out / "pretrain_last.pt")
+            record = torch.load(path, map_location="cpu", weights_only=False)
+    return build_from_record(record)
+
+
+def _train_fresh(run: Run, key: str, path: Path, partial: Path) -> None:
+    cfg = run.cfg
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model.name, run.spec["num_classes"], run.spec["in_channels"], cfg.model.width)
+    history = run.fit(model, cfg.schedule.pretrain, "pretrain", partial, cfg.method.sparsity)
+    save_model(path, model.cpu(), run.spec, key=key, history_metrics=history)
+    partial.unlink(missing_ok=True)
+
+
+def stage_saliency(run: Run, model, ss: StructureSet) -> dict:
+    cfg, key = run.cfg, saliency_key(run.cfg)
+    path = run.out / "saliency.pt"
+    record = _load_stage(path, key)
+    if record is not None:
+        return record
+    criterion = get_criterion(cfg.method)
+    batches = take_batches(run.splits.train_eval, cfg.saliency.num_samples, cfg.saliency.batch_size,
+                           seed=cfg.seed)
+    model = model.to(run.device).eval()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    sal = criterion.compute(SaliencyInput(model, ss, batches, run.device, cfg.seed))
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    record = {"key": key, "method": cfg.method.name, "names": ss.names(),
+              "scores": sal.scores.detach().cpu(), "seconds": time.perf_counter() - t0,
+              "peak_memory_mb": _peak_memory_mb(run.device), "num_samples": sum(len(y) for _, y in batches),
+              "grad": None if sal.grad is None else sal.grad.cpu(),
+              "second_order": None if sal.second_order is None else sal.second_order.cpu()}
+    save_torch(record, path)
+    return record
+
+
+def run(cfg: RunConfig, out_dir: str | Path) -> dict:
+    """Run (or resume) one experiment; returns the result written to ``result.json``."""
+    validate(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result_path = out / "result.json"
+    r = Run(cfg, out)
+    t_start = time.time()
+
+    model = stage_pretrain(r)
+    dense = r.evaluate(model)
+    ss = StructureSet(model.cpu().eval(), r.example)
+    sal = stage_saliency(r, model, ss)
+    if sal["names"] != ss.names():
+        raise SospError(f"{out / 'saliency.pt'} names other structures than this model has")
+
+    pkey, ppath = prune_key(cfg), out / "pruned.pt"
+    pruned_rec = _load_stage(ppath, pkey)
+    if pruned_rec is None:
+        ratio = 0.0 if cfg.method.name == "none" else cfg.prune.ratio
+        sel = select(sal["scores"], ss, ratio, cfg.prune.min_channels, cfg.prune.scope)
+        if sel.guard_skipped:
+            print(f"[prune] min_channels guard kept {sel.guard_skipped} structures that ranked for removal")
+        pruned, history = remove_structures(model.cpu(), ss, sel.remove, r.example)
+        pruned_rec = model_record(pruned, r.spec, history, key=pkey, selection=dataclasses.asdict(sel))
+        save_torch(pruned_rec, ppath)
+    sel = pruned_rec["selection"]
+    pruned = build_from_record(pruned_rec)
+    after_prune = r.evaluate(pruned)
+
+    fkey, fpath = finetune_key(cfg), out / "finetuned.pt"
+    fine_rec = _load_stage(fpath, fkey)
+    if fine_rec is None:
+        seed_everything(cfg.seed + 1)
+        r.fit(pruned, cfg.schedule.finetune, "finetune", out / "finetune_last.pt")
+        fine_rec = model_record(pruned.cpu(), r.spec, pruned_rec["history"], key=fkey)
+        save_torch(fine_rec, fpath)
+        (out / "finetune_last.pt").unlink(missing_ok=True)
+    finetuned = build_from_record(fine_rec)
+    after_finetune = r.evaluate(finetuned)
+
+    result = _result(r, model, finetuned, dense, after_prune, after_finetune, sal, sel)
+    result["wall_seconds"] = time.time() - t_start
+    save_json(result, result_path)
+    return result
+
+
+def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetune, sal, sel) -> dict:
+    cfg = r.cfg
+    x = r.example
+    p0, p1 = count_params(dense_model), count_params(pruned_model)
+    f0, f1 = count_macs(dense_model.cpu(), x), count_macs(pruned_model.cpu(), x)
+    latency = {}
+    for bs in (1, 64):
+        d = latency_ms(dense_model.cpu(), x, bs, cfg.latency_repeats)
+        p = latency_ms(pruned_model.cpu(), x, bs, cfg.latency_repeats)
+        latency[f"cpu_bs{bs}"] = {"dense_ms": d, "pruned_ms": p, "speedup": d / p}
+    return {
+        "experiment": cfg.experiment_name, "dataset": cfg.dataset.name, "model": cfg.model.name,
+        "width": cfg.model.width, "method": cfg.method.name, "combine": cfg.method.combine,
+        "curvature": cfg.method.curvature, "scope": cfg.prune.scope, "seed": cfg.seed,
+        "prune_ratio": cfg.prune.ratio, "achieved_ratio": sel["achieved_ratio"],
+        "removed_structures": len(sel["remove"]), "guard_skipped": sel["guard_skipped"],
+        "top1_before": dense["top1"], "top5_before": dense["top5"], "loss_before": dense["loss"],
+        "top1_pruned": after_prune["top1"], "top5_pruned": after_prune["top5"],
+        "loss_pruned": after_prune["loss"],
+        "top1_finetuned": after_finetune["top1"], "top5_finetuned": after_finetune["top5"],
+        "params_before": p0, "params_after": p1, "params_reduction": 1 - p1 / p0,
+        "macs_before": f0, "macs_after": f1, "macs_reduction": 1 - f1 / f0,
+        "latency": latency, "saliency_seconds": sal["seconds"],
+        "saliency_peak_memory_mb": sal["peak_memory_mb"], "saliency_samples": sal["num_samples"],
+        "device": str(r.device), "layer_ratios": sel["layer_ratios"],
+    }
+
+
+def load_result(path: str | Path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)

@@ -1,0 +1,31 @@
+"""``sosp_h``: SOSP-H (Nonnenmacher et al., ICLR 2022; DESIGN.md §3).
+
+    λ_s = |g_s| + ½ |(Q·1)_s|          (method.combine=abs_sum, the default)
+    λ_s = |−g_s + ½ (Q·1)_s|           (abs_joint)
+
+with g = ∂L/∂c and Q the Gauss–Newton matrix (1/N) Σ_n J_nᵀ R_n J_n (``curvature=gn``) or the
+exact gate Hessian (``curvature=hessian``). v = Q·1 = Σ_s' Q_ss' carries the correlation of s
+with every structure of every layer, yet Q is never formed: per batch, one forward pass with
+dual tensors gives z and J·1, and one batched backward returns g and Jᵀ R J 1 together
+(:func:`derivatives.curvature_product`). Memory O(parameters); cost a constant number of
+passes per batch, like a first-order method.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Criterion, Saliency, SaliencyInput, register_criterion
+from .derivatives import curvature_product
+
+
+@register_criterion
+class SospH(Criterion):
+    name = "sosp_h"
+    curvatures = ("gn", "hessian")
+
+    def compute(self, inp: SaliencyInput) -> Saliency:
+        ones = torch.ones(inp.structures.num_structures)
+        g, v = curvature_product(inp.model, inp.structures, inp.batches, ones, inp.device,
+                                 self.cfg.curvature)
+        g, v = g.cpu(), v.cpu()
+        return Saliency(self.combine(g, v), grad=g, second_order=v)

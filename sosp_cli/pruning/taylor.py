@@ -1,0 +1,24 @@
+"""``taylor``: first-order Taylor importance (Molchanov et al., "Importance Estimation for Neural
+Network Pruning", CVPR 2019), in gate space:
+
+score_s = (1/B) Σ_b (∂L_b/∂c_s)², with L_b the mean cross-entropy of saliency batch b.
+One forward and one backward pass per batch — the cost reference for SOSP-H.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Criterion, Saliency, SaliencyInput, register_criterion
+from .derivatives import batch_gradients
+
+
+@register_criterion
+class TaylorCriterion(Criterion):
+    name = "taylor"
+
+    def compute(self, inp: SaliencyInput) -> Saliency:
+        total, count = torch.zeros(inp.structures.num_structures, device=inp.device), 0
+        for gb in batch_gradients(inp.model, inp.structures, inp.batches, inp.device):
+            total += gb.pow(2)
+            count += 1
+        return Saliency((total / max(count, 1)).cpu())

@@ -1,0 +1,176 @@
+"""Structures: what is pruned together, found from the dependency graph (DESIGN.md §2).
+
+A structure is one output channel of a conv (or unit of a linear layer) together with every
+channel coupled to it: Torch-Pruning's ``DependencyGraph`` follows residual additions (one
+structure spans every producer of the summed channel) and concatenations (one structure, many
+consumers, with the index shifted by the concatenation offset). The stem's input channels and
+the classifier's outputs are never structures.
+
+Each structure s has a gate c_s. The gate multiplies the channel where it enters every
+channel-mixing weight layer that reads it (a Conv2d with ``groups == 1`` or a Linear: the
+``prune_in_channels`` items of the Torch-Pruning group). BatchNorm, activations, pooling and
+depthwise convs on the way belong to the structure but are not gate sites, so c_s = 0 gives
+exactly the logits of the physically pruned model (tested for every registered model).
+
+Gating the *input* of a consumer is the same as scaling its weight's input slice, so
+``∂L/∂c_s = θ_sᵀ∇L`` and, because every weight element is scaled by at most one gate,
+``∂²L/∂c_s∂c_s' = θ_sᵀ H θ_s'`` exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import SospError
+
+
+@dataclass
+class StructureGroup:
+    """Channels coupled by the graph; each channel of the root is one structure."""
+
+    root: str                      # qualified name of the module whose output channels are pruned
+    size: int                      # number of channels (= structures) in the group
+    offset: int                    # index of channel 0 in the global structure order
+    producers: list[str] = field(default_factory=list)   # conv/linear layers writing the channel
+    consumers: list[str] = field(default_factory=list)   # channel-mixing layers reading it
+
+    def names(self) -> list[str]:
+        return [f"{self.root}:{i}" for i in range(self.size)]
+
+
+@dataclass
+class GateSite:
+    """Where gates enter one consumer: input channel ``channels[k]`` is scaled by gate ``gates[k]``."""
+
+    in_features: int
+    channels: torch.Tensor         # LongTensor of input-channel indices of the consumer
+    gates: torch.Tensor            # LongTensor of global structure indices
+
+
+class StructureSet:
+    """All structures of a model, in a stable order, with their gate sites."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor,
+                 ignored: list[str] | None = None):
+        modules = dict(model.named_modules())
+        ignored = list(ignored) if ignored is not None else [classifier_name(model)]
+        for name in ignored:
+            if name not in modules:
+                raise SospError(f"ignored layer '{name}' is not a module of the model")
+        was_training = model.training
+        model.eval()
+        with torch.enable_grad():  # the graph is traced through autograd
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        model.train(was_training)
+        names = {m: n for n, m in modules.items()}
+        self.groups: list[StructureGroup] = []
+        # BatchNorm layers normalising each structure: (name, channel indices, structure indices)
+        self.norm_sites: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        sites: dict[str, tuple[int, list[int], list[int]]] = {}
+        offset = 0
+        for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
+                                       root_module_types=(nn.Conv2d, nn.Linear)):
+            root = names[group[0].dep.target.module]
+            size = len(group[0].idxs)
+            sg = StructureGroup(root=root, size=size, offset=offset)
+            for item in group.items:
+                module = item.dep.target.module
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                    self.norm_sites.append((names[module], torch.tensor([int(i) for i in item.idxs]),
+                                            torch.tensor([offset + int(r) for r in item.root_idxs])))
+                    continue
+                if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                    continue
+                mname = names[module]
+                if dg.is_out_channel_pruning_fn(item.dep.handler):
+                    if mname not in sg.producers:
+                        sg.producers.append(mname)
+                    continue
+                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                    if module.groups == module.in_channels == module.out_channels:
+                        continue  # depthwise: part of the structure, not a gate site
+                    raise SospError(f"grouped convolution '{mname}' (groups={module.groups}) "
+                                    "is not supported; only groups=1 and depthwise are")
+                in_features = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+                _, chans, gates = sites.setdefault(mname, (in_features, [], []))
+                chans.extend(int(i) for i in item.idxs)
+                gates.extend(offset + int(r) for r in item.root_idxs)
+                if mname not in sg.consumers:
+                    sg.consumers.append(mname)
+            self.groups.append(sg)
+            offset += size
+        self.num_structures = offset
+        self.sites = {n: GateSite(f, torch.tensor(c, dtype=torch.long), torch.tensor(g, dtype=torch.long))
+                      for n, (f, c, g) in sites.items()}
+        for name, site in self.sites.items():
+            if len(set(site.channels.tolist())) != len(site.channels):
+                raise SospError(f"input channels of '{name}' belong to two structures; "
+                                "the gate model cannot represent this layer")
+
+    def names(self) -> list[str]:
+        return [n for g in self.groups for n in g.names()]
+
+    def index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names())}
+
+    def indices_of(self, structure_names) -> torch.Tensor:
+        index = self.index()
+        unknown = [n for n in structure_names if n not in index]
+        if unknown:
+            raise SospError(f"unknown structure '{unknown[0]}'; names look like "
+                            f"'{self.names()[0]}' (see structures(model, x))")
+        return torch.tensor(sorted(index[n] for n in structure_names), dtype=torch.long)
+
+    def group_of(self) -> torch.Tensor:
+        """LongTensor of length S: the group index of every structure."""
+        return torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(self.groups)])
+
+    @contextlib.contextmanager
+    def gated(self, model: nn.Module, gates: torch.Tensor):
+        """Run ``model`` with gates ``c`` (shape ``[S]``, or ``[B, S]`` for one gate vector per
+        sample, which makes per-sample gate gradients the per-sample Jacobians)."""
+        if gates.shape[-1] != self.num_structures:
+            raise ValueError(f"expected {self.num_structures} gates, got shape {tuple(gates.shape)}")
+        modules = dict(model.named_modules())
+        handles = []
+        for name, site in self.sites.items():
+            handles.append(modules[name].register_forward_pre_hook(_gate_hook(site, gates)))
+        try:
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _gate_hook(site: GateSite, gates: torch.Tensor):
+    """Pre-hook multiplying the consumer's input channels by their gates (DESIGN.md §2)."""
+    per_sample = gates.dim() == 2
+    # slot S of the extended gate vector holds a constant 1 for channels of no structure
+    lookup = torch.full((site.in_features,), gates.shape[-1], dtype=torch.long)
+    lookup[site.channels] = site.gates
+
+    def hook(module, args):
+        x = args[0]
+        ones = torch.ones(*gates.shape[:-1], 1, dtype=gates.dtype, device=gates.device)
+        scale = torch.cat([gates, ones], dim=-1)[..., lookup.to(gates.device)].to(x.dtype)
+        if not per_sample:
+            scale = scale.unsqueeze(0)
+        scale = scale.reshape(scale.shape + (1,) * (x.dim() - 2))
+        return (x * scale,) + tuple(args[1:])
+
+    return hook
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The last Conv2d/Linear registered in the model: its outputs are the logits."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            last = name
+    if last is None:
+        raise SospError("model has no Conv2d or Linear layer to prune")
+    return last

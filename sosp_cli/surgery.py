@@ -1,0 +1,64 @@
+"""Surgery: physical removal of structures, and reloading a pruned model (DESIGN.md §4).
+
+Removal goes through Torch-Pruning: for every group with structures to remove, the group of
+the root module's output channels is pruned, which cuts every coupled producer, BatchNorm,
+depthwise conv and consumer input slice. The Torch-Pruning *pruning history* (module name,
+out/in, indices) is the pruning plan: replayed on a freshly built model it rebuilds the pruned
+architecture, so a checkpoint is ``{model spec, history, state_dict}`` and reloads without the
+original weights.
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import SospError
+from .structures import StructureSet
+
+
+def remove_structures(model: nn.Module, structures: StructureSet, remove: list[str],
+                      example_input: torch.Tensor) -> tuple[nn.Module, list]:
+    """Return a physically pruned deep copy of ``model`` and its pruning history."""
+    pruned = copy.deepcopy(model)
+    was_training = pruned.training
+    pruned.eval()
+    modules = dict(pruned.named_modules())
+    by_root: dict[str, list[int]] = defaultdict(list)
+    for name in remove:
+        root, _, channel = name.rpartition(":")
+        by_root[root].append(int(channel))
+    sizes = {g.root: g.size for g in structures.groups}
+    for root, channels in by_root.items():
+        if root not in sizes:
+            raise SospError(f"unknown structure group '{root}'")
+        if len(set(channels)) >= sizes[root]:
+            raise SospError(f"removing every channel of '{root}' would disconnect the network")
+    with torch.enable_grad():  # the graph is traced through autograd
+        dg = tp.DependencyGraph().build_dependency(pruned, example_inputs=example_input.to(_device(pruned)))
+    # groups are pruned one at a time; each get_pruning_group maps indices through the
+    # *current* concatenation offsets, so earlier cuts are accounted for.
+    for root, channels in by_root.items():
+        module = modules[root]
+        fn = dg.get_pruner_of_module(module).prune_out_channels
+        group = dg.get_pruning_group(module, fn, sorted(set(channels)))
+        group.prune()
+    pruned.train(was_training)
+    return pruned, dg.pruning_history()
+
+
+def replay(model: nn.Module, history: list, example_input: torch.Tensor) -> nn.Module:
+    """Apply a saved pruning history to a freshly built (unpruned) model, in place."""
+    model.eval()
+    with torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    dg.load_pruning_history(history)
+    return model
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

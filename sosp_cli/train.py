@@ -1,0 +1,170 @@
+"""One training loop for pretraining and fine-tuning, and evaluation (top-1 / top-5).
+
+Resumable per epoch: after every epoch the model, optimizer, scheduler and history are saved
+atomically to ``checkpoint_path``; a restarted run continues from there. Each epoch reseeds the
+data-order generator and the augmentation RNG from ``(seed, epoch)``, so a resumed run sees
+exactly the batches of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .errors import SospError, check_choice
+from .utils import append_jsonl, save_torch
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig):
+    if not cfg.no_decay_bn_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": cfg.weight_decay}]
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            exempt = name == "bias" or isinstance(module, nn.modules.batchnorm._BatchNorm)
+            (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    check_choice("optimizer", cfg.optimizer, ("sgd", "adamw"))
+    groups = _param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-step schedule: linear warmup, then multistep (milestones as fractions of training),
+    cosine to zero, or constant."""
+    check_choice("scheduler", cfg.scheduler, ("multistep", "cosine", "constant"))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    milestones = [int(m * total) if m <= 1 else int(m * steps_per_epoch) for m in cfg.milestones]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "cosine":
+            t = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if cfg.scheduler == "multistep":
+            return cfg.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _accuracy_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit = top.eq(targets[:, None])
+    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
+             max_batches: int | None = None) -> dict:
+    """Mean cross-entropy, top-1 and top-5 accuracy (in %) of ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss, top1, top5, n = 0.0, 0, 0, 0
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model(x).float()
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        c1, c5 = _accuracy_counts(out, y)
+        top1, top5, n = top1 + c1, top5 + c5, n + len(y)
+    model.train(was_training)
+    if n == 0:
+        raise SospError("evaluation split is empty")
+    return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+
+def bn_l1(model: nn.Module) -> torch.Tensor:
+    """Σ|γ| over all BatchNorm layers (the Network Slimming sparsity term, Liu et al. 2017)."""
+    terms = [m.weight.abs().sum() for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device,
+          stage: str, metrics_path: Path | None = None, checkpoint_path: Path | None = None,
+          seed: int = 0, amp: bool = False, channels_last: bool = False,
+          bn_sparsity: float = 0.0) -> list[dict]:
+    """Train ``model`` in place; returns the per-epoch history (also appended to metrics.jsonl)."""
+    if cfg.epochs < 0:
+        raise SospError(f"epochs={cfg.epochs} must be >= 0")
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    steps = len(train_loader) if cfg.max_batches is None else min(cfg.max_batches, len(train_loader))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history, start = [], 0
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, start = state["history"], state["epoch"] + 1
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(seed * 100003 + epoch)
+        if getattr(train_loader, "generator", None) is not None:
+            train_loader.generator.manual_seed(seed * 100003 + epoch)
+        model.train()
+        t0, loss_sum, correct, n = time.time(), 0.0, 0, 0
+        bar = tqdm(train_loader, total=steps, desc=f"{stage} {epoch + 1}/{cfg.epochs}",
+                   leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            if i >= steps:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, enabled=use_amp):
+                out = model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            total = loss + bn_sparsity * bn_l1(model) if bn_sparsity else loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += int(out.argmax(1).eq(y).sum())
+            n += len(y)
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}")
+        val = evaluate(model, val_loader, device, channels_last)
+        record = {"stage": stage, "epoch": epoch + 1, "train_loss": loss_sum / max(n, 1),
+                  "train_top1": 100.0 * correct / max(n, 1), "val_loss": val["loss"],
+                  "val_top1": val["top1"], "val_top5": val["top5"],
+                  "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
+        history.append(record)
+        tqdm.write(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "
+                   f"train {record['train_top1']:.1f}% val {val['top1']:.1f}%")
+        if metrics_path is not None:
+            append_jsonl(record, metrics_path)
+        if checkpoint_path is not None:
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "history": history, "epoch": epoch}, checkpoint_path)
+    return history

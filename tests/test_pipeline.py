@@ -1,0 +1,125 @@
+"""The pipeline end to end on the smoke preset: outputs, resume, cache, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sosp_cli.errors import SospError
+from sosp_cli.pipeline import run
+from helpers import compose_run
+
+RESULT_KEYS = {"dataset", "model", "method", "prune_ratio", "seed", "top1_before", "top5_before",
+               "top1_pruned", "top5_pruned", "top1_finetuned", "top5_finetuned", "params_before",
+               "params_after", "params_reduction", "macs_before", "macs_after", "macs_reduction",
+               "latency", "saliency_seconds", "saliency_peak_memory_mb", "layer_ratios"}
+
+
+def test_smoke_run_writes_every_artefact_and_resumes(tmp_path):
+    cfg = compose_run(["experiment=smoke", "method=l1", "prune.ratio=0.4"], tmp_path)
+    out = tmp_path / "run"
+    result = run(cfg, out)
+    for name in ("pretrained.pt", "saliency.pt", "pruned.pt", "finetuned.pt", "metrics.jsonl", "result.json"):
+        assert (out / name).exists(), name
+    assert RESULT_KEYS <= set(result)
+    assert result["params_after"] < result["params_before"]
+    assert result["macs_after"] < result["macs_before"]
+    assert abs(result["achieved_ratio"] - 0.4) < 0.02
+    assert set(result["latency"]) == {"cpu_bs1", "cpu_bs64"}
+    assert all(v < 1.0 for v in result["layer_ratios"].values())
+    stamps = {p: os.stat(out / p).st_mtime_ns for p in ("pretrained.pt", "saliency.pt", "pruned.pt", "finetuned.pt")}
+    lines = (out / "metrics.jsonl").read_text().count("\n")
+    again = run(cfg, out)  # resume: every stage is skipped
+    assert {p: os.stat(out / p).st_mtime_ns for p in stamps} == stamps
+    assert (out / "metrics.jsonl").read_text().count("\n") == lines
+    assert again["top1_finetuned"] == result["top1_finetuned"]
+
+
+def test_changed_config_never_overwrites_artefacts(tmp_path):
+    out = tmp_path / "run"
+    run(compose_run(["experiment=smoke", "method=random"], tmp_path), out)
+    before = (out / "saliency.pt").read_bytes()
+    with pytest.raises(SospError, match="different config"):
+        run(compose_run(["experiment=smoke", "method=l2"], tmp_path), out)
+    assert (out / "saliency.pt").read_bytes() == before
+
+
+def test_pretrained_model_is_shared_through_the_cache(tmp_path):
+    a = run(compose_run(["experiment=smoke", "method=l1"], tmp_path), tmp_path / "a")
+    b = run(compose_run(["experiment=smoke", "method=random", "prune.ratio=0.3"], tmp_path), tmp_path / "b")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert a["top1_before"] == b["top1_before"]
+    sa = torch.load(tmp_path / "a" / "pretrained.pt", weights_only=False)["state_dict"]
+    sb = torch.load(tmp_path / "b" / "pretrained.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pretrain_checkpoint_is_used_and_mismatch_is_one_clear_error(tmp_path):
+    run(compose_run(["experiment=smoke", "method=l1"], tmp_path), tmp_path / "a")
+    ckpt = tmp_path / "a" / "pretrained.pt"
+    r = run(compose_run(["experiment=smoke", "method=l1", f"pretrain.checkpoint={ckpt}"], tmp_path), tmp_path / "b")
+    assert r["top1_before"] == json.loads((tmp_path / "a" / "result.json").read_text())["top1_before"]
+    with pytest.raises(SospError, match="does not match the model"):
+        run(compose_run(["experiment=smoke", "model=resnet32", f"pretrain.checkpoint={ckpt}"], tmp_path),
+            tmp_path / "c")
+
+
+def test_sosp_methods_run_end_to_end(tmp_path):
+    for method in ("sosp_h", "sosp_i", "taylor", "obd", "bn_scale", "none"):
+        r = run(compose_run(["experiment=smoke", f"method={method}"], tmp_path), tmp_path / method)
+        assert r["method"] == method
+        if method == "none":
+            assert r["params_after"] == r["params_before"]
+        else:
+            assert r["params_after"] < r["params_before"]
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "sosp_cli.cli"] + args, cwd=cwd,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["method=nosuch"], "nosuch"),
+    (["model=nosuch"], "nosuch"),
+    (["dataset=nosuch"], "nosuch"),
+    (["prune.ratio=1.5"], "prune.ratio=1.5"),
+    (["prune.ratio=-0.1"], "prune.ratio=-0.1"),
+    (["method.num_batchs=4"], "num_batchs"),
+    (["prune.ratio=abc"], "abc"),
+    (["dataset=cifar10", "dataset.root=/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["dataset=imagenet", "dataset.root=/nonexistent/inet"], "/nonexistent/inet"),
+    (["pretrain.checkpoint=/nonexistent/model.pt"], "/nonexistent/model.pt"),
+    (["method.combine=bogus"], "bogus"),
+])
+def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, args, needle):
+    proc = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"] + args, tmp_path)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    if "error:" in proc.stderr:  # our own errors: exactly one line
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        ["sosp-run", "-m", "experiment=smoke", "method=l1,bn_scale,random", "prune.ratio=0.3,0.6",
+         f"hydra.sweep.dir={sweep}", f"pretrain.cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list(sweep.rglob("result.json"))) == 6
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # pretrained once
+    report = subprocess.run(["sosp-report", str(sweep)], capture_output=True, text=True)
+    assert report.returncode == 0
+    rows = [l for l in report.stdout.splitlines() if l.startswith("| digits")]
+    assert len(rows) == 6
+    assert (sweep / "report.csv").exists() and (sweep / "report.md").exists()
+
+
+def test_report_on_empty_dir_is_an_error(tmp_path):
+    proc = subprocess.run(["sosp-report", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no result.json" in proc.stderr

@@ -1,0 +1,165 @@
+"""Every second-order quantity against brute force on tiny networks, in float64 (DESIGN §3)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sosp_cli import api
+from sosp_cli.config import MethodConfig
+from sosp_cli.pruning import SaliencyInput, get_criterion
+from sosp_cli.pruning.derivatives import curvature_matrix, curvature_product
+from sosp_cli.pruning.sosp_i import greedy_order
+from sosp_cli.structures import StructureSet
+from tiny import TinyMLP, TinyResNet, randomize_batchnorm
+
+CASES = {"mlp": (TinyMLP, (9, 6), 3), "resnet": (TinyResNet, (9, 2, 5, 5), 4)}
+
+
+def setup(case):
+    cls, shape, classes = CASES[case]
+    model = randomize_batchnorm(cls(), torch.Generator().manual_seed(1)).double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randint(0, classes, (shape[0],))
+    ss = StructureSet(model, x[:1])
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    return model, ss, x, y, batches
+
+
+def brute_force(model, ss, x, y):
+    """g, GN Q and Hessian H of the mean CE w.r.t. the gates, from explicit derivatives."""
+    def logits(c):
+        with ss.gated(model, c):
+            return model(x)
+
+    def loss(c):
+        return F.cross_entropy(logits(c), y)
+
+    c = torch.ones(ss.num_structures, dtype=torch.float64)
+    g = torch.autograd.functional.jacobian(loss, c)
+    H = torch.autograd.functional.hessian(loss, c)
+    J = torch.autograd.functional.jacobian(logits, c)           # [N, C, S]
+    p = torch.softmax(logits(c), 1).detach()
+    R = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    Q = torch.einsum("ncs,ncd,ndt->st", J, R, J) / len(y)       # column by column: J_nᵀ R_n J_n
+    return g, Q, H
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradient_and_curvature_products_match_brute_force(case):
+    model, ss, x, y, batches = setup(case)
+    g, Q, H = brute_force(model, ss, x, y)
+    ones = torch.ones(ss.num_structures)
+    g1, v = curvature_product(model, ss, batches, ones, "cpu", "gn")
+    assert rel_err(g1, g) <= 1e-4 and rel_err(v, Q.sum(1)) <= 1e-4
+    _, hv = curvature_product(model, ss, batches, ones, "cpu", "hessian")
+    assert rel_err(hv, H.sum(1)) <= 1e-4
+    g2, Qfull = curvature_matrix(model, ss, batches, "cpu", "gn", chunk_size=2)
+    assert rel_err(g2, g) <= 1e-4 and rel_err(Qfull, Q) <= 1e-4
+    _, Hfull = curvature_matrix(model, ss, batches, "cpu", "hessian", chunk_size=3)
+    assert rel_err(Hfull, H) <= 1e-4
+    _, diag = curvature_matrix(model, ss, batches, "cpu", "gn", diagonal_only=True)
+    assert rel_err(diag, Q.diagonal()) <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gauss_newton_is_symmetric_psd_and_rows_sum_to_sosp_h(case):
+    model, ss, x, y, batches = setup(case)
+    _, Q = curvature_matrix(model, ss, batches, "cpu", "gn")
+    assert torch.allclose(Q, Q.T, atol=1e-12)
+    assert torch.linalg.eigvalsh(Q).min() >= -1e-10
+    _, v = curvature_product(model, ss, batches, torch.ones(ss.num_structures), "cpu", "gn")
+    assert rel_err(v, Q.sum(1)) <= 1e-10
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fisher_mc_is_unbiased_for_gauss_newton(case):
+    model, ss, x, y, batches = setup(case)
+    _, Q = curvature_matrix(model, ss, batches, "cpu", "gn")
+    gen = torch.Generator().manual_seed(0)
+    draws = [curvature_matrix(model, ss, batches, "cpu", "fisher_mc", generator=gen)[1] for _ in range(400)]
+    assert rel_err(torch.stack(draws).mean(0), Q) < 0.15
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_quadratic_model_error_shrinks_cubically(case):
+    model, ss, x, y, _ = setup(case)
+    g, _, H = brute_force(model, ss, x, y)
+
+    def loss(c):
+        with torch.no_grad(), ss.gated(model, c):
+            return F.cross_entropy(model(x), y)
+
+    c = torch.ones(ss.num_structures, dtype=torch.float64)
+    direction = torch.randn(ss.num_structures, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    errors = []
+    for t in (1e-1, 5e-2, 2.5e-2):
+        d = t * direction
+        predicted = g @ d + 0.5 * d @ H @ d
+        errors.append(abs((loss(c + d) - loss(c)) - predicted).item())
+    # halving |δ| divides a third-order error by ~8
+    assert 5.0 < errors[0] / errors[1] < 11.0 and 5.0 < errors[1] / errors[2] < 11.0
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("combine", ["abs_sum", "abs_joint", "second_only"])
+def test_method_scores_match_formulas(case, combine):
+    model, ss, x, y, batches = setup(case)
+    g, Q, H = brute_force(model, ss, x, y)
+    expected = {
+        "sosp_h": (Q.sum(1), "gn"), "sosp_i": (Q.abs().sum(1), "gn"), "obd": (Q.diagonal(), "gn"),
+    }
+    for method, (r, curvature) in expected.items():
+        crit = get_criterion(MethodConfig(name=method, combine=combine, curvature=curvature))
+        got = crit.compute(SaliencyInput(model, ss, batches, torch.device("cpu"))).scores
+        want = {"abs_sum": g.abs() + 0.5 * r.abs(), "abs_joint": (-g + 0.5 * r).abs(),
+                "second_only": 0.5 * r.abs()}[combine]
+        assert rel_err(got, want) <= 1e-4, method
+    crit = get_criterion(MethodConfig(name="sosp_h", combine=combine, curvature="hessian"))
+    got = crit.compute(SaliencyInput(model, ss, batches, torch.device("cpu"))).scores
+    r = H.sum(1)
+    want = {"abs_sum": g.abs() + 0.5 * r.abs(), "abs_joint": (-g + 0.5 * r).abs(),
+            "second_only": 0.5 * r.abs()}[combine]
+    assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_taylor_is_mean_squared_batch_gradient(case):
+    model, ss, x, y, batches = setup(case)
+    want = torch.zeros(ss.num_structures, dtype=torch.float64)
+    for xb, yb in batches:
+        g, _, _ = brute_force(model, ss, xb, yb)
+        want += g.pow(2) / len(batches)
+    got = get_criterion(MethodConfig(name="taylor")).compute(
+        SaliencyInput(model, ss, batches, torch.device("cpu"))).scores
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_greedy_order_is_exhaustive_optimum_on_small_problem():
+    """Each greedy step takes the structure with the smallest increase of the quadratic model."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    Q, g = A @ A.T, torch.randn(6, generator=gen, dtype=torch.float64)
+    order = greedy_order(g, Q)
+    model = lambda m: (-g[m]).sum() + 0.5 * Q[m][:, m].sum()  # noqa: E731
+    chosen = []
+    for step in range(6):
+        s = int((order == step).nonzero())
+        rest = [t for t in range(6) if t not in chosen]
+        best = min(rest, key=lambda t: model(torch.tensor(chosen + [t])).item())
+        assert s == best
+        chosen.append(s)
+
+
+def test_api_saliency_returns_one_score_per_structure():
+    model = api.create_model("resnet20", width=0.25)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    names = api.structures(model, x[:1])
+    for method in ("sosp_h", "sosp_i", "taylor", "obd", "l1", "bn_scale", "random"):
+        scores = api.saliency(model, [(x, y)], method, example_input=x[:1])
+        assert list(scores) == names
+        assert all(s == s for s in scores.values())  # no NaN
+    a = api.saliency(model, [(x, y)], "sosp_h", combine="abs_joint", curvature="hessian")
+    assert len(a) == len(names)

@@ -1,0 +1,45 @@
+"""Tiny networks for brute-force checks (an MLP and a conv net with BN and a residual add)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in=6, hidden=5, classes=3):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x.flatten(1))))))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, in_ch=2, width=3, classes=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = F.softplus(self.bn1(self.conv1(x)))
+        r = F.softplus(self.bn2(self.conv2(h)))
+        h = F.softplus(h + self.bn3(self.conv3(r)))
+        return self.fc(h.mean((2, 3)))
+
+
+def randomize_batchnorm(model, generator=None):
+    """Non-trivial running statistics and affine parameters, so eval-mode BN matters."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.3, 0.3, generator=generator)
+                m.running_var.uniform_(0.5, 1.5, generator=generator)
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.uniform_(-0.3, 0.3, generator=generator)
+    return model
