@@ -5,6 +5,7 @@ result to dataclasses and calls :func:`sosp_cli.pipeline.run` in the job's outpu
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -64,8 +65,45 @@ class ReportCallback(Callback):
             print(f"sosp-report: {exc}", file=sys.stderr)
 
 
+def one_line(exc: BaseException) -> str:
+    """Hydra's multi-line composition errors condensed to one line that names the bad value."""
+    parts, seen = [], exc
+    while seen is not None:
+        parts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(parts)
+    missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
+    if missing:
+        group, value = missing.groups()
+        options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+        return f"unknown {group} '{value}'; accepted: {', '.join(options)}"
+    skip = ("full_key:", "reference_type", "object_type", "To append", "Set the environment")
+    lines = []
+    for ln in (ln.strip() for ln in text.splitlines()):
+        if ln and not ln.startswith(skip) and "$VALUE" not in ln and ln not in lines:
+            lines.append(ln)
+    return " ".join(lines[:2]) or type(exc).__name__
+
+
+def precheck(overrides: list[str]) -> None:
+    """Compose a single-run command line once before Hydra runs it, so that a bad group choice,
+    unknown key or wrong type is reported in one line (multirun sweeps keep Hydra's message)."""
+    from hydra import compose, initialize_config_dir
+
+    if any(a in ("-m", "--multirun") or a.startswith("-") for a in overrides):
+        return
+    plain = [a for a in overrides if not a.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            to_run_config(compose("config", overrides=plain))
+    except SospError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every composition error is the user's input
+        raise SospError(one_line(exc)) from None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> dict | None:
+def hydra_main(cfg: DictConfig) -> dict | None:
     from .pipeline import run
     try:
         result = run(to_run_config(cfg), HydraConfig.get().runtime.output_dir)
@@ -74,6 +112,16 @@ def main(cfg: DictConfig) -> dict | None:
         sys.exit(2)
     print(summary(result))
     return result
+
+
+def main() -> None:
+    """Console entry point of ``sosp-run``."""
+    try:
+        precheck(sys.argv[1:])
+    except SospError as exc:
+        print(f"sosp-run: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Gating the *input* of a consumer is the same as scaling its weight's input slice
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +64,7 @@ class StructureSet:
                 raise SospError(f"ignored layer '{name}' is not a module of the model")
         was_training = model.training
         model.eval()
-        with torch.enable_grad():  # the graph is traced through autograd
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        dg = dependency_graph(model, example_input)
         model.train(was_training)
         names = {m: n for n, m in modules.items()}
         self.groups: list[StructureGroup] = []
@@ -163,6 +163,13 @@ def _gate_hook(site: GateSite, gates: torch.Tensor):
         return (x * scale,) + tuple(args[1:])
 
     return hook
+
+
+def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, traced through autograd on one input."""
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
 
 
 def classifier_name(model: nn.Module) -> str:

@@ -14,10 +14,9 @@ from collections import defaultdict
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 from .errors import SospError
-from .structures import StructureSet
+from .structures import StructureSet, dependency_graph
 
 
 def remove_structures(model: nn.Module, structures: StructureSet, remove: list[str],
@@ -37,8 +36,7 @@ def remove_structures(model: nn.Module, structures: StructureSet, remove: list[s
             raise SospError(f"unknown structure group '{root}'")
         if len(set(channels)) >= sizes[root]:
             raise SospError(f"removing every channel of '{root}' would disconnect the network")
-    with torch.enable_grad():  # the graph is traced through autograd
-        dg = tp.DependencyGraph().build_dependency(pruned, example_inputs=example_input.to(_device(pruned)))
+    dg = dependency_graph(pruned, example_input.to(_device(pruned)))
     # groups are pruned one at a time; each get_pruning_group maps indices through the
     # *current* concatenation offsets, so earlier cuts are accounted for.
     for root, channels in by_root.items():
@@ -53,8 +51,7 @@ def remove_structures(model: nn.Module, structures: StructureSet, remove: list[s
 def replay(model: nn.Module, history: list, example_input: torch.Tensor) -> nn.Module:
     """Apply a saved pruning history to a freshly built (unpruned) model, in place."""
     model.eval()
-    with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    dg = dependency_graph(model, example_input)
     dg.load_pruning_history(history)
     return model
 

@@ -94,13 +94,17 @@ def _cli(args, cwd):
     (["dataset=imagenet", "dataset.root=/nonexistent/inet"], "/nonexistent/inet"),
     (["pretrain.checkpoint=/nonexistent/model.pt"], "/nonexistent/model.pt"),
     (["method.combine=bogus"], "bogus"),
+    (["experiment=nosuch"], "nosuch"),
+    (["seed=x"], "'x'"),
+    (["device=tpu"], "tpu"),
+    (["model.width=[1,2]"], "width=[1.0, 2.0]"),
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, args, needle):
     proc = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"] + args, tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stderr
-    if "error:" in proc.stderr:  # our own errors: exactly one line
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln and "warnings.warn" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("sosp-run: error:"), proc.stderr
     assert not (tmp_path / "run" / "result.json").exists()
 
 

@@ -1,0 +1,37 @@
+"""Every config option composes against the typed schema, and names match the registries."""
+from pathlib import Path
+
+import pytest
+
+from sosp_cli.cli import CONFIG_DIR
+from sosp_cli.data import DATASETS
+from sosp_cli.models import list_models
+from sosp_cli.pruning import list_criteria
+from helpers import compose_run
+
+
+def options(group):
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def test_config_groups_match_registries():
+    assert options("model") == list_models()
+    assert options("method") == list_criteria()
+    assert options("dataset") == sorted(DATASETS)
+
+
+@pytest.mark.parametrize("group", ["dataset", "model", "method", "schedule", "experiment"])
+def test_every_option_composes(group, tmp_path):
+    for name in options(group):
+        cfg = compose_run([f"{group}={name}"], tmp_path)
+        if group in ("dataset", "model", "method"):
+            assert getattr(cfg, group).name == name
+        if group == "schedule":
+            assert cfg.schedule.name == name and cfg.schedule.pretrain.epochs >= 1
+
+
+def test_documented_schedule_numbers():
+    cfg = compose_run(["schedule=cifar"], Path("/tmp"))
+    p, f = cfg.schedule.pretrain, cfg.schedule.finetune
+    assert (p.epochs, p.lr, p.batch_size, p.momentum, p.nesterov, p.weight_decay) == (200, 0.1, 128, 0.9, True, 5e-4)
+    assert (f.epochs, f.lr) == (40, 0.01)

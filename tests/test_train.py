@@ -1,0 +1,64 @@
+"""Training: resume after an interruption gives exactly the uninterrupted run."""
+import dataclasses
+
+import torch
+
+from sosp_cli.config import TrainConfig
+from sosp_cli.data import load_dataset, make_loader
+from sosp_cli.models import create_model
+from sosp_cli.train import evaluate, train
+
+CFG = TrainConfig(epochs=3, batch_size=32, lr=0.05, scheduler="multistep", milestones=[0.5],
+                  max_batches=3)
+
+
+def _fit(cfg, ckpt, seed=0, metrics=None):
+    torch.manual_seed(seed)
+    splits = load_dataset("digits", image_size=16)
+    model = create_model("resnet20", 10, 1, 0.25)
+    loader = make_loader(splits.train, cfg.batch_size, True, seed=seed, drop_last=True)
+    val = make_loader(splits.val, 128, False)
+    history = train(model, loader, val, cfg, torch.device("cpu"), "t", metrics, ckpt, seed)
+    return model, history, splits
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full, hist_full, _ = _fit(CFG, tmp_path / "full.pt")
+    interrupted = _interrupt_after(CFG, tmp_path / "killed.pt", epochs_done=1)
+    resumed, hist_resumed, _ = _fit(CFG, interrupted, metrics=tmp_path / "m.jsonl")
+    assert (tmp_path / "m.jsonl").read_text().count("\n") == CFG.epochs - 1  # epoch 1 not redone
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert [h["train_loss"] for h in hist_full] == [h["train_loss"] for h in hist_resumed]
+    assert len(hist_resumed) == CFG.epochs
+
+
+def _interrupt_after(cfg, path, epochs_done):
+    """Run ``cfg`` but stop (as if killed) after ``epochs_done`` epochs; return its checkpoint."""
+    import sosp_cli.train as tr
+
+    original = tr.evaluate
+    calls = {"n": 0}
+
+    def killing_evaluate(*a, **k):
+        if calls["n"] == epochs_done:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(*a, **k)
+
+    tr.evaluate = killing_evaluate
+    try:
+        _fit(cfg, path)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tr.evaluate = original
+    assert torch.load(path, weights_only=False)["epoch"] == epochs_done - 1
+    return path
+
+
+def test_training_learns_digits():
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, scheduler="cosine")
+    model, history, splits = _fit(cfg, None)
+    acc = evaluate(model, make_loader(splits.test, 256, False), torch.device("cpu"))
+    assert acc["top1"] > 50.0 and acc["top5"] >= acc["top1"]
