@@ -22,6 +22,7 @@ from filelock import FileLock
 
 from .checkpoint import build_from_record, load_weights_into, model_record, save_model
 from .config import RunConfig
+from .diagnostics import loss_prediction
 from .data import load_dataset, make_loader, take_batches
 from .errors import SospError
 from .measure import count_macs, count_params, latency_ms
@@ -209,8 +210,10 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
         sel = select(sal["scores"], ss, ratio, cfg.prune.min_channels, cfg.prune.scope)
         if sel.guard_skipped:
             print(f"[prune] min_channels guard kept {sel.guard_skipped} structures that ranked for removal")
+        diagnostics = _diagnostics(r, model, ss, sel) if cfg.prune.diagnostics else None
         pruned, history = remove_structures(model.cpu(), ss, sel.remove, r.example)
-        pruned_rec = model_record(pruned, r.spec, history, key=pkey, selection=dataclasses.asdict(sel))
+        pruned_rec = model_record(pruned, r.spec, history, key=pkey, selection=dataclasses.asdict(sel),
+                                  diagnostics=diagnostics)
         save_torch(pruned_rec, ppath)
     sel = pruned_rec["selection"]
     pruned = build_from_record(pruned_rec)
@@ -228,9 +231,23 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     after_finetune = r.evaluate(finetuned)
 
     result = _result(r, model, finetuned, dense, after_prune, after_finetune, sal, sel)
+    if pruned_rec.get("diagnostics") is not None:
+        result["diagnostics"] = pruned_rec["diagnostics"]
     result["wall_seconds"] = time.time() - t_start
     save_json(result, result_path)
     return result
+
+
+def _diagnostics(r: Run, model, ss: StructureSet, sel) -> dict:
+    cfg = r.cfg
+    batches = take_batches(r.splits.train_eval, cfg.saliency.num_samples, cfg.saliency.batch_size,
+                           seed=cfg.seed)
+    d = loss_prediction(model.to(r.device).eval(), ss, batches, ss.indices_of(sel.remove), r.device,
+                        cfg.method.curvature, cfg.prune.diagnostics_samples, cfg.seed)
+    print(f"[diagnostics] loss change of the removed set: predicted {d['predicted_second_order']:.4f} "
+          f"(first order {d['predicted_first_order']:.4f}), real {d['real']:.4f}; single-structure "
+          f"Spearman {d.get('single_spearman', float('nan')):.3f}")
+    return d
 
 
 def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetune, sal, sel) -> dict:

@@ -69,8 +69,13 @@ def test_pretrain_checkpoint_is_used_and_mismatch_is_one_clear_error(tmp_path):
 
 def test_sosp_methods_run_end_to_end(tmp_path):
     for method in ("sosp_h", "sosp_i", "taylor", "obd", "bn_scale", "none"):
-        r = run(compose_run(["experiment=smoke", f"method={method}"], tmp_path), tmp_path / method)
+        extra = ["prune.diagnostics=true", "prune.diagnostics_samples=4"] if method == "sosp_h" else []
+        r = run(compose_run(["experiment=smoke", f"method={method}"] + extra, tmp_path), tmp_path / method)
         assert r["method"] == method
+        if extra:
+            d = r["diagnostics"]
+            assert {"predicted_first_order", "predicted_second_order", "real", "single_spearman"} <= set(d)
+            assert d["removed"] == r["removed_structures"]
         if method == "none":
             assert r["params_after"] == r["params_before"]
         else:

@@ -163,3 +163,41 @@ def test_api_saliency_returns_one_score_per_structure():
         assert all(s == s for s in scores.values())  # no NaN
     a = api.saliency(model, [(x, y)], "sosp_h", combine="abs_joint", curvature="hessian")
     assert len(a) == len(names)
+
+
+@pytest.mark.parametrize("curvature", ["gn", "hessian"])
+def test_diagnostics_quadratic_prediction_matches_brute_force(curvature):
+    from sosp_cli.diagnostics import loss_prediction
+    model, ss, x, y, batches = setup("resnet")
+    g, Q, H = brute_force(model, ss, x, y)
+    curv = Q if curvature == "gn" else H
+    remove = torch.tensor([0, 2])
+    d = loss_prediction(model, ss, batches, remove, "cpu", curvature, samples=4)
+    m = torch.zeros(ss.num_structures, dtype=torch.float64)
+    m[remove] = 1
+    assert d["predicted_first_order"] == pytest.approx(float(-g @ m), rel=1e-6)
+    assert d["predicted_second_order"] == pytest.approx(float(-g @ m + 0.5 * m @ curv @ m), rel=1e-6)
+    gates = torch.ones(ss.num_structures, dtype=torch.float64)
+    gates[remove] = 0
+    with torch.no_grad(), ss.gated(model, gates):
+        real = F.cross_entropy(model(x), y)
+    with torch.no_grad():
+        base = F.cross_entropy(model(x), y)
+    assert d["real"] == pytest.approx(float(real - base), rel=1e-6)
+    assert -1.0 <= d["single_spearman"] <= 1.0 and len(d["single_real"]) == 4
+
+
+def test_sosp_i_refuses_too_many_structures_and_names_sosp_h():
+    from sosp_cli.errors import SospError
+    model, ss, x, y, batches = setup("mlp")
+    crit = get_criterion(MethodConfig(name="sosp_i", max_structures=5))
+    with pytest.raises(SospError, match="S=10 .*sosp_h"):
+        crit.compute(SaliencyInput(model, ss, batches, torch.device("cpu")))
+
+
+def test_greedy_selection_reproduces_the_greedy_set():
+    model, ss, x, y, batches = setup("resnet")
+    crit = get_criterion(MethodConfig(name="sosp_i", selection="greedy"))
+    sal = crit.compute(SaliencyInput(model, ss, batches, torch.device("cpu")))
+    g, Q, _ = brute_force(model, ss, x, y)
+    assert torch.equal(sal.scores.long(), greedy_order(g, Q))

@@ -1,0 +1,136 @@
+"""Saliency cost side by side: taylor vs sosp_h vs sosp_i on CIFAR ResNet-56 at several widths.
+
+Every method runs in the same process on the same batches, alternating, ``--repeats`` times; the
+median time is reported with the ratio to ``taylor`` (one forward + one backward per batch) and
+to a plain gradient. Peak memory is measured per method in a fresh subprocess (CPU: peak RSS
+above the process's baseline; CUDA: peak allocated bytes), because a process's RSS never drops.
+
+    python scripts/bench_saliency.py --widths 1 2 4 --batches 4 --batch-size 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from sosp_cli.config import MethodConfig
+from sosp_cli.measure import count_macs
+from sosp_cli.models import create_model
+from sosp_cli.pruning import SaliencyInput, get_criterion
+from sosp_cli.pruning.derivatives import gradient
+from sosp_cli.structures import StructureSet
+
+METHODS = ("taylor", "sosp_h", "sosp_i")
+
+
+def setup(model_name: str, width: float, batches: int, batch_size: int, device: torch.device):
+    torch.manual_seed(0)
+    model = create_model(model_name, 10, 3, width).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    ss = StructureSet(model, x)
+    data = [(torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,)))
+            for _ in range(batches)]
+    data = [(a.to(device), b.to(device)) for a, b in data]
+    return model.to(device), ss, data, count_macs(model.cpu(), x)
+
+
+def run_method(method: str, model, ss, data, device):
+    if method == "gradient":
+        return gradient(model, ss, data, device)
+    crit = get_criterion(MethodConfig(name=method))
+    return crit.compute(SaliencyInput(model, ss, data, device)).scores
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def memory_child(args) -> None:
+    device = torch.device(args.device)
+    model, ss, data, _ = setup(args.model, args.child_width, args.batches, args.batch_size, device)
+    run_method("gradient", model, ss, data[:1], device)  # warm-up allocations
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run_method(args.child_method, model, ss, data, device)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    print(json.dumps({"peak_mb": peak}))
+
+
+def peak_memory(args, width: float, method: str) -> float:
+    cmd = [sys.executable, __file__, "--child-method", method, "--child-width", str(width),
+           "--model", args.model, "--batches", str(args.batches), "--batch-size", str(args.batch_size),
+           "--device", args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--widths", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--child-method", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-width", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_method:
+        return memory_child(args)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# {args.model}, {args.batches} batches × {args.batch_size}, device {device} ({name}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    for width in args.widths:
+        model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device)
+        methods = ("gradient",) + METHODS
+        for m in methods:  # warm-up
+            run_method(m, model, ss, data[:1], device)
+        times = {m: [] for m in methods}
+        for _ in range(args.repeats):
+            for m in methods:
+                times[m].append(timed(lambda: run_method(m, model, ss, data, device), device))
+        med = {m: statistics.median(t) for m, t in times.items()}
+        row = {"width": width, "S": ss.num_structures, "MMACs": macs / 1e6,
+               **{f"{m}_s": med[m] for m in methods},
+               "sosp_h/taylor": med["sosp_h"] / med["taylor"],
+               "sosp_h/gradient": med["sosp_h"] / med["gradient"],
+               "sosp_i/taylor": med["sosp_i"] / med["taylor"]}
+        if not args.no_memory:
+            for m in METHODS:
+                row[f"{m}_peak_mb"] = peak_memory(args, width, m)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    keys = list(rows[0])
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": str(device), "device_name": name, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Lean layers for gate-space derivatives: the same function, fewer operations.
+
+Saliencies differentiate only with respect to the gates, never the weights, and run in eval
+mode. Inside :func:`lean_layers`, every Conv2d / Linear / BatchNorm2d computes exactly what it
+computed before, but:
+
+- weights are frozen (no weight-gradient bookkeeping);
+- Conv2d and Linear go through an autograd Function whose forward-mode rule is the single
+  product ``W·ẋ`` (PyTorch's generic rule also evaluates ``ẇ·x`` with a zero tangent ``ẇ``,
+  a whole extra convolution per layer) and whose backward computes the input gradient only;
+- eval-mode BatchNorm is the per-channel affine map ``x·γ/√(σ²+ε) + (β − μγ/√(σ²+ε))``, whose
+  tangent is one multiplication.
+
+The tests compare every quantity computed this way with brute force on the untouched model.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _FrozenConv(torch.autograd.Function):
+    """y = conv2d(x; W, b) with W, b constants: jvp ẏ = conv2d(ẋ; W), vjp x̄ = convᵀ(ȳ; W)."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, stride, padding, dilation, groups = inputs
+        ctx.args = (weight, stride, padding, dilation, groups)
+        ctx.x_shape = x.shape
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        weight, stride, padding, dilation, groups = ctx.args
+        return F.conv2d(x_t, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, stride, padding, dilation, groups = ctx.args
+        gx = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad, stride, padding, dilation, groups)
+        return gx, None, None, None, None, None, None
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with W, b constants: jvp ẏ = ẋ Wᵀ, vjp x̄ = ȳ W."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        return F.linear(x_t, ctx.weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.weight, None, None
+
+
+def _conv_forward(module: nn.Conv2d):
+    if module.padding_mode != "zeros":
+        return None
+    padding = module.padding
+    if isinstance(padding, str):
+        return None
+
+    def forward(x):
+        return _FrozenConv.apply(x, module.weight, module.bias, module.stride, padding,
+                                 module.dilation, module.groups)
+    return forward
+
+
+def _linear_forward(module: nn.Linear):
+    def forward(x):
+        return _FrozenLinear.apply(x, module.weight, module.bias)
+    return forward
+
+
+def _bn_forward(module: nn.BatchNorm2d):
+    invstd = torch.rsqrt(module.running_var + module.eps)
+    scale = invstd if module.weight is None else module.weight * invstd
+    shift = -module.running_mean * scale
+    if module.bias is not None:
+        shift = shift + module.bias
+    scale, shift = scale.detach()[None, :, None, None], shift.detach()[None, :, None, None]
+
+    def forward(x):
+        return x * scale.to(x.dtype) + shift.to(x.dtype)
+    return forward
+
+
+@contextlib.contextmanager
+def lean_layers(model: nn.Module):
+    """Within the block, ``model`` (in eval mode) computes the same outputs with lean layers."""
+    if model.training:
+        raise ValueError("lean_layers needs the model in eval mode")
+    swapped, frozen = [], []
+    for module in model.modules():
+        forward = None
+        if type(module) is nn.Conv2d:
+            forward = _conv_forward(module)
+        elif type(module) is nn.Linear:
+            forward = _linear_forward(module)
+        elif type(module) is nn.BatchNorm2d and module.track_running_stats:
+            forward = _bn_forward(module)
+        if forward is not None:
+            module.forward = forward
+            swapped.append(module)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(p)
+    try:
+        yield model
+    finally:
+        for module in swapped:
+            del module.forward
+        for p in frozen:
+            p.requires_grad_(True)
