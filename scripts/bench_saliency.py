@@ -16,6 +16,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -24,7 +25,7 @@ from sosp_cli.config import MethodConfig
 from sosp_cli.measure import count_macs
 from sosp_cli.models import create_model
 from sosp_cli.pruning import SaliencyInput, get_criterion
-from sosp_cli.pruning.derivatives import gradient
+from sosp_cli.pruning.derivatives import curvature_product, gradient
 from sosp_cli.structures import StructureSet
 
 METHODS = ("taylor", "sosp_h", "sosp_i")
@@ -35,15 +36,19 @@ def setup(model_name: str, width: float, batches: int, batch_size: int, device: 
     model = create_model(model_name, 10, 3, width).eval()
     x = torch.zeros(1, 3, 32, 32)
     ss = StructureSet(model, x)
+    macs = count_macs(model, x)
     data = [(torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,)))
             for _ in range(batches)]
     data = [(a.to(device), b.to(device)) for a, b in data]
-    return model.to(device), ss, data, count_macs(model.cpu(), x)
+    return model.to(device), ss, data, macs
 
 
 def run_method(method: str, model, ss, data, device):
     if method == "gradient":
         return gradient(model, ss, data, device)
+    if method.startswith("sosp_h_"):  # both backward variants of SOSP-H's g and Q·1
+        ones = torch.ones(ss.num_structures)
+        return curvature_product(model, ss, data, ones, device, batched_backward=method.endswith("batched"))
     crit = get_criterion(MethodConfig(name=method))
     return crit.compute(SaliencyInput(model, ss, data, device)).scores
 
@@ -58,20 +63,37 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def memory_child(args) -> None:
+    """Peak memory of one method above the memory held before it started (model and data).
+    CUDA: peak allocated bytes. CPU: resident set size sampled every millisecond by a thread
+    (the process peak, ru_maxrss, never drops), with no warm-up pass before."""
     device = torch.device(args.device)
     model, ss, data, _ = setup(args.model, args.child_width, args.batches, args.batch_size, device)
-    run_method("gradient", model, ss, data[:1], device)  # warm-up allocations
     if device.type == "cuda":
+        run_method("gradient", model, ss, data[:1], device)  # CUDA context and kernels
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run_method(args.child_method, model, ss, data, device)
-    if device.type == "cuda":
+        run_method(args.child_method, model, ss, data, device)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        base, samples, done = _rss_mb(), [], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                samples.append(_rss_mb())
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=sample)
+        thread.start()
+        run_method(args.child_method, model, ss, data, device)
+        done.set()
+        thread.join()
+        peak = max(samples + [base]) - base
     print(json.dumps({"peak_mb": peak}))
 
 
@@ -105,7 +127,7 @@ def main() -> None:
     rows = []
     for width in args.widths:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device)
-        methods = ("gradient",) + METHODS
+        methods = ("gradient",) + METHODS + ("sosp_h_sequential", "sosp_h_batched")
         for m in methods:  # warm-up
             run_method(m, model, ss, data[:1], device)
         times = {m: [] for m in methods}
@@ -117,6 +139,8 @@ def main() -> None:
                **{f"{m}_s": med[m] for m in methods},
                "sosp_h/taylor": med["sosp_h"] / med["taylor"],
                "sosp_h/gradient": med["sosp_h"] / med["gradient"],
+               "sosp_h_seq/taylor": med["sosp_h_sequential"] / med["taylor"],
+               "sosp_h_batched/taylor": med["sosp_h_batched"] / med["taylor"],
                "sosp_i/taylor": med["sosp_i"] / med["taylor"]}
         if not args.no_memory:
             for m in METHODS:

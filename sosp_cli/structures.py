@@ -50,6 +50,16 @@ class GateSite:
     in_features: int
     channels: torch.Tensor         # LongTensor of input-channel indices of the consumer
     gates: torch.Tensor            # LongTensor of global structure indices
+    _lookup: dict = field(default_factory=dict, repr=False)
+
+    def lookup(self, num_structures: int, device) -> torch.Tensor:
+        """Per input channel, its index in the extended gate vector (S = "no gate": constant 1)."""
+        key = (num_structures, str(device))
+        if key not in self._lookup:
+            table = torch.full((self.in_features,), num_structures, dtype=torch.long)
+            table[self.channels] = self.gates
+            self._lookup[key] = table.to(device)
+        return self._lookup[key]
 
 
 class StructureSet:
@@ -135,10 +145,16 @@ class StructureSet:
         sample, which makes per-sample gate gradients the per-sample Jacobians)."""
         if gates.shape[-1] != self.num_structures:
             raise ValueError(f"expected {self.num_structures} gates, got shape {tuple(gates.shape)}")
+        # slot S of the extended gate vector holds a constant 1 for channels of no structure
+        ones = torch.ones(*gates.shape[:-1], 1, dtype=gates.dtype, device=gates.device)
+        extended = torch.cat([gates, ones], dim=-1)
+        if gates.dim() == 1:
+            extended = extended.unsqueeze(0)
         modules = dict(model.named_modules())
         handles = []
         for name, site in self.sites.items():
-            handles.append(modules[name].register_forward_pre_hook(_gate_hook(site, gates)))
+            hook = _gate_hook(site.lookup(self.num_structures, gates.device), extended)
+            handles.append(modules[name].register_forward_pre_hook(hook))
         try:
             yield model
         finally:
@@ -146,19 +162,12 @@ class StructureSet:
                 h.remove()
 
 
-def _gate_hook(site: GateSite, gates: torch.Tensor):
+def _gate_hook(lookup: torch.Tensor, extended: torch.Tensor):
     """Pre-hook multiplying the consumer's input channels by their gates (DESIGN.md §2)."""
-    per_sample = gates.dim() == 2
-    # slot S of the extended gate vector holds a constant 1 for channels of no structure
-    lookup = torch.full((site.in_features,), gates.shape[-1], dtype=torch.long)
-    lookup[site.channels] = site.gates
 
     def hook(module, args):
         x = args[0]
-        ones = torch.ones(*gates.shape[:-1], 1, dtype=gates.dtype, device=gates.device)
-        scale = torch.cat([gates, ones], dim=-1)[..., lookup.to(gates.device)].to(x.dtype)
-        if not per_sample:
-            scale = scale.unsqueeze(0)
+        scale = extended[:, lookup].to(x.dtype)
         scale = scale.reshape(scale.shape + (1,) * (x.dim() - 2))
         return (x * scale,) + tuple(args[1:])
 

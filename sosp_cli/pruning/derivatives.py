@@ -60,12 +60,15 @@ def batch_gradients(model: nn.Module, ss: StructureSet, batches, device) -> Iter
 
 
 def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: torch.Tensor,
-                      device, curvature: str = "gn") -> tuple[torch.Tensor, torch.Tensor]:
+                      device, curvature: str = "gn", batched_backward: bool | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (g, Q·d) for one direction d without forming Q.
 
     ``gn`` (SOSP-H, DESIGN §3): one forward pass with dual tensors gives z and J·d and records
     the reverse graph; two backward passes from z with the cotangents (p − y)/N and R·(J d)/N
-    return g and Jᵀ R J d (Q·d). ``hessian``: double backward, H·d = ∂(gᵀd)/∂c.
+    return g and Jᵀ R J d (Q·d) — as one vmapped backward when ``batched_backward`` (default:
+    on CUDA, where it saves kernel launches; on CPU two plain passes are faster).
+    ``hessian``: double backward, H·d = ∂(gᵀd)/∂c.
     """
     dt = _dtype(model)
     n, S = _count(batches), ss.num_structures
@@ -89,9 +92,12 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
         r_jd = p * jd - p * (p * jd).sum(1, keepdim=True)          # R_n J_n d
         onehot = F.one_hot(y, p.shape[1]).to(p.dtype)
         cotangents = torch.stack([(p - onehot) / n, r_jd / n]).to(z.dtype)
-        # two backward passes from the same graph (on CPU faster than one vmapped pass)
-        g = g + torch.autograd.grad(z, c, cotangents[0], retain_graph=True)[0]
-        qd = qd + torch.autograd.grad(z, c, cotangents[1])[0]
+        if batched_backward if batched_backward is not None else torch.device(device).type == "cuda":
+            both = torch.autograd.grad(z, c, cotangents, is_grads_batched=True)[0]
+            g, qd = g + both[0], qd + both[1]
+        else:
+            g = g + torch.autograd.grad(z, c, cotangents[0], retain_graph=True)[0]
+            qd = qd + torch.autograd.grad(z, c, cotangents[1])[0]
     return g, qd
 
 

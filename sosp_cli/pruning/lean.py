@@ -105,6 +105,9 @@ def lean_layers(model: nn.Module):
     """Within the block, ``model`` (in eval mode) computes the same outputs with lean layers."""
     if model.training:
         raise ValueError("lean_layers needs the model in eval mode")
+    if getattr(model, "_sosp_lean", False):  # already inside lean_layers: nothing to do
+        yield model
+        return
     swapped, frozen = [], []
     for module in model.modules():
         forward = None
@@ -121,9 +124,11 @@ def lean_layers(model: nn.Module):
         if p.requires_grad:
             p.requires_grad_(False)
             frozen.append(p)
+    model._sosp_lean = True
     try:
         yield model
     finally:
+        del model._sosp_lean
         for module in swapped:
             del module.forward
         for p in frozen:
