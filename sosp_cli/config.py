@@ -66,9 +66,14 @@ class MethodConfig:
 
 @dataclass
 class PruneConfig:
-    ratio: float = 0.5            # fraction of structures removed, in [0, 1)
-    min_channels: int = 1         # no structure group keeps fewer channels than this
+    ratio: float = 0.5            # fraction of ``target`` removed, in [0, 1)
+    target: str = "structures"    # structures | params | flops (MACs)
     scope: str = "global"         # global ranking across layers (the paper) | local (per layer)
+    min_channels: int = 1         # no structure group keeps fewer channels than this
+    max_layer_ratio: float = 1.0  # no structure group loses more than this fraction
+    normalize: str = "none"       # none | layer_mean | layer_max (scores per layer group)
+    steps: int = 1                # iterative pruning: k rounds, saliency recomputed in between
+    step_epochs: int = 0          # fine-tuning epochs between rounds
     diagnostics: bool = False     # predicted vs real loss change of the removed set
     diagnostics_samples: int = 32  # structures sampled for the single-structure Spearman check
 

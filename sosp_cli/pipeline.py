@@ -28,7 +28,8 @@ from .errors import SospError
 from .measure import count_macs, count_params, latency_ms
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion
-from .selection import select, validate_ratio
+from .budget import CostModel
+from .selection import originals_of, select, validate as validate_selection
 from .structures import StructureSet
 from .surgery import remove_structures
 from .train import evaluate, train
@@ -51,6 +52,8 @@ def saliency_key(cfg: RunConfig) -> str:
 
 def prune_key(cfg: RunConfig) -> str:
     prune = {k: v for k, v in _asdict(cfg.prune).items() if not k.startswith("diagnostics")}
+    if cfg.prune.steps == 1:
+        prune.pop("step_epochs")
     return fingerprint(saliency_key(cfg), prune)
 
 
@@ -83,9 +86,16 @@ def validate(cfg: RunConfig) -> None:
 
     check_choice("dataset", cfg.dataset.name, DATASETS)
     check_choice("model", cfg.model.name, list_models())
-    validate_ratio(cfg.prune.ratio)
+    p = cfg.prune
+    validate_selection(p.ratio, p.target, p.scope, p.min_channels, p.max_layer_ratio, p.normalize)
+    cfg_steps(cfg)
+    if p.step_epochs < 0:
+        raise SospError(f"prune.step_epochs={p.step_epochs} must be >= 0")
     resolve_device(cfg.device)
-    get_criterion(cfg.method)
+    criterion = get_criterion(cfg.method)
+    if criterion.layer_local and p.scope != "local":
+        raise SospError(f"method {cfg.method.name} is layer-local (its scores compare only within "
+                        f"one layer); prune.scope={p.scope} is not accepted, use prune.scope=local")
     if cfg.saliency.num_samples < 1 or cfg.saliency.batch_size < 1:
         raise SospError(f"saliency.num_samples={cfg.saliency.num_samples} and saliency.batch_size="
                         f"{cfg.saliency.batch_size} must be >= 1")
@@ -161,9 +171,11 @@ def _train_fresh(run: Run, key: str, path: Path, partial: Path) -> None:
     partial.unlink(missing_ok=True)
 
 
-def stage_saliency(run: Run, model, ss: StructureSet) -> dict:
-    cfg, key = run.cfg, saliency_key(run.cfg)
-    path = run.out / "saliency.pt"
+def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
+    """Scores of the current model (step 1: the dense model; step k: after k−1 prune steps)."""
+    cfg = run.cfg
+    key = saliency_key(cfg) if step == 1 else fingerprint(prune_key(cfg), "saliency", step)
+    path = run.out / ("saliency.pt" if step == 1 else f"saliency_step{step}.pt")
     record = _load_stage(path, key)
     if record is not None:
         return record
@@ -184,7 +196,58 @@ def stage_saliency(run: Run, model, ss: StructureSet) -> dict:
               "grad": None if sal.grad is None else sal.grad.cpu(),
               "second_order": None if sal.second_order is None else sal.second_order.cpu()}
     save_torch(record, path)
+    if record["names"] != ss.names():
+        raise SospError(f"{path} names other structures than this model has")
     return record
+
+
+def stage_prune(run: Run, model) -> tuple[dict, dict]:
+    """``prune.steps`` rounds of saliency → selection → removal (→ ``prune.step_epochs`` of
+    fine-tuning); each round removes an equal share of the budget, counted against the dense
+    model. Returns (saliency record of step 1, record of the final pruned model)."""
+    cfg, k = run.cfg, cfg_steps(run.cfg)
+    ss = StructureSet(model.cpu().eval(), run.example)
+    originals = originals_of(CostModel(model.cpu(), ss, run.example), ss)
+    first_saliency, current, history, record = None, model, [], None
+    for step in range(1, k + 1):
+        key = fingerprint(prune_key(cfg), step)
+        path = run.out / ("pruned.pt" if step == k else f"pruned_step{step}.pt")
+        record = _load_stage(path, key)
+        if step == 1:
+            first_saliency = stage_saliency(run, current, ss)
+        if record is not None:
+            current, history = build_from_record(record), record["history"]
+            continue
+        if step > 1:
+            ss = StructureSet(current.cpu().eval(), run.example)
+        sal = first_saliency if step == 1 else stage_saliency(run, current, ss, step)
+        ratio = 0.0 if cfg.method.name == "none" else cfg.prune.ratio * step / k
+        p = cfg.prune
+        sel = select(sal["scores"], ss, CostModel(current.cpu(), ss, run.example), ratio, p.target,
+                     p.scope, p.min_channels, p.max_layer_ratio, p.normalize, originals)
+        if sel.guard_skipped:
+            print(f"[prune] step {step}/{k}: the layer guards (min_channels={p.min_channels}, "
+                  f"max_layer_ratio={p.max_layer_ratio}) kept {sel.guard_skipped} structures "
+                  "that ranked for removal")
+        diagnostics = _diagnostics(run, current, ss, sel) if p.diagnostics and step == 1 else None
+        pruned, new = remove_structures(current.cpu(), ss, sel.remove, run.example)
+        history = history + new
+        if step < k and p.step_epochs > 0:
+            tcfg = dataclasses.replace(cfg.schedule.finetune, epochs=p.step_epochs)
+            run.fit(pruned, tcfg, f"step{step}-finetune", run.out / f"step{step}_last.pt")
+            (run.out / f"step{step}_last.pt").unlink(missing_ok=True)
+        record = model_record(pruned.cpu(), run.spec, history, key=key, step=step,
+                              selection=dataclasses.asdict(sel), diagnostics=diagnostics,
+                              removed_structures=originals.structures - ss.num_structures + len(sel.remove))
+        save_torch(record, path)
+        current = pruned
+    return first_saliency, record
+
+
+def cfg_steps(cfg: RunConfig) -> int:
+    if cfg.prune.steps < 1:
+        raise SospError(f"prune.steps={cfg.prune.steps} must be >= 1 (1 = single shot)")
+    return cfg.prune.steps
 
 
 def run(cfg: RunConfig, out_dir: str | Path) -> dict:
@@ -198,23 +261,7 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
 
     model = stage_pretrain(r)
     dense = r.evaluate(model)
-    ss = StructureSet(model.cpu().eval(), r.example)
-    sal = stage_saliency(r, model, ss)
-    if sal["names"] != ss.names():
-        raise SospError(f"{out / 'saliency.pt'} names other structures than this model has")
-
-    pkey, ppath = prune_key(cfg), out / "pruned.pt"
-    pruned_rec = _load_stage(ppath, pkey)
-    if pruned_rec is None:
-        ratio = 0.0 if cfg.method.name == "none" else cfg.prune.ratio
-        sel = select(sal["scores"], ss, ratio, cfg.prune.min_channels, cfg.prune.scope)
-        if sel.guard_skipped:
-            print(f"[prune] min_channels guard kept {sel.guard_skipped} structures that ranked for removal")
-        diagnostics = _diagnostics(r, model, ss, sel) if cfg.prune.diagnostics else None
-        pruned, history = remove_structures(model.cpu(), ss, sel.remove, r.example)
-        pruned_rec = model_record(pruned, r.spec, history, key=pkey, selection=dataclasses.asdict(sel),
-                                  diagnostics=diagnostics)
-        save_torch(pruned_rec, ppath)
+    sal, pruned_rec = stage_prune(r, model)
     sel = pruned_rec["selection"]
     pruned = build_from_record(pruned_rec)
     after_prune = r.evaluate(pruned)
@@ -230,7 +277,7 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     finetuned = build_from_record(fine_rec)
     after_finetune = r.evaluate(finetuned)
 
-    result = _result(r, model, finetuned, dense, after_prune, after_finetune, sal, sel)
+    result = _result(r, model, finetuned, dense, after_prune, after_finetune, sal, sel, pruned_rec)
     if pruned_rec.get("diagnostics") is not None:
         result["diagnostics"] = pruned_rec["diagnostics"]
     result["wall_seconds"] = time.time() - t_start
@@ -250,7 +297,8 @@ def _diagnostics(r: Run, model, ss: StructureSet, sel) -> dict:
     return d
 
 
-def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetune, sal, sel) -> dict:
+def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetune, sal, sel,
+            pruned_rec) -> dict:
     cfg = r.cfg
     x = r.example
     p0, p1 = count_params(dense_model), count_params(pruned_model)
@@ -264,8 +312,11 @@ def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetun
         "experiment": cfg.experiment_name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "width": cfg.model.width, "method": cfg.method.name, "combine": cfg.method.combine,
         "curvature": cfg.method.curvature, "scope": cfg.prune.scope, "seed": cfg.seed,
-        "prune_ratio": cfg.prune.ratio, "achieved_ratio": sel["achieved_ratio"],
-        "removed_structures": len(sel["remove"]), "guard_skipped": sel["guard_skipped"],
+        "prune_ratio": cfg.prune.ratio, "target": cfg.prune.target, "steps": cfg.prune.steps,
+        "normalize": cfg.prune.normalize, "achieved_ratio": sel["achieved_ratio"],
+        "achieved_structures_ratio": sel["structures_ratio"], "achieved_params_ratio": sel["params_ratio"],
+        "achieved_flops_ratio": sel["flops_ratio"],
+        "removed_structures": pruned_rec["removed_structures"], "guard_skipped": sel["guard_skipped"],
         "top1_before": dense["top1"], "top5_before": dense["top5"], "loss_before": dense["loss"],
         "top1_pruned": after_prune["top1"], "top5_pruned": after_prune["top5"],
         "loss_pruned": after_prune["loss"],

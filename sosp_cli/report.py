@@ -14,7 +14,7 @@ import pandas as pd
 
 from .errors import SospError
 
-KEYS = ["dataset", "model", "method", "scope", "prune_ratio"]
+KEYS = ["dataset", "model", "method", "target", "scope", "prune_ratio"]
 METRICS = ["top1_before", "top1_pruned", "top1_finetuned", "achieved_ratio", "params_reduction",
            "macs_reduction", "speedup_cpu_bs64", "saliency_seconds"]
 

@@ -1,9 +1,20 @@
-"""Selection: which structures to remove, given scores and a budget (DESIGN.md §4).
+"""Selection: which structures to remove, for every method the same code (DESIGN.md §4).
 
-``scope=global`` ranks every structure of every layer together (the SOSP setting) and removes
-the lowest-scoring ``round(ratio · S)``; ``scope=local`` removes ``floor(ratio · size)`` from
-every structure group. Either way no group keeps fewer than ``min_channels`` channels: a
-structure that would break that is skipped (the *guard*), which is counted and reported.
+Budget: ``target=structures|params|flops`` and ``ratio`` — remove structures in order until that
+fraction of the *original* model's structures / parameters / MACs is gone. The cut stops at the
+structure that crosses the target — taken if that lands closer to the target than stopping
+short, so the achieved ratio is within half a structure's cost of the request (a residual
+channel of an early stage can cost several % of the MACs of a small model). Costs are exact
+(:class:`budget.CostModel`): removing a channel also shrinks its consumers.
+
+Order: ``scope=global`` ranks every structure of every layer together by score (the SOSP
+setting); ``scope=local`` takes structures in order of their rank *within* their layer group
+divided by the group's size, so every group loses the same fraction (±1 channel).
+``normalize=layer_mean|layer_max`` divides each group's scores by their mean / max first.
+
+Guards: no group keeps fewer than ``min_channels`` channels, and no group loses more than
+``max_layer_ratio`` of its original channels. A structure the guards keep is skipped, counted
+(``guard_skipped``) and reported.
 """
 from __future__ import annotations
 
@@ -11,63 +22,124 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .budget import CostModel
 from .errors import SospError, check_choice
 from .structures import StructureSet
+
+TARGETS = ("structures", "params", "flops")
 
 
 @dataclass
 class Selection:
     remove: list[str]
+    target: str
     requested_ratio: float
-    achieved_ratio: float
-    guard_skipped: int                      # structures the min_channels guard kept
+    achieved_ratio: float                   # fraction of the original total of ``target`` removed
+    structures_ratio: float                 # fraction of the original structures removed
+    params_ratio: float
+    flops_ratio: float
+    guard_skipped: int                      # structures the guards kept although they ranked for removal
     layer_ratios: dict[str, float] = field(default_factory=dict)  # group root → fraction removed
+
+
+@dataclass
+class Originals:
+    """The unpruned model's totals, against which every step's budget is measured."""
+
+    structures: int
+    params: int
+    macs: int
+    group_sizes: dict[str, int]
 
 
 def validate_ratio(ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
-        raise SospError(f"prune.ratio={ratio} is outside [0, 1); pass a fraction of structures "
-                        "to remove, e.g. prune.ratio=0.5")
+        raise SospError(f"prune.ratio={ratio} is outside [0, 1); pass a fraction to remove, "
+                        "e.g. prune.ratio=0.5")
 
 
-def select(scores: torch.Tensor, ss: StructureSet, ratio: float, min_channels: int = 1,
-           scope: str = "global") -> Selection:
+def validate(ratio: float, target: str, scope: str, min_channels: int, max_layer_ratio: float,
+             normalize: str) -> None:
     validate_ratio(ratio)
+    check_choice("prune.target", target, TARGETS)
     check_choice("prune.scope", scope, ("global", "local"))
+    check_choice("prune.normalize", normalize, ("none", "layer_mean", "layer_max"))
     if min_channels < 1:
         raise SospError(f"prune.min_channels={min_channels} must be >= 1 (a layer is never emptied)")
+    if not 0.0 < max_layer_ratio <= 1.0:
+        raise SospError(f"prune.max_layer_ratio={max_layer_ratio} must be in (0, 1]")
+
+
+def originals_of(cost: CostModel, ss: StructureSet) -> Originals:
+    return Originals(ss.num_structures, cost.params_total, cost.macs_total,
+                     {g.root: g.size for g in ss.groups})
+
+
+def normalized(scores: torch.Tensor, ss: StructureSet, how: str) -> torch.Tensor:
+    if how == "none":
+        return scores
+    out = scores.clone().double()
+    for g in ss.groups:
+        part = out[g.offset:g.offset + g.size]
+        scale = part.abs().mean() if how == "layer_mean" else part.abs().max()
+        out[g.offset:g.offset + g.size] = part / scale.clamp_min(1e-30)
+    return out
+
+
+def order(scores: torch.Tensor, ss: StructureSet, scope: str) -> list[int]:
+    """Structures in removal order (lowest score first; ties by index)."""
+    if scope == "global":
+        return torch.sort(scores, stable=True).indices.tolist()
+    keys = torch.empty(ss.num_structures, dtype=torch.float64)
+    for g in ss.groups:
+        ranks = torch.empty(g.size, dtype=torch.float64)
+        ranks[torch.sort(scores[g.offset:g.offset + g.size], stable=True).indices] = \
+            torch.arange(1, g.size + 1, dtype=torch.float64)
+        keys[g.offset:g.offset + g.size] = ranks / g.size
+    return torch.sort(keys, stable=True).indices.tolist()
+
+
+def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float,
+           target: str = "structures", scope: str = "global", min_channels: int = 1,
+           max_layer_ratio: float = 1.0, normalize: str = "none",
+           originals: Originals | None = None) -> Selection:
+    """Choose the structures to remove from the current model so that, counted against
+    ``originals`` (default: the current model), ``ratio`` of ``target`` is removed."""
+    validate(ratio, target, scope, min_channels, max_layer_ratio, normalize)
     S = ss.num_structures
     if scores.shape != (S,):
         raise SospError(f"expected {S} scores, got shape {tuple(scores.shape)}")
     if torch.isnan(scores).any():
         raise SospError("saliency scores contain NaN; check the model and data")
-    group = ss.group_of()
-    sizes = torch.tensor([g.size for g in ss.groups])
-    removed = torch.zeros(len(ss.groups), dtype=torch.long)
-    chosen: list[int] = []
-    skipped = 0
-    if scope == "global":
-        quota = [int(round(ratio * S))]
-        order = [torch.sort(scores, stable=True).indices.tolist()]
-        owners = [None]
-    else:
-        quota = [int(ratio * g.size) for g in ss.groups]
-        order = [(g.offset + torch.sort(scores[g.offset:g.offset + g.size], stable=True).indices).tolist()
-                 for g in ss.groups]
-        owners = list(range(len(ss.groups)))
-    for want, candidates, _ in zip(quota, order, owners):
-        taken = 0
-        for s in candidates:
-            if taken >= want:
-                break
-            gi = int(group[s])
-            if sizes[gi] - removed[gi] <= min_channels:
-                skipped += 1
-                continue
-            removed[gi] += 1
-            chosen.append(s)
-            taken += 1
+    orig = originals or originals_of(cost, ss)
+    total = {"structures": orig.structures, "params": orig.params, "flops": orig.macs}
+    removed = {"structures": orig.structures - S, "params": orig.params - cost.params_now,
+               "flops": orig.macs - cost.macs_now}
+    goal = ratio * total[target] - 1e-9 * total[target]  # reached when removed >= ratio · total
+    group = ss.group_of().tolist()
+    size_now = [g.size for g in ss.groups]
+    size_orig = [orig.group_sizes.get(g.root, g.size) for g in ss.groups]
+    chosen, skipped = [], 0
+    for s in order(normalized(scores, ss, normalize), ss, scope):
+        if removed[target] >= goal:
+            break
+        gi = group[s]
+        if size_now[gi] - 1 < min_channels or size_orig[gi] - size_now[gi] + 1 > max_layer_ratio * size_orig[gi]:
+            skipped += 1
+            continue
+        params, macs = cost.removal_cost(s)
+        step = {"structures": 1, "params": params, "flops": macs}[target]
+        if removed[target] + step - goal > goal - removed[target]:
+            break  # stopping short of the target is closer to it than taking s
+        cost.remove(s)
+        removed["structures"] += 1
+        removed["params"] += params
+        removed["flops"] += macs
+        size_now[gi] -= 1
+        chosen.append(s)
     names = ss.names()
-    return Selection(remove=[names[i] for i in sorted(chosen)], requested_ratio=ratio,
-                     achieved_ratio=len(chosen) / S, guard_skipped=skipped,
-                     layer_ratios={g.root: float(removed[i]) / g.size for i, g in enumerate(ss.groups)})
+    ratios = {k: removed[k] / total[k] for k in TARGETS}
+    return Selection(remove=[names[i] for i in sorted(chosen)], target=target, requested_ratio=ratio,
+                     achieved_ratio=ratios[target], structures_ratio=ratios["structures"],
+                     params_ratio=ratios["params"], flops_ratio=ratios["flops"], guard_skipped=skipped,
+                     layer_ratios={g.root: 1 - size_now[i] / size_orig[i] for i, g in enumerate(ss.groups)})

@@ -38,6 +38,7 @@ class StructureGroup:
     offset: int                    # index of channel 0 in the global structure order
     producers: list[str] = field(default_factory=list)   # conv/linear layers writing the channel
     consumers: list[str] = field(default_factory=list)   # channel-mixing layers reading it
+    depthwise: list[str] = field(default_factory=list)   # depthwise convs on the way (not gate sites)
 
     def names(self) -> list[str]:
         return [f"{self.root}:{i}" for i in range(self.size)]
@@ -96,15 +97,17 @@ class StructureSet:
                 if not isinstance(module, (nn.Conv2d, nn.Linear)):
                     continue
                 mname = names[module]
+                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                    if module.groups == module.in_channels == module.out_channels:
+                        if mname not in sg.depthwise:  # part of the structure, not a gate site
+                            sg.depthwise.append(mname)
+                        continue
+                    raise SospError(f"grouped convolution '{mname}' (groups={module.groups}) "
+                                    "is not supported; only groups=1 and depthwise are")
                 if dg.is_out_channel_pruning_fn(item.dep.handler):
                     if mname not in sg.producers:
                         sg.producers.append(mname)
                     continue
-                if isinstance(module, nn.Conv2d) and module.groups != 1:
-                    if module.groups == module.in_channels == module.out_channels:
-                        continue  # depthwise: part of the structure, not a gate site
-                    raise SospError(f"grouped convolution '{mname}' (groups={module.groups}) "
-                                    "is not supported; only groups=1 and depthwise are")
                 in_features = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
                 _, chans, gates = sites.setdefault(mname, (in_features, [], []))
                 chans.extend(int(i) for i in item.idxs)

@@ -68,7 +68,7 @@ def test_pretrain_checkpoint_is_used_and_mismatch_is_one_clear_error(tmp_path):
 
 
 def test_sosp_methods_run_end_to_end(tmp_path):
-    for method in ("sosp_h", "sosp_i", "taylor", "obd", "bn_scale", "none"):
+    for method in ("sosp_h", "sosp_i", "taylor", "obd", "bn_scale", "slimming", "fpgm", "none"):
         extra = ["prune.diagnostics=true", "prune.diagnostics_samples=4"] if method == "sosp_h" else []
         r = run(compose_run(["experiment=smoke", f"method={method}"] + extra, tmp_path), tmp_path / method)
         assert r["method"] == method
@@ -132,3 +132,26 @@ def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path
 def test_report_on_empty_dir_is_an_error(tmp_path):
     proc = subprocess.run(["sosp-report", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no result.json" in proc.stderr
+
+
+def test_iterative_pruning_in_three_steps(tmp_path):
+    cfg = compose_run(["experiment=smoke", "method=sosp_h", "prune.steps=3", "prune.step_epochs=1",
+                       "prune.target=flops", "prune.ratio=0.45"], tmp_path)
+    out = tmp_path / "run"
+    r = run(cfg, out)
+    for step in (1, 2):
+        assert (out / f"pruned_step{step}.pt").exists()
+    assert (out / "saliency_step2.pt").exists() and (out / "saliency_step3.pt").exists()
+    assert r["steps"] == 3 and r["macs_reduction"] >= 0.45
+    assert r["achieved_flops_ratio"] == pytest.approx(r["macs_reduction"], abs=1e-9)
+    assert (out / "metrics.jsonl").read_text().count("step1-finetune") == 1
+    from sosp_cli.checkpoint import load_model
+    model, record = load_model(out / "finetuned.pt")  # three rounds of history replay
+    assert sum(p.numel() for p in model.parameters()) == r["params_after"]
+
+
+def test_layer_local_method_needs_local_scope(tmp_path):
+    with pytest.raises(SospError, match="layer-local"):
+        run(compose_run(["experiment=smoke", "method=fpgm", "prune.scope=global"], tmp_path), tmp_path / "r")
+    r = run(compose_run(["experiment=smoke", "method=hrank"], tmp_path), tmp_path / "h")
+    assert r["scope"] == "local"

@@ -30,3 +30,17 @@ class BNScaleCriterion(Criterion):
             missing = inp.structures.names()[int((count == 0).nonzero()[0])]
             raise SospError(f"bn_scale needs a BatchNorm on every structure; '{missing}' has none")
         return Saliency(total / count)
+
+
+@register_criterion
+class SlimmingCriterion(BNScaleCriterion):
+    """``slimming``: Network Slimming in full — ``bn_scale`` scores after pretraining with the
+    L1 penalty ``method.sparsity · Σ|γ|`` (Liu et al. 2017; 1e-4 in the method's config)."""
+
+    name = "slimming"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.sparsity <= 0:
+            raise SospError(f"slimming needs method.sparsity > 0 (got {cfg.sparsity}); without the "
+                            "sparsity penalty it is method=bn_scale")

@@ -1,0 +1,102 @@
+"""Baselines against Torch-Pruning's importances on the same groups, and FPGM / HRank by hand."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+from scipy.stats import spearmanr
+
+from sosp_cli.config import MethodConfig
+from sosp_cli.pruning import SaliencyInput, get_criterion
+from sosp_cli.structures import StructureSet, dependency_graph
+from test_structures import calibrated
+
+
+def ours(method, model, batches, **kw):
+    ss = StructureSet(model, batches[0][0][:1])
+    crit = get_criterion(MethodConfig(name=method, **kw))
+    return crit.compute(SaliencyInput(model, ss, batches, torch.device("cpu"), seed=kw.get("seed", 0))).scores, ss
+
+
+def torch_pruning_scores(model, ss, x, importance, keep):
+    """Score every structure with a Torch-Pruning importance, on each group restricted to the
+    items ``keep(dep)`` selects (producers for l1, BatchNorms for bn_scale, consumers for taylor)."""
+    dg = dependency_graph(model, x[:1])
+    modules = dict(model.named_modules())
+    scores = torch.zeros(ss.num_structures)
+    for g in ss.groups:
+        root = modules[g.root]
+        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, list(range(g.size)))
+        sub = tp.dependency.Group()
+        sub._group = [item for item in group.items if keep(item.dep, dg)]  # same items, fewer kinds
+        scores[g.offset:g.offset + g.size] = importance(sub).float()
+    return scores
+
+
+def producer(dep, dg):
+    return isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and dg.is_out_channel_pruning_fn(dep.handler) \
+        and getattr(dep.target.module, "groups", 1) == 1
+
+
+def norm_layer(dep, dg):
+    return isinstance(dep.target.module, nn.BatchNorm2d)
+
+
+def consumer(dep, dg):
+    return isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and dg.is_in_channel_pruning_fn(dep.handler)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet20"])
+def test_l1_bn_scale_taylor_rank_like_torch_pruning(name):
+    model = calibrated(name)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    l1, ss = ours("l1", model, [(x, y)])
+    tp_l1 = torch_pruning_scores(model, ss, x, tp.importance.MagnitudeImportance(
+        p=1, group_reduction="sum", normalizer=None), producer)
+    assert spearmanr(l1, tp_l1).statistic >= 0.99
+    bn, _ = ours("bn_scale", model, [(x, y)])
+    tp_bn = torch_pruning_scores(model, ss, x, tp.importance.BNScaleImportance(
+        group_reduction="mean", normalizer=None), norm_layer)
+    assert spearmanr(bn, tp_bn).statistic >= 0.99
+    taylor, _ = ours("taylor", model, [(x, y)])
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    tp_taylor = torch_pruning_scores(model, ss, x, tp.importance.GroupTaylorImportance(
+        group_reduction="sum", normalizer=None, multivariable=True), consumer)
+    # TP takes |Σ w·∂L/∂w| per consumer layer and sums those; the gate derivative sums first,
+    # so the two agree exactly on structures with one consumer (every VGG structure).
+    single = torch.tensor([len(g.consumers) == 1 for g in ss.groups for _ in range(g.size)])
+    assert spearmanr(taylor[single], tp_taylor[single]).statistic >= 0.99
+    assert torch.allclose(taylor[single].sqrt(), tp_taylor[single], rtol=1e-3, atol=1e-9)
+
+
+def test_random_is_seeded():
+    model = calibrated("resnet20")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    a, ss = ours("random", model, [(x, y)])
+    b, _ = ours("random", model, [(x, y)])
+    crit = get_criterion(MethodConfig(name="random"))
+    c = crit.compute(SaliencyInput(model, ss, [(x, y)], torch.device("cpu"), seed=1)).scores
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_fpgm_is_sum_of_filter_distances():
+    model = calibrated("vgg16")
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    scores, ss = ours("fpgm", model, [(x, y)])
+    g = ss.groups[0]
+    w = dict(model.named_modules())[g.root].weight.detach().flatten(1).double()
+    want = torch.stack([(w - w[i]).norm(dim=1).sum() for i in range(len(w))])
+    assert torch.allclose(scores[g.offset:g.offset + g.size].double(), want, rtol=1e-5)
+
+
+def test_hrank_is_mean_feature_map_rank():
+    model = calibrated("vgg16")
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
+    scores, ss = ours("hrank", model, [(x, y)])
+    # first conv's channels as the second conv reads them: relu(bn(conv(x)))
+    feats = model.features[:3](x)
+    g = next(g for g in ss.groups if g.root == "features.0")
+    want = torch.linalg.matrix_rank(feats.double()).double().mean(0)
+    assert torch.allclose(scores[g.offset:g.offset + g.size].double(), want)
+    assert scores.max() <= 32 and scores.min() >= 0

@@ -1,0 +1,84 @@
+"""Selection: budgets met exactly, local scope, guards, normalization (DESIGN §4)."""
+import pytest
+import torch
+
+from sosp_cli import api
+from sosp_cli.budget import CostModel
+from sosp_cli.errors import SospError
+from sosp_cli.measure import count_macs, count_params
+from sosp_cli.selection import normalized, select
+from sosp_cli.structures import StructureSet
+from sosp_cli.surgery import remove_structures
+
+X = torch.zeros(1, 3, 32, 32)
+
+
+def setup(name, width=0.5):
+    model = api.create_model(name, width=width).eval()
+    ss = StructureSet(model, X)
+    scores = torch.rand(ss.num_structures, generator=torch.Generator().manual_seed(0))
+    return model, ss, scores
+
+
+@pytest.mark.parametrize("name", ["resnet56", "densenet40"])
+@pytest.mark.parametrize("target", ["structures", "params", "flops"])
+def test_budget_target_is_met_within_one_structure(name, target):
+    model, ss, scores = setup(name)
+    ratio = 0.4
+    sel = select(scores, ss, CostModel(model, ss, X), ratio, target)
+    pruned, _ = remove_structures(model, ss, sel.remove, X)
+    p0, p1 = count_params(model), count_params(pruned)
+    f0, f1 = count_macs(model, X), count_macs(pruned, X)
+    measured = {"structures": len(sel.remove) / ss.num_structures, "params": 1 - p1 / p0, "flops": 1 - f1 / f0}
+    assert sel.params_ratio == pytest.approx(measured["params"], abs=1e-12)
+    assert sel.flops_ratio == pytest.approx(measured["flops"], abs=1e-12)
+    # the structure crossing the target was taken iff that lands closer to the target
+    cost = CostModel(model, ss, X)
+    total = {"structures": ss.num_structures, "params": p0, "flops": f0}[target]
+    done, crossing = 0, None
+    for s in sorted(range(ss.num_structures), key=lambda s: (float(scores[s]), s)):
+        params, macs = cost.removal_cost(s)
+        step = {"structures": 1, "params": params, "flops": macs}[target]
+        if done + step >= ratio * total:
+            crossing = step
+            break
+        cost.remove(s)
+        done += step
+    assert abs(measured[target] - ratio) * total <= crossing / 2 + 1e-6
+    assert abs(measured[target] - ratio) < 0.01
+
+
+def test_local_scope_removes_the_same_fraction_per_group():
+    model, ss, scores = setup("resnet56")
+    sel = select(scores, ss, CostModel(model, ss, X), 0.5, scope="local")
+    removed = {g.root: 0 for g in ss.groups}
+    for n in sel.remove:
+        removed[n.rsplit(":", 1)[0]] += 1
+    for g in ss.groups:
+        assert abs(removed[g.root] - 0.5 * g.size) <= 1, g.root
+
+
+@pytest.mark.parametrize("name", ["resnet56", "densenet40", "vgg16"])
+def test_guards_never_empty_a_layer(name):
+    model, ss, scores = setup(name, 0.25)
+    sel = select(scores, ss, CostModel(model, ss, X), 0.95, min_channels=2)
+    assert sel.guard_skipped > 0
+    assert all(r <= 1 - 2 / g.size + 1e-12 for r, g in zip(sel.layer_ratios.values(), ss.groups))
+    pruned, _ = remove_structures(model, ss, sel.remove, X)
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    capped = select(scores, ss, CostModel(model, ss, X), 0.6, max_layer_ratio=0.7)
+    assert max(capped.layer_ratios.values()) <= 0.7
+
+
+def test_normalize_and_bad_values():
+    model, ss, scores = setup("resnet20")
+    scaled = normalized(scores * 7, ss, "layer_max")
+    for g in ss.groups:
+        assert scaled[g.offset:g.offset + g.size].max() == pytest.approx(1.0)
+    cost = CostModel(model, ss, X)
+    for kwargs, needle in [({"ratio": 1.0}, "prune.ratio=1.0"), ({"ratio": 0.5, "target": "watts"}, "watts"),
+                           ({"ratio": 0.5, "scope": "layer"}, "layer"), ({"ratio": 0.5, "min_channels": 0}, "min_channels=0"),
+                           ({"ratio": 0.5, "max_layer_ratio": 0.0}, "max_layer_ratio=0.0"),
+                           ({"ratio": 0.5, "normalize": "zscore"}, "zscore")]:
+        with pytest.raises(SospError, match=needle):
+            select(scores, ss, cost, **kwargs)
