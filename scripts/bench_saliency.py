@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 
 from sosp_cli.config import MethodConfig
-from sosp_cli.measure import count_macs
+from sosp_cli.measure import PeakMemory, count_macs
 from sosp_cli.models import create_model
 from sosp_cli.pruning import SaliencyInput, get_criterion
 from sosp_cli.pruning.derivatives import curvature_product, gradient
@@ -63,38 +61,16 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def memory_child(args) -> None:
-    """Peak memory of one method above the memory held before it started (model and data).
-    CUDA: peak allocated bytes. CPU: resident set size sampled every millisecond by a thread
-    (the process peak, ru_maxrss, never drops), with no warm-up pass before."""
+    """Peak memory of one method above the memory held before it started (model and data),
+    in a fresh process (see :class:`sosp_cli.measure.PeakMemory`)."""
     device = torch.device(args.device)
     model, ss, data, _ = setup(args.model, args.child_width, args.batches, args.batch_size, device)
     if device.type == "cuda":
         run_method("gradient", model, ss, data[:1], device)  # CUDA context and kernels
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    with PeakMemory(device) as peak:
         run_method(args.child_method, model, ss, data, device)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base, samples, done = _rss_mb(), [], threading.Event()
-
-        def sample():
-            while not done.is_set():
-                samples.append(_rss_mb())
-                time.sleep(0.001)
-
-        thread = threading.Thread(target=sample)
-        thread.start()
-        run_method(args.child_method, model, ss, data, device)
-        done.set()
-        thread.join()
-        peak = max(samples + [base]) - base
-    print(json.dumps({"peak_mb": peak}))
+    print(json.dumps({"peak_mb": peak.mb}))
 
 
 def peak_memory(args, width: float, method: str) -> float:

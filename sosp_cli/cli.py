@@ -17,7 +17,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from .config import RunConfig
-from .errors import SospError
+from .errors import SospError, check_choice
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -104,9 +104,16 @@ def precheck(overrides: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> dict | None:
-    from .pipeline import run
+    from . import bottleneck, pipeline
+    run_cfg = to_run_config(cfg)
+    if run_cfg.note:
+        print(f"[{run_cfg.experiment_name}] {run_cfg.note}")
+    out = HydraConfig.get().runtime.output_dir
     try:
-        result = run(to_run_config(cfg), HydraConfig.get().runtime.output_dir)
+        check_choice("task", run_cfg.task, ("prune", "bottleneck"))
+        if run_cfg.task == "bottleneck":
+            return bottleneck.run(run_cfg, out)
+        result = pipeline.run(run_cfg, out)
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         sys.exit(2)

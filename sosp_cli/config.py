@@ -92,6 +92,17 @@ class PretrainConfig:
 
 
 @dataclass
+class BottleneckConfig:
+    """Expand-prune (the paper's Fig. 3): see sosp_cli/bottleneck.py."""
+    detect_ratio: float = 0.5     # structures removed by the detection run on the original model
+    num_widened: int = 1          # how many stages (lowest pruning ratio) are widened
+    widen_factor: float = 2.0     # width multiplier of the bottleneck stages
+    uniform_factor: float = 1.1   # the control: every stage widened by this
+    ratios: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7])  # params removed
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
 class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -100,6 +111,9 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    task: str = "prune"           # prune (one run) | bottleneck (the expand-prune experiment)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    note: str = ""                # printed at the start of the run (presets explain choices here)
     experiment_name: str = "default"  # recorded in result.json; set by experiment presets
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda

@@ -6,7 +6,9 @@ and matmul operations are counted (BatchNorm, activations and pooling are not).
 """
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
 
 import torch
@@ -48,3 +50,50 @@ def latency_ms(model: nn.Module, example_input: torch.Tensor, batch_size: int, r
             times.append(1000 * (time.perf_counter() - t0))
     model.train(was_training)
     return statistics.median(times)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in MiB: CUDA peak allocated bytes, or on CPU the
+    resident set size sampled every millisecond by a thread (a process's own peak, ru_maxrss,
+    never drops, so it cannot measure one stage of a long process)::
+
+        with PeakMemory(device) as peak:
+            work()
+        peak.mb
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.mb = 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base, self._samples = _rss_mb(), []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.is_set():
+            self._samples.append(_rss_mb())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            self._done.set()
+            self._thread.join()
+            self.mb = max(self._samples + [_rss_mb(), self._base]) - self._base
+        return False

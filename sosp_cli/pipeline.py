@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from .config import RunConfig
 from .diagnostics import loss_prediction
 from .data import load_dataset, make_loader, take_batches
 from .errors import SospError
-from .measure import count_macs, count_params, latency_ms
+from .measure import PeakMemory, count_macs, count_params, latency_ms
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion
 from .budget import CostModel
@@ -70,12 +69,6 @@ def _load_stage(path: Path, key: str):
         raise SospError(f"{path} was made by a different config (key {record.get('key')} != {key}); "
                         "it is kept — run in a new output directory")
     return record
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def validate(cfg: RunConfig) -> None:
@@ -183,16 +176,15 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
     batches = take_batches(run.splits.train_eval, cfg.saliency.num_samples, cfg.saliency.batch_size,
                            seed=cfg.seed)
     model = model.to(run.device).eval()
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    sal = criterion.compute(SaliencyInput(model, ss, batches, run.device, cfg.seed))
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
+    with PeakMemory(run.device) as peak:
+        t0 = time.perf_counter()
+        sal = criterion.compute(SaliencyInput(model, ss, batches, run.device, cfg.seed))
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
     record = {"key": key, "method": cfg.method.name, "names": ss.names(),
-              "scores": sal.scores.detach().cpu(), "seconds": time.perf_counter() - t0,
-              "peak_memory_mb": _peak_memory_mb(run.device), "num_samples": sum(len(y) for _, y in batches),
+              "scores": sal.scores.detach().cpu(), "seconds": seconds,
+              "peak_memory_mb": peak.mb, "num_samples": sum(len(y) for _, y in batches),
               "grad": None if sal.grad is None else sal.grad.cpu(),
               "second_order": None if sal.second_order is None else sal.second_order.cpu()}
     save_torch(record, path)
@@ -308,6 +300,11 @@ def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetun
         d = latency_ms(dense_model.cpu(), x, bs, cfg.latency_repeats)
         p = latency_ms(pruned_model.cpu(), x, bs, cfg.latency_repeats)
         latency[f"cpu_bs{bs}"] = {"dense_ms": d, "pruned_ms": p, "speedup": d / p}
+    if r.device.type == "cuda":
+        d = latency_ms(dense_model, x, 64, cfg.latency_repeats, r.device)
+        p = latency_ms(pruned_model, x, 64, cfg.latency_repeats, r.device)
+        latency["cuda_bs64"] = {"dense_ms": d, "pruned_ms": p, "speedup": d / p}
+        dense_model.cpu(), pruned_model.cpu()
     return {
         "experiment": cfg.experiment_name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "width": cfg.model.width, "method": cfg.method.name, "combine": cfg.method.combine,

@@ -1,7 +1,10 @@
-"""``sosp-report DIR``: every ``result.json`` under DIR → one pandas table (mean ± std over seeds).
+"""``sosp-report DIR``: every ``result.json`` under DIR → one table (mean ± std over seeds) + plots.
 
-Writes ``DIR/report.csv`` (one row per configuration, numeric mean / std / n columns) and
-``DIR/report.md`` (the same table formatted as ``mean ± std``), and prints the Markdown.
+Writes into DIR: ``report.csv`` (one row per configuration: numeric mean / std columns and the
+number of seeds ``n``), ``report.md`` (the same as ``mean ± std``; with ``--reference FILE.csv``
+also the published numbers for the same datasets and models, marked as cited), and PNG plots:
+accuracy vs MAC reduction and vs parameters per (dataset, model), layer-wise pruning ratios,
+and saliency time / memory vs width when the sweep varies the width.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import pandas as pd
 
 from .errors import SospError
 
-KEYS = ["dataset", "model", "method", "target", "scope", "prune_ratio"]
+KEYS = ["dataset", "model", "width", "method", "target", "scope", "prune_ratio"]
 METRICS = ["top1_before", "top1_pruned", "top1_finetuned", "achieved_ratio", "params_reduction",
-           "macs_reduction", "speedup_cpu_bs64", "saliency_seconds"]
+           "macs_reduction", "speedup_cpu_bs64", "speedup_cuda_bs64", "saliency_seconds"]
+PERCENT = {"achieved_ratio", "params_reduction", "macs_reduction"}
+REFERENCE_COLUMNS = ["method", "dataset", "model", "baseline_top1", "pruned_top1", "source"]
 
 
 def collect(root: Path) -> pd.DataFrame:
@@ -27,7 +32,10 @@ def collect(root: Path) -> pd.DataFrame:
     for p in paths:
         with open(p) as fh:
             r = json.load(fh)
-        r["speedup_cpu_bs64"] = r["latency"]["cpu_bs64"]["speedup"]
+        for kind in ("cpu_bs64", "cuda_bs64"):
+            r[f"speedup_{kind}"] = r["latency"].get(kind, {}).get("speedup", float("nan"))
+        r.setdefault("target", "structures")
+        r["width"] = json.dumps(r.get("width", 1.0))
         r["path"] = str(p.parent)
         rows.append(r)
     return pd.DataFrame(rows)
@@ -38,41 +46,67 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     grouped = df.groupby(KEYS, sort=True)[METRICS]
     mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
     n = df.groupby(KEYS, sort=True)["seed"].nunique().rename("n")
-    out = pd.concat([mean.add_suffix("_mean"), std.add_suffix("_std"), n], axis=1)
-    return out.reset_index()
+    return pd.concat([mean.add_suffix("_mean"), std.add_suffix("_std"), n], axis=1).reset_index()
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    pct = {"achieved_ratio", "params_reduction", "macs_reduction"}
     shown = table[KEYS + ["n"]].copy()
     for m in METRICS:
-        scale = 100.0 if m in pct else 1.0
-        fmt = "{:.1f} ± {:.1f}" if m != "saliency_seconds" else "{:.2f} ± {:.2f}"
-        if m == "speedup_cpu_bs64":
-            fmt = "{:.2f} ± {:.2f}"
-        shown[m] = [fmt.format(a * scale, b * scale)
+        if table[f"{m}_mean"].isna().all():
+            continue
+        scale = 100.0 if m in PERCENT else 1.0
+        digits = 2 if m.startswith(("speedup", "saliency")) else 1
+        shown[m] = [f"{a * scale:.{digits}f} ± {b * scale:.{digits}f}"
                     for a, b in zip(table[f"{m}_mean"], table[f"{m}_std"])]
     return shown.to_markdown(index=False)
 
 
-def write_report(root: Path) -> str:
+def reference_table(path: Path, measured: pd.DataFrame) -> pd.DataFrame:
+    """Published rows for the datasets / models of the measured table ("resnet56 (option B)"
+    matches ``resnet56``)."""
+    if not Path(path).is_file():
+        raise SospError(f"--reference {path} does not exist")
+    ref = pd.read_csv(path)
+    missing = [c for c in REFERENCE_COLUMNS if c not in ref.columns]
+    if missing:
+        raise SospError(f"--reference {path} lacks column '{missing[0]}'; expected at least "
+                        f"{', '.join(REFERENCE_COLUMNS)}")
+    base = ref["model"].astype(str).str.split().str[0].str.lower()
+    keep = ref["dataset"].isin(measured["dataset"].unique()) & base.isin(measured["model"].unique())
+    out = ref[keep].copy()
+    out.insert(0, "cited", "yes")
+    return out
+
+
+def write_report(root: Path, reference: Path | None = None) -> str:
+    from .plots import accuracy_curves, layer_ratio_bars, saliency_time_vs_width
+
     root = Path(root)
-    table = summarize(collect(root))
+    df = collect(root)
+    table = summarize(df)
     table.to_csv(root / "report.csv", index=False)
     md = to_markdown(table)
+    if reference is not None:
+        cited = reference_table(reference, df)
+        cited.to_csv(root / "report_cited.csv", index=False)
+        md += "\n\nPublished results (cited, not measured here):\n\n" + cited.to_markdown(index=False)
     (root / "report.md").write_text(md + "\n")
-    return md
+    pruned = df[df["method"] != "none"]
+    figures = accuracy_curves(df, root) + layer_ratio_bars(pruned, root) + saliency_time_vs_width(df, root)
+    return md + "\n\nplots: " + ", ".join(p.name for p in figures)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sosp-report", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="folder searched recursively for result.json")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="CSV of published results to show beside the measured rows")
     args = parser.parse_args(argv)
     if not args.dir.is_dir():
         print(f"sosp-report: error: {args.dir} is not a directory", file=sys.stderr)
         return 2
     try:
-        print(write_report(args.dir))
+        print(write_report(args.dir, args.reference))
     except SospError as exc:
         print(f"sosp-report: error: {exc}", file=sys.stderr)
         return 2

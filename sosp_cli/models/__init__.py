@@ -14,12 +14,41 @@ import torch.nn as nn
 from ..errors import SospError, check_choice
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_STAGES: dict[str, tuple[int, Callable[[str], int]]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` under its function name (the name used in configs and results)."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
+def register_model(stages: int, stage_of: Callable[[str], int]):
+    """Register a builder under its function name (the name used in configs and results).
+
+    ``stages`` is the length of a per-stage width list; ``stage_of(module_name)`` says which
+    stage a module belongs to (used to read layer-wise pruning ratios per stage)."""
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[fn.__name__] = fn
+        _STAGES[fn.__name__] = (stages, stage_of)
+        return fn
+    return wrap
+
+
+def num_stages(name: str) -> int:
+    check_choice("model", name, _REGISTRY)
+    return _STAGES[name][0]
+
+
+def stage_of(name: str, module_name: str) -> int:
+    """The width stage (0-based) that module ``module_name`` of model ``name`` belongs to."""
+    check_choice("model", name, _REGISTRY)
+    return _STAGES[name][1](module_name)
+
+
+def layer_stage(prefix: str = "layer", first: int = 1):
+    """Stage function for models whose stages are attributes ``layer1``, ``layer2``, ...;
+    anything else (the stem) belongs to stage 0."""
+    def stage(module_name: str) -> int:
+        head = module_name.split(".")[0]
+        if head.startswith(prefix) and head[len(prefix):].isdigit():
+            return int(head[len(prefix):]) - first
+        return 0
+    return stage
 
 
 def list_models() -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_model, scaled, stage_widths
+from . import layer_stage, register_model, scaled, stage_widths
 
 
 class BasicBlock(nn.Module):
@@ -57,21 +57,21 @@ class CifarResNet(nn.Module):
         return self.fc(out)
 
 
-@register_model
+@register_model(3, layer_stage())
 def resnet20(num_classes=10, in_channels=3, width=1.0):
     return CifarResNet(20, num_classes, in_channels, width)
 
 
-@register_model
+@register_model(3, layer_stage())
 def resnet32(num_classes=10, in_channels=3, width=1.0):
     return CifarResNet(32, num_classes, in_channels, width)
 
 
-@register_model
+@register_model(3, layer_stage())
 def resnet56(num_classes=10, in_channels=3, width=1.0):
     return CifarResNet(56, num_classes, in_channels, width)
 
 
-@register_model
+@register_model(3, layer_stage())
 def resnet110(num_classes=10, in_channels=3, width=1.0):
     return CifarResNet(110, num_classes, in_channels, width)

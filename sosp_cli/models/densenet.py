@@ -59,6 +59,12 @@ class CifarDenseNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-@register_model
+def _densenet_stage(module_name: str) -> int:
+    """blocks.<k>: dense block k // 2 (its transition belongs to it); the stem to block 0."""
+    parts = module_name.split(".")
+    return int(parts[1]) // 2 if parts[0] == "blocks" else (0 if parts[0] == "conv1" else 2)
+
+
+@register_model(3, _densenet_stage)
 def densenet40(num_classes=10, in_channels=3, width=1.0):
     return CifarDenseNet(40, 12, num_classes, in_channels, width)

@@ -10,7 +10,7 @@ from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..errors import SospError
-from . import register_model, scaled, stage_widths
+from . import layer_stage, register_model, scaled, stage_widths
 
 
 class ScaledResNet(ResNet):
@@ -34,17 +34,17 @@ class ScaledResNet(ResNet):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-@register_model
+@register_model(4, layer_stage())
 def resnet18(num_classes=1000, in_channels=3, width=1.0):
     return ScaledResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, width)
 
 
-@register_model
+@register_model(4, layer_stage())
 def resnet50(num_classes=1000, in_channels=3, width=1.0):
     return ScaledResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, width)
 
 
-@register_model
+@register_model(1, lambda module_name: 0)
 def mobilenet_v2(num_classes=1000, in_channels=3, width=1.0):
     if not isinstance(width, (int, float)):
         raise SospError(f"mobilenet_v2 takes one width multiplier, got width={list(width)}")

@@ -35,11 +35,27 @@ class CifarVGG(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-@register_model
+def _vgg_stage(depth: int):
+    """features.<i> → the max-pool stage it is in (each stage: n × (conv, BN, ReLU) + pool)."""
+    bounds, i = [], 0
+    for stage in _STAGES[depth]:
+        i += 3 * len(stage) + 1
+        bounds.append(i)
+
+    def stage(module_name: str) -> int:
+        parts = module_name.split(".")
+        if parts[0] != "features":
+            return len(bounds) - 1
+        index = int(parts[1])
+        return next(k for k, b in enumerate(bounds) if index < b)
+    return stage
+
+
+@register_model(5, _vgg_stage(16))
 def vgg16(num_classes=10, in_channels=3, width=1.0):
     return CifarVGG(16, num_classes, in_channels, width)
 
 
-@register_model
+@register_model(5, _vgg_stage(19))
 def vgg19(num_classes=10, in_channels=3, width=1.0):
     return CifarVGG(19, num_classes, in_channels, width)

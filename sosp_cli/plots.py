@@ -1,0 +1,123 @@
+"""Report figures (PNG, matplotlib, no display needed).
+
+- accuracy vs FLOPs (MAC) reduction and vs remaining parameters: one line per method, mean
+  over seeds with a ±1 std band;
+- layer-wise pruning ratio bars: one bar group per structure group (in network order), one
+  colour per method;
+- saliency time vs width multiplier, one line per method (the scaling experiment);
+- bottleneck experiment: accuracy vs parameters per model variant, and per-stage ratios.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _lines(ax, df: pd.DataFrame, x: str, y: str, by: str, x_scale: float = 1.0):
+    for key, part in df.groupby(by, sort=True):
+        stats = part.groupby(x)[y].agg(["mean", "std"]).fillna(0.0).sort_index()
+        xs = stats.index.to_numpy() * x_scale
+        ax.plot(xs, stats["mean"], marker="o", label=str(key))
+        ax.fill_between(xs, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+
+
+def accuracy_curves(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Top-1 after fine-tuning vs MAC reduction and vs parameters, per (dataset, model)."""
+    written = []
+    for (dataset, model), part in df.groupby(["dataset", "model"], sort=True):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        _lines(axes[0], part, "macs_reduction", "top1_finetuned", "method", 100.0)
+        axes[0].set_xlabel("MAC (FLOPs) reduction [%]")
+        _lines(axes[1], part, "params_after", "top1_finetuned", "method", 1e-6)
+        axes[1].set_xlabel("parameters [M]")
+        for ax in axes:
+            ax.set_ylabel("top-1 after fine-tuning [%]")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=8)
+        fig.suptitle(f"{dataset} / {model}")
+        fig.tight_layout()
+        path = out / f"accuracy_{dataset}_{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def layer_ratio_bars(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Mean fraction removed per structure group, one colour per method (one figure per
+    dataset / model / target / ratio)."""
+    written = []
+    keys = ["dataset", "model", "target", "prune_ratio"]
+    for key, part in df.groupby(keys, sort=True):
+        methods = sorted(part["method"].unique())
+        groups = list(part.iloc[0]["layer_ratios"].keys())
+        if not groups:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(groups) * max(1, len(methods)) / 3), 4))
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            rows = part[part["method"] == method]["layer_ratios"]
+            means = pd.DataFrame(list(rows)).reindex(columns=groups).mean()
+            ax.bar([g + i * width for g in range(len(groups))], means.to_numpy() * 100, width, label=method)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+        ax.set_xticklabels(groups, rotation=90, fontsize=6)
+        ax.set_ylabel("channels removed [%]")
+        ax.set_title("layer-wise pruning ratios: " + " / ".join(str(k) for k in key))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / ("layer_ratios_" + "_".join(str(k) for k in key) + ".png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def saliency_time_vs_width(df: pd.DataFrame, out: Path) -> list[Path]:
+    widths = pd.to_numeric(df["width"], errors="coerce")
+    if widths.isna().any() or widths.nunique() < 2:
+        return []
+    df = df.assign(width_value=widths)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    _lines(axes[0], df, "width_value", "saliency_seconds", "method")
+    axes[0].set_ylabel("saliency time [s]")
+    _lines(axes[1], df, "width_value", "saliency_peak_memory_mb", "method")
+    axes[1].set_ylabel("saliency peak memory [MiB]")
+    for ax in axes:
+        ax.set_xlabel("width multiplier")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = out / "saliency_scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def bottleneck_figures(df: pd.DataFrame, stage_ratios: dict[str, list[float]], out: Path) -> list[Path]:
+    """The paper's Fig. 3 panels: accuracy vs parameters per variant; per-stage pruning ratios."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    _lines(axes[0], df, "params_after", "top1_finetuned", "variant", 1e-6)
+    axes[0].set_xlabel("parameters after pruning [M]")
+    axes[0].set_ylabel("top-1 after fine-tuning [%]")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    names = list(stage_ratios)
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ratios = stage_ratios[name]
+        axes[1].bar([s + i * width for s in range(len(ratios))], [100 * r for r in ratios], width, label=name)
+    axes[1].set_xlabel("stage")
+    axes[1].set_ylabel("structures removed [%]")
+    axes[1].legend()
+    fig.tight_layout()
+    path = out / "bottleneck.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
