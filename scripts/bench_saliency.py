@@ -41,13 +41,15 @@ def setup(model_name: str, width: float, batches: int, batch_size: int, device: 
     return model.to(device), ss, data, macs
 
 
-def run_method(method: str, model, ss, data, device):
+def run_method(method: str, model, ss, data, device, **options):
     if method == "gradient":
         return gradient(model, ss, data, device)
-    if method.startswith("sosp_h_"):  # both backward variants of SOSP-H's g and Q·1
+    if method == "sosp_h_batched":  # g and Q·1 from one vmapped backward instead of two
         ones = torch.ones(ss.num_structures)
-        return curvature_product(model, ss, data, ones, device, batched_backward=method.endswith("batched"))
-    crit = get_criterion(MethodConfig(name=method))
+        return curvature_product(model, ss, data, ones, device, batched_backward=True)
+    if method == "sosp_h_joint":
+        return run_method("sosp_h", model, ss, data, device, combine="abs_joint")
+    crit = get_criterion(MethodConfig(name=method, **options))
     return crit.compute(SaliencyInput(model, ss, data, device)).scores
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     rows = []
     for width in args.widths:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device)
-        methods = ("gradient",) + METHODS + ("sosp_h_sequential", "sosp_h_batched")
+        methods = ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_batched")
         for m in methods:  # warm-up
             run_method(m, model, ss, data[:1], device)
         times = {m: [] for m in methods}
@@ -115,7 +117,7 @@ def main() -> None:
                **{f"{m}_s": med[m] for m in methods},
                "sosp_h/taylor": med["sosp_h"] / med["taylor"],
                "sosp_h/gradient": med["sosp_h"] / med["gradient"],
-               "sosp_h_seq/taylor": med["sosp_h_sequential"] / med["taylor"],
+               "sosp_h_joint/taylor": med["sosp_h_joint"] / med["taylor"],
                "sosp_h_batched/taylor": med["sosp_h_batched"] / med["taylor"],
                "sosp_i/taylor": med["sosp_i"] / med["taylor"]}
         if not args.no_memory:

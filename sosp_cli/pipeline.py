@@ -100,6 +100,8 @@ class Run:
     def __init__(self, cfg: RunConfig, out_dir: Path):
         self.cfg, self.out = cfg, Path(out_dir)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.splits = load_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.download,
                                    cfg.dataset.image_size, cfg.dataset.val_size,
                                    cfg.dataset.split_seed, cfg.dataset.augment)

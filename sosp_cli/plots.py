@@ -26,6 +26,13 @@ def _lines(ax, df: pd.DataFrame, x: str, y: str, by: str, x_scale: float = 1.0):
         ax.fill_between(xs, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def accuracy_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     """Top-1 after fine-tuning vs MAC reduction and vs parameters, per (dataset, model)."""
     written = []
@@ -40,11 +47,7 @@ def accuracy_curves(df: pd.DataFrame, out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=8)
         fig.suptitle(f"{dataset} / {model}")
-        fig.tight_layout()
-        path = out / f"accuracy_{dataset}_{model}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"accuracy_{dataset}_{model}.png"))
     return written
 
 
@@ -69,11 +72,7 @@ def layer_ratio_bars(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_ylabel("channels removed [%]")
         ax.set_title("layer-wise pruning ratios: " + " / ".join(str(k) for k in key))
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / ("layer_ratios_" + "_".join(str(k) for k in key) + ".png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / ("layer_ratios_" + "_".join(str(k) for k in key) + ".png")))
     return written
 
 
@@ -93,11 +92,7 @@ def saliency_time_vs_width(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    path = out / "saliency_scaling.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "saliency_scaling.png")]
 
 
 def bottleneck_figures(df: pd.DataFrame, stage_ratios: dict[str, list[float]], out: Path) -> list[Path]:
@@ -116,8 +111,4 @@ def bottleneck_figures(df: pd.DataFrame, stage_ratios: dict[str, list[float]], o
     axes[1].set_xlabel("stage")
     axes[1].set_ylabel("structures removed [%]")
     axes[1].legend()
-    fig.tight_layout()
-    path = out / "bottleneck.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "bottleneck.png")]

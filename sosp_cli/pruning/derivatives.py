@@ -59,15 +59,28 @@ def batch_gradients(model: nn.Module, ss: StructureSet, batches, device) -> Iter
         yield torch.autograd.grad(F.cross_entropy(z, y.to(device)), c)[0]
 
 
+def _dual_pass(model, ss: StructureSet, x, y, d, n: int, dt):
+    """One forward pass with dual tensors (DESIGN §3): returns the logits z (with the reverse
+    graph to the gates c recorded), c, and the cotangents (p − y)/N and R·(J d)/N."""
+    c = torch.ones(ss.num_structures, device=x.device, dtype=dt, requires_grad=True)
+    with fwAD.dual_level():
+        z, jd = fwAD.unpack_dual(_logits(model, ss, fwAD.make_dual(c, d), x))
+    p = torch.softmax(z.detach().to(dt), dim=1)
+    jd = jd.detach().to(dt)
+    r_jd = p * jd - p * (p * jd).sum(1, keepdim=True)          # R_n J_n d
+    onehot = F.one_hot(y, p.shape[1]).to(p.dtype)
+    return z, c, ((p - onehot) / n).to(z.dtype), (r_jd / n).to(z.dtype)
+
+
 def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: torch.Tensor,
-                      device, curvature: str = "gn", batched_backward: bool | None = None
+                      device, curvature: str = "gn", batched_backward: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (g, Q·d) for one direction d without forming Q.
 
     ``gn`` (SOSP-H, DESIGN §3): one forward pass with dual tensors gives z and J·d and records
     the reverse graph; two backward passes from z with the cotangents (p − y)/N and R·(J d)/N
-    return g and Jᵀ R J d (Q·d) — as one vmapped backward when ``batched_backward`` (default:
-    on CUDA, where it saves kernel launches; on CPU two plain passes are faster).
+    return g and Jᵀ R J d (Q·d) — or one vmapped backward with ``batched_backward`` (measured
+    no faster, on CPU nor on an H200: see the README's benchmark).
     ``hessian``: double backward, H·d = ∂(gᵀd)/∂c.
     """
     dt = _dtype(model)
@@ -77,28 +90,35 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
     d = direction.to(device=device, dtype=dt)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        c = torch.ones(S, device=device, dtype=dt, requires_grad=True)
         if curvature == "hessian":
+            c = torch.ones(S, device=device, dtype=dt, requires_grad=True)
             z = _logits(model, ss, c, x)
             gb = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / n, c, create_graph=True)[0]
             hb = torch.autograd.grad(gb @ d, c)[0]
             g, qd = g + gb.detach(), qd + hb
             continue
-        with fwAD.dual_level():
-            z_dual = _logits(model, ss, fwAD.make_dual(c, d), x)
-            z, jd = fwAD.unpack_dual(z_dual)
-        p = torch.softmax(z.detach().to(dt), dim=1)
-        jd = jd.detach().to(dt)
-        r_jd = p * jd - p * (p * jd).sum(1, keepdim=True)          # R_n J_n d
-        onehot = F.one_hot(y, p.shape[1]).to(p.dtype)
-        cotangents = torch.stack([(p - onehot) / n, r_jd / n]).to(z.dtype)
-        if batched_backward if batched_backward is not None else torch.device(device).type == "cuda":
-            both = torch.autograd.grad(z, c, cotangents, is_grads_batched=True)[0]
+        z, c, cot_g, cot_q = _dual_pass(model, ss, x, y, d, n, dt)
+        if batched_backward:
+            both = torch.autograd.grad(z, c, torch.stack([cot_g, cot_q]), is_grads_batched=True)[0]
             g, qd = g + both[0], qd + both[1]
         else:
-            g = g + torch.autograd.grad(z, c, cotangents[0], retain_graph=True)[0]
-            qd = qd + torch.autograd.grad(z, c, cotangents[1])[0]
+            g = g + torch.autograd.grad(z, c, cot_g, retain_graph=True)[0]
+            qd = qd + torch.autograd.grad(z, c, cot_q)[0]
     return g, qd
+
+
+def joint_product(model: nn.Module, ss: StructureSet, batches, direction: torch.Tensor,
+                  device) -> torch.Tensor:
+    """−g + ½ Q·d (GN) with a single backward pass per batch: the cotangent
+    −(p − y)/N + ½ R·(J d)/N. This is all ``combine=abs_joint`` needs."""
+    dt = _dtype(model)
+    n = _count(batches)
+    out = torch.zeros(ss.num_structures, device=device, dtype=dt)
+    d = direction.to(device=device, dtype=dt)
+    for x, y in batches:
+        z, c, cot_g, cot_q = _dual_pass(model, ss, x.to(device), y.to(device), d, n, dt)
+        out += torch.autograd.grad(z, c, -cot_g + 0.5 * cot_q)[0]
+    return out
 
 
 def jacobian_factors(model: nn.Module, ss: StructureSet, batches, device, curvature: str = "gn",

@@ -7,15 +7,16 @@ with g = ∂L/∂c and Q the Gauss–Newton matrix (1/N) Σ_n J_nᵀ R_n J_n (``
 exact gate Hessian (``curvature=hessian``). v = Q·1 = Σ_s' Q_ss' carries the correlation of s
 with every structure of every layer, yet Q is never formed: per batch, one forward pass with
 dual tensors gives z and J·1, and one batched backward returns g and Jᵀ R J 1 together
-(:func:`derivatives.curvature_product`). Memory O(parameters); cost a constant number of
-passes per batch, like a first-order method.
+(:func:`derivatives.curvature_product`); ``abs_joint`` needs only −g + ½ Q·1, one backward
+(:func:`derivatives.joint_product`). Memory O(parameters); cost a constant number of passes per
+batch, like a first-order method.
 """
 from __future__ import annotations
 
 import torch
 
 from .base import Criterion, Saliency, SaliencyInput, register_criterion
-from .derivatives import curvature_product
+from .derivatives import curvature_product, joint_product
 
 
 @register_criterion
@@ -25,6 +26,10 @@ class SospH(Criterion):
 
     def compute(self, inp: SaliencyInput) -> Saliency:
         ones = torch.ones(inp.structures.num_structures)
+        if self.cfg.combine == "abs_joint" and self.cfg.curvature == "gn":
+            # |−g + ½ Q·1| needs only the sum: one backward pass per batch instead of two
+            joint = joint_product(inp.model, inp.structures, inp.batches, ones, inp.device).cpu()
+            return Saliency(joint.abs())
         g, v = curvature_product(inp.model, inp.structures, inp.batches, ones, inp.device,
                                  self.cfg.curvature)
         g, v = g.cpu(), v.cpu()
