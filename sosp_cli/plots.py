@@ -18,10 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _lines(ax, df: pd.DataFrame, x: str, y: str, by: str, x_scale: float = 1.0):
+def _lines(ax, df: pd.DataFrame, x: str, y: str, by: str, x_scale: float = 1.0,
+           point: str = "prune_ratio"):
+    """One line per ``by`` value; one point per ``point`` value (e.g. the requested ratio): the
+    mean of ``x`` and of ``y`` over seeds, with a ±1 std band of ``y``."""
     for key, part in df.groupby(by, sort=True):
-        stats = part.groupby(x)[y].agg(["mean", "std"]).fillna(0.0).sort_index()
-        xs = stats.index.to_numpy() * x_scale
+        stats = part.groupby(point).agg(x=(x, "mean"), mean=(y, "mean"), std=(y, "std"))
+        stats = stats.fillna(0.0).sort_values("x")
+        xs = stats["x"].to_numpy() * x_scale
         ax.plot(xs, stats["mean"], marker="o", label=str(key))
         ax.fill_between(xs, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
 
@@ -82,9 +86,9 @@ def saliency_time_vs_width(df: pd.DataFrame, out: Path) -> list[Path]:
         return []
     df = df.assign(width_value=widths)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    _lines(axes[0], df, "width_value", "saliency_seconds", "method")
+    _lines(axes[0], df, "width_value", "saliency_seconds", "method", point="width_value")
     axes[0].set_ylabel("saliency time [s]")
-    _lines(axes[1], df, "width_value", "saliency_peak_memory_mb", "method")
+    _lines(axes[1], df, "width_value", "saliency_peak_memory_mb", "method", point="width_value")
     axes[1].set_ylabel("saliency peak memory [MiB]")
     for ax in axes:
         ax.set_xlabel("width multiplier")
@@ -108,7 +112,10 @@ def bottleneck_figures(df: pd.DataFrame, stage_ratios: dict[str, list[float]], o
     for i, name in enumerate(names):
         ratios = stage_ratios[name]
         axes[1].bar([s + i * width for s in range(len(ratios))], [100 * r for r in ratios], width, label=name)
+    stages = len(next(iter(stage_ratios.values()), []))
+    axes[1].set_xticks([s + width * (len(names) - 1) / 2 for s in range(stages)])
+    axes[1].set_xticklabels([str(s) for s in range(stages)])
     axes[1].set_xlabel("stage")
-    axes[1].set_ylabel("structures removed [%]")
+    axes[1].set_ylabel("structures removed at the detection budget [%]")
     axes[1].legend()
     return [_save(fig, out / "bottleneck.png")]
