@@ -201,7 +201,8 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
     model. Returns (saliency record of step 1, record of the final pruned model)."""
     cfg, k = run.cfg, cfg_steps(run.cfg)
     ss = StructureSet(model.cpu().eval(), run.example)
-    originals = originals_of(CostModel(model.cpu(), ss, run.example), ss)
+    dense_cost = CostModel(model.cpu(), ss, run.example)
+    originals = originals_of(dense_cost, ss)
     first_saliency, current, history, record = None, model, [], None
     for step in range(1, k + 1):
         key = fingerprint(prune_key(cfg), step)
@@ -217,7 +218,8 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         sal = first_saliency if step == 1 else stage_saliency(run, current, ss, step)
         ratio = 0.0 if cfg.method.name == "none" else cfg.prune.ratio * step / k
         p = cfg.prune
-        sel = select(sal["scores"], ss, CostModel(current.cpu(), ss, run.example), ratio, p.target,
+        cost = dense_cost if step == 1 else CostModel(current.cpu(), ss, run.example)
+        sel = select(sal["scores"], ss, cost, ratio, p.target,
                      p.scope, p.min_channels, p.max_layer_ratio, p.normalize, originals)
         if sel.guard_skipped:
             print(f"[prune] step {step}/{k}: the layer guards (min_channels={p.min_channels}, "
