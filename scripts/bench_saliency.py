@@ -44,9 +44,9 @@ def setup(model_name: str, width: float, batches: int, batch_size: int, device: 
 def run_method(method: str, model, ss, data, device, **options):
     if method == "gradient":
         return gradient(model, ss, data, device)
-    if method == "sosp_h_batched":  # g and Q·1 from one vmapped backward instead of two
+    if method == "sosp_h_fwad":  # z and J·1 with forward-mode AD, two backward passes
         ones = torch.ones(ss.num_structures)
-        return curvature_product(model, ss, data, ones, device, batched_backward=True)
+        return curvature_product(model, ss, data, ones, device, dual="forward_ad")
     if method == "sosp_h_joint":
         return run_method("sosp_h", model, ss, data, device, combine="abs_joint")
     crit = get_criterion(MethodConfig(name=method, **options))
@@ -105,7 +105,7 @@ def main() -> None:
     rows = []
     for width in args.widths:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device)
-        methods = ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_batched")
+        methods = ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_fwad")
         for m in methods:  # warm-up
             run_method(m, model, ss, data[:1], device)
         times = {m: [] for m in methods}
@@ -118,7 +118,7 @@ def main() -> None:
                "sosp_h/taylor": med["sosp_h"] / med["taylor"],
                "sosp_h/gradient": med["sosp_h"] / med["gradient"],
                "sosp_h_joint/taylor": med["sosp_h_joint"] / med["taylor"],
-               "sosp_h_batched/taylor": med["sosp_h_batched"] / med["taylor"],
+               "sosp_h_fwad/taylor": med["sosp_h_fwad"] / med["taylor"],
                "sosp_i/taylor": med["sosp_i"] / med["taylor"]}
         if not args.no_memory:
             for m in METHODS:

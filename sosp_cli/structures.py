@@ -143,9 +143,14 @@ class StructureSet:
         return torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(self.groups)])
 
     @contextlib.contextmanager
-    def gated(self, model: nn.Module, gates: torch.Tensor):
+    def gated(self, model: nn.Module, gates: torch.Tensor, unit: bool = False):
         """Run ``model`` with gates ``c`` (shape ``[S]``, or ``[B, S]`` for one gate vector per
-        sample, which makes per-sample gate gradients the per-sample Jacobians)."""
+        sample, which makes per-sample gate gradients the per-sample Jacobians).
+
+        ``unit=True`` is for first derivatives at c = 1 (the caller guarantees every gate is 1):
+        the forward pass skips the multiplication by 1 and the backward pass returns the input
+        gradient unchanged; gate gradients are the same. Not for forward-mode or second
+        derivatives (they need the product c·x)."""
         if gates.shape[-1] != self.num_structures:
             raise ValueError(f"expected {self.num_structures} gates, got shape {tuple(gates.shape)}")
         # slot S of the extended gate vector holds a constant 1 for channels of no structure
@@ -156,7 +161,7 @@ class StructureSet:
         modules = dict(model.named_modules())
         handles = []
         for name, site in self.sites.items():
-            hook = _gate_hook(site.lookup(self.num_structures, gates.device), extended)
+            hook = _gate_hook(site.lookup(self.num_structures, gates.device), extended, unit)
             handles.append(modules[name].register_forward_pre_hook(hook))
         try:
             yield model
@@ -165,16 +170,36 @@ class StructureSet:
                 h.remove()
 
 
-def _gate_hook(lookup: torch.Tensor, extended: torch.Tensor):
+def _gate_hook(lookup: torch.Tensor, extended: torch.Tensor, unit: bool = False):
     """Pre-hook multiplying the consumer's input channels by their gates (DESIGN.md §2)."""
 
     def hook(module, args):
         x = args[0]
         scale = extended[:, lookup].to(x.dtype)
         scale = scale.reshape(scale.shape + (1,) * (x.dim() - 2))
-        return (x * scale,) + tuple(args[1:])
+        return ((_UnitGate.apply(x, scale) if unit else x * scale),) + tuple(args[1:])
 
     return hook
+
+
+class _UnitGate(torch.autograd.Function):
+    """x·c at c = 1 (DESIGN §2): forward x, backward x̄ = ȳ and c̄ = Σ ȳ·x over the dimensions
+    that c broadcasts along — the gradients of x·c at c = 1, without the multiplications by 1."""
+
+    @staticmethod
+    def forward(x, scale):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale = inputs
+        ctx.save_for_backward(x)
+        ctx.scale_shape = scale.shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad, torch.mul(grad, x).sum_to_size(ctx.scale_shape)
 
 
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:

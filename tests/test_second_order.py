@@ -48,6 +48,17 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dual", ["stacked", "forward_ad"])
+def test_curvature_vector_products_match_brute_force(case, dual):
+    model, ss, x, y, batches = setup(case)
+    g, Q, _ = brute_force(model, ss, x, y)
+    d = torch.rand(ss.num_structures, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for direction in (torch.ones(ss.num_structures), d):
+        g1, qd = curvature_product(model, ss, batches, direction, "cpu", "gn", dual=dual)
+        assert rel_err(g1, g) <= 1e-4 and rel_err(qd, Q @ direction.double()) <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_gradient_and_curvature_products_match_brute_force(case):
     model, ss, x, y, batches = setup(case)
     g, Q, H = brute_force(model, ss, x, y)

@@ -12,6 +12,7 @@ Everything is computed batch by batch and summed, so the result equals the full-
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Iterator
 
 import torch
@@ -19,8 +20,10 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import SospError
 from ..structures import StructureSet
 from .lean import lean_layers
+from .stacked import Unsupported, dual_forward
 
 
 def _count(batches) -> int:
@@ -33,9 +36,10 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 
-def _logits(model, ss: StructureSet, gates, x):
-    """Gated logits, computed with lean layers (same values; see :mod:`.lean`)."""
-    with lean_layers(model), ss.gated(model, gates):
+def _logits(model, ss: StructureSet, gates, x, unit: bool = False):
+    """Gated logits, computed with lean layers (same values; see :mod:`.lean`). ``unit``: the
+    gates are all 1 and only first reverse-mode derivatives are taken (``StructureSet.gated``)."""
+    with lean_layers(model), ss.gated(model, gates, unit=unit):
         return model(x)
 
 
@@ -45,7 +49,7 @@ def gradient(model: nn.Module, ss: StructureSet, batches, device) -> torch.Tenso
     n, g = _count(batches), torch.zeros(ss.num_structures, device=device, dtype=dt)
     for x, y in batches:
         c = torch.ones(ss.num_structures, device=device, dtype=dt, requires_grad=True)
-        z = _logits(model, ss, c, x.to(device))
+        z = _logits(model, ss, c, x.to(device), unit=True)
         g += torch.autograd.grad(F.cross_entropy(z, y.to(device), reduction="sum") / n, c)[0]
     return g
 
@@ -55,34 +59,70 @@ def batch_gradients(model: nn.Module, ss: StructureSet, batches, device) -> Iter
     dt = _dtype(model)
     for x, y in batches:
         c = torch.ones(ss.num_structures, device=device, dtype=dt, requires_grad=True)
-        z = _logits(model, ss, c, x.to(device))
+        z = _logits(model, ss, c, x.to(device), unit=True)
         yield torch.autograd.grad(F.cross_entropy(z, y.to(device)), c)[0]
 
 
-def _dual_pass(model, ss: StructureSet, x, y, d, n: int, dt):
-    """One forward pass with dual tensors (DESIGN §3): returns the logits z (with the reverse
-    graph to the gates c recorded), c, and the cotangents (p − y)/N and R·(J d)/N."""
-    c = torch.ones(ss.num_structures, device=x.device, dtype=dt, requires_grad=True)
-    with fwAD.dual_level():
-        z, jd = fwAD.unpack_dual(_logits(model, ss, fwAD.make_dual(c, d), x))
+def _cotangents(z, jd, y, n: int, dt):
+    """(p − y)/N and R·(J d)/N for logits z and their derivative jd = J·d (DESIGN §3)."""
     p = torch.softmax(z.detach().to(dt), dim=1)
     jd = jd.detach().to(dt)
     r_jd = p * jd - p * (p * jd).sum(1, keepdim=True)          # R_n J_n d
     onehot = F.one_hot(y, p.shape[1]).to(p.dtype)
-    return z, c, ((p - onehot) / n).to(z.dtype), (r_jd / n).to(z.dtype)
+    return ((p - onehot) / n).to(z.dtype), (r_jd / n).to(z.dtype)
+
+
+# models found to call a function without a stacked-dual rule (they use forward-mode AD)
+_NOT_STACKABLE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+DUAL_MODES = ("auto", "stacked", "forward_ad")
+
+
+def stackable(model: nn.Module) -> bool:
+    """False once the model has been found to need the forward-mode AD fallback."""
+    return model not in _NOT_STACKABLE
+
+
+def _stacked_products(model, ss: StructureSet, x, y, d, n: int, dt, required: bool):
+    """(g_b, (Q·d)_b) of one batch from one stacked forward pass and one backward pass
+    (:mod:`.stacked`), or None when the model needs forward-mode AD."""
+    if not stackable(model) and not required:
+        return None
+    try:
+        z2, gates2 = dual_forward(model, ss, x, d, dt)
+    except Unsupported as exc:
+        if required:
+            raise SospError(f"dual='stacked': the model calls {exc}, which has no stacked-dual "
+                            "rule; use dual='auto' or 'forward_ad'") from None
+        _NOT_STACKABLE[model] = str(exc)
+        return None
+    B = len(y)
+    cot_g, cot_q = _cotangents(z2[:B], z2[B:], y, n, dt)
+    both = torch.autograd.grad(z2, gates2, torch.cat([cot_g, cot_q]))[0]
+    return both[0], both[1]
+
+
+def _forward_ad_pass(model, ss: StructureSet, x, y, d, n: int, dt):
+    """One forward pass with dual tensors (forward-mode AD): returns the logits z (with the
+    reverse graph to the gates c recorded), c, and the cotangents (p − y)/N and R·(J d)/N."""
+    c = torch.ones(ss.num_structures, device=x.device, dtype=dt, requires_grad=True)
+    with fwAD.dual_level():
+        z, jd = fwAD.unpack_dual(_logits(model, ss, fwAD.make_dual(c, d), x))
+    return (z, c) + _cotangents(z, jd, y, n, dt)
 
 
 def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: torch.Tensor,
-                      device, curvature: str = "gn", batched_backward: bool = False
+                      device, curvature: str = "gn", dual: str = "auto"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (g, Q·d) for one direction d without forming Q.
 
-    ``gn`` (SOSP-H, DESIGN §3): one forward pass with dual tensors gives z and J·d and records
-    the reverse graph; two backward passes from z with the cotangents (p − y)/N and R·(J d)/N
-    return g and Jᵀ R J d (Q·d) — or one vmapped backward with ``batched_backward`` (measured
-    no faster, on CPU nor on an H200: see the README's benchmark).
-    ``hessian``: double backward, H·d = ∂(gᵀd)/∂c.
+    ``gn`` (SOSP-H, DESIGN §3), per batch: z and J·d from one forward pass, then g = Jᵀ(p − y)/N
+    and Q·d = Jᵀ R (J d)/N. ``dual='stacked'``: one forward pass over the 2B rows [x; 0] and one
+    backward pass returning both products (:mod:`.stacked`); ``'forward_ad'``: dual tensors and
+    two backward passes; ``'auto'`` (default): stacked unless the model calls a function that
+    has no stacked rule. ``hessian``: double backward, H·d = ∂(gᵀd)/∂c.
     """
+    if dual not in DUAL_MODES:
+        raise SospError(f"dual={dual!r}: expected one of {', '.join(DUAL_MODES)}")
     dt = _dtype(model)
     n, S = _count(batches), ss.num_structures
     g = torch.zeros(S, device=device, dtype=dt)
@@ -97,26 +137,30 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
             hb = torch.autograd.grad(gb @ d, c)[0]
             g, qd = g + gb.detach(), qd + hb
             continue
-        z, c, cot_g, cot_q = _dual_pass(model, ss, x, y, d, n, dt)
-        if batched_backward:
-            both = torch.autograd.grad(z, c, torch.stack([cot_g, cot_q]), is_grads_batched=True)[0]
-            g, qd = g + both[0], qd + both[1]
-        else:
-            g = g + torch.autograd.grad(z, c, cot_g, retain_graph=True)[0]
-            qd = qd + torch.autograd.grad(z, c, cot_q)[0]
+        both = None if dual == "forward_ad" else \
+            _stacked_products(model, ss, x, y, d, n, dt, required=dual == "stacked")
+        if both is None:
+            z, c, cot_g, cot_q = _forward_ad_pass(model, ss, x, y, d, n, dt)
+            both = (torch.autograd.grad(z, c, cot_g, retain_graph=True)[0],
+                    torch.autograd.grad(z, c, cot_q)[0])
+        g, qd = g + both[0], qd + both[1]
     return g, qd
 
 
 def joint_product(model: nn.Module, ss: StructureSet, batches, direction: torch.Tensor,
                   device) -> torch.Tensor:
-    """−g + ½ Q·d (GN) with a single backward pass per batch: the cotangent
-    −(p − y)/N + ½ R·(J d)/N. This is all ``combine=abs_joint`` needs."""
+    """−g + ½ Q·d (GN), all ``combine=abs_joint`` needs. Stacked: from :func:`curvature_product`
+    (the backward pass carries both row blocks anyway); forward-mode AD fallback: one backward
+    pass per batch with the cotangent −(p − y)/N + ½ R·(J d)/N."""
+    if stackable(model):
+        g, qd = curvature_product(model, ss, batches, direction, device)
+        return -g + 0.5 * qd
     dt = _dtype(model)
     n = _count(batches)
     out = torch.zeros(ss.num_structures, device=device, dtype=dt)
     d = direction.to(device=device, dtype=dt)
     for x, y in batches:
-        z, c, cot_g, cot_q = _dual_pass(model, ss, x.to(device), y.to(device), d, n, dt)
+        z, c, cot_g, cot_q = _forward_ad_pass(model, ss, x.to(device), y.to(device), d, n, dt)
         out += torch.autograd.grad(z, c, -cot_g + 0.5 * cot_q)[0]
     return out
 
@@ -139,7 +183,7 @@ def jacobian_factors(model: nn.Module, ss: StructureSet, batches, device, curvat
         x, y = x.to(device), y.to(device)
         B = len(y)
         c = torch.ones(B, S, device=device, dtype=dt, requires_grad=True)
-        z = _logits(model, ss, c, x)
+        z = _logits(model, ss, c, x, unit=True)
         p = torch.softmax(z.detach().to(dt), dim=1)
         onehot = F.one_hot(y, p.shape[1]).to(p.dtype)
         g = torch.autograd.grad(z, c, (p - onehot).to(z.dtype) / n, retain_graph=True)[0].sum(0)

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class _FrozenConv(torch.autograd.Function):
+class FrozenConv(torch.autograd.Function):
     """y = conv2d(x; W, b) with W, b constants: jvp ẏ = conv2d(ẋ; W), vjp x̄ = convᵀ(ȳ; W)."""
 
     @staticmethod
@@ -48,7 +48,7 @@ class _FrozenConv(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
-class _FrozenLinear(torch.autograd.Function):
+class FrozenLinear(torch.autograd.Function):
     """y = x Wᵀ + b with W, b constants: jvp ẏ = ẋ Wᵀ, vjp x̄ = ȳ W."""
 
     @staticmethod
@@ -76,28 +76,68 @@ def _conv_forward(module: nn.Conv2d):
         return None
 
     def forward(x):
-        return _FrozenConv.apply(x, module.weight, module.bias, module.stride, padding,
+        return FrozenConv.apply(x, module.weight, module.bias, module.stride, padding,
                                  module.dilation, module.groups)
     return forward
 
 
 def _linear_forward(module: nn.Linear):
     def forward(x):
-        return _FrozenLinear.apply(x, module.weight, module.bias)
+        return FrozenLinear.apply(x, module.weight, module.bias)
     return forward
 
 
-def _bn_forward(module: nn.BatchNorm2d):
+def bn_affine(module: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as y = x·scale + shift per channel: scale = γ/√(σ²+ε), shift = β − μ·scale."""
     invstd = torch.rsqrt(module.running_var + module.eps)
     scale = invstd if module.weight is None else module.weight * invstd
     shift = -module.running_mean * scale
     if module.bias is not None:
         shift = shift + module.bias
-    scale, shift = scale.detach()[None, :, None, None], shift.detach()[None, :, None, None]
+    return scale.detach(), shift.detach()
+
+
+def _bn_forward(module: nn.BatchNorm2d):
+    scale, shift = bn_affine(module)
+    scale, shift = scale[None, :, None, None], shift[None, :, None, None]
 
     def forward(x):
         return x * scale.to(x.dtype) + shift.to(x.dtype)
     return forward
+
+
+def _lean_forward(module: nn.Module):
+    if type(module) is nn.Conv2d:
+        return _conv_forward(module)
+    if type(module) is nn.Linear:
+        return _linear_forward(module)
+    if type(module) is nn.BatchNorm2d and module.track_running_stats:
+        return _bn_forward(module)
+    return None
+
+
+@contextlib.contextmanager
+def swapped_forwards(model: nn.Module, make_forward):
+    """Within the block, every module for which ``make_forward(module)`` returns a callable runs
+    that callable as its forward, and the model's parameters are frozen (gate-space derivatives
+    never need weight gradients). Everything is restored on exit, also after an exception."""
+    swapped, frozen = [], []
+    try:
+        for module in model.modules():
+            forward = make_forward(module)
+            if forward is not None:
+                module.forward = forward
+                swapped.append(module)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen.append(p)
+        yield model
+    finally:
+        for module in swapped:
+            del module.forward
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 @contextlib.contextmanager
@@ -108,28 +148,9 @@ def lean_layers(model: nn.Module):
     if getattr(model, "_sosp_lean", False):  # already inside lean_layers: nothing to do
         yield model
         return
-    swapped, frozen = [], []
-    for module in model.modules():
-        forward = None
-        if type(module) is nn.Conv2d:
-            forward = _conv_forward(module)
-        elif type(module) is nn.Linear:
-            forward = _linear_forward(module)
-        elif type(module) is nn.BatchNorm2d and module.track_running_stats:
-            forward = _bn_forward(module)
-        if forward is not None:
-            module.forward = forward
-            swapped.append(module)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.requires_grad_(False)
-            frozen.append(p)
-    model._sosp_lean = True
-    try:
-        yield model
-    finally:
-        del model._sosp_lean
-        for module in swapped:
-            del module.forward
-        for p in frozen:
-            p.requires_grad_(True)
+    with swapped_forwards(model, _lean_forward):
+        model._sosp_lean = True
+        try:
+            yield model
+        finally:
+            del model._sosp_lean

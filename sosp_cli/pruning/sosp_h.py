@@ -5,11 +5,11 @@
 
 with g = ∂L/∂c and Q the Gauss–Newton matrix (1/N) Σ_n J_nᵀ R_n J_n (``curvature=gn``) or the
 exact gate Hessian (``curvature=hessian``). v = Q·1 = Σ_s' Q_ss' carries the correlation of s
-with every structure of every layer, yet Q is never formed: per batch, one forward pass with
-dual tensors gives z and J·1, and one batched backward returns g and Jᵀ R J 1 together
-(:func:`derivatives.curvature_product`); ``abs_joint`` needs only −g + ½ Q·1, one backward
-(:func:`derivatives.joint_product`). Memory O(parameters); cost a constant number of passes per
-batch, like a first-order method.
+with every structure of every layer, yet Q is never formed: per batch, one forward pass over
+the stacked rows [x; 0] gives z and J·1 (:mod:`.stacked`; forward-mode AD for models with a
+function it has no rule for), and one backward pass returns g and Jᵀ R J 1 together
+(:func:`derivatives.curvature_product`). Memory O(parameters + 2× activations); cost one
+forward and one backward pass over twice the batch, like a first-order method on 2B samples.
 """
 from __future__ import annotations
 

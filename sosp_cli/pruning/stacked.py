@@ -1,0 +1,302 @@
+"""Stacked dual evaluation: logits z and the directional derivative J·d in one forward pass.
+
+SOSP-H needs, per batch, z, J·d (a forward-mode product along the gate direction d, DESIGN §3)
+and two reverse products through the *primal* Jacobian: g = Jᵀ(p − y)/N and Q·d = Jᵀ R (J d)/N.
+Forward-mode AD (``torch.autograd.forward_ad``) computes J·d alongside z, but pays per layer for
+dual-tensor bookkeeping, and the two reverse products then need two backward passes.
+
+Here the network runs once on a batch of 2B rows ``[x; 0]``: rows 0..B−1 carry the primal
+activations, rows B..2B−1 the tangent. Every operation acts on the tangent rows as its
+linearisation at the primal rows:
+
+- linear maps with no bias, row by row (convolutions, linear layers, average pools, sums of two
+  activations, concatenation along channels, flatten): unchanged;
+- biases (convolution, linear, eval-mode BatchNorm shift) are added to the primal rows only;
+- ReLU / ReLU6 / Hardtanh pass the tangent where the *primal* input is inside the linear
+  range; max pooling gathers the tangent at the primal argmax; other element-wise functions
+  (tanh, sigmoid, softplus, SiLU, GELU, ...) multiply the tangent by f'(primal);
+- gate site of structure s (DESIGN §2): primal ``c·x₀``, tangent ``c·x₁ + d·x₀`` (product rule).
+
+The custom gate function's backward sends each row block's cotangent to its own row of a
+[2, S] gate tensor through the primal Jacobian only (the ``d·x₀`` term is the direction, not a
+function of the gates), so one backward pass with the stacked cotangent ``[(p − y)/N; R J d/N]``
+returns g (row 0) and Q·d (row 1) — exactly the two products, no second-order cross term.
+
+Every PyTorch function the model calls while stacked is checked against a list of functions
+whose rule above is known; anything else (train-mode BatchNorm, attention, a multiplication of
+two activations, indexing along the batch, adding a constant, ...) raises :class:`Unsupported`
+and the caller falls back to forward-mode AD, which is always exact. The brute-force tests check
+both paths on every registered model.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..structures import StructureSet
+from .lean import FrozenConv, FrozenLinear, bn_affine, swapped_forwards
+
+
+class Unsupported(Exception):
+    """The model calls a function without a stacked-dual rule (use forward-mode AD instead)."""
+
+
+def _split(t: torch.Tensor) -> torch.Tensor:
+    """[2B, ...] → [2, B, ...] (a view: row block 0 = primal, row block 1 = tangent)."""
+    return t.unflatten(0, (2, t.shape[0] // 2))
+
+
+class _Gate(torch.autograd.Function):
+    """Gate site at c = 1 (DESIGN §2; the stacked pass is only ever evaluated there):
+    out₀ = c·x₀ = x₀, out₁ = c·x₁ + d·x₀ = x₁ + d·x₀.
+
+    Backward (per row block k, with ḡ_k its cotangent): x̄_k = c·ḡ_k = ḡ_k and
+    c̄_k = Σ_{rows, positions} ḡ_k·x₀ — the primal vector-Jacobian product for each block."""
+
+    @staticmethod
+    def forward(x, gates2, direction):
+        xs, out = _split(x), torch.empty_like(x)
+        outs = _split(out)
+        outs[0].copy_(xs[0])
+        torch.addcmul(xs[1], xs[0], direction.view((-1,) + (1,) * (x.dim() - 2)), out=outs[1])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        dims = (1,) + tuple(range(3, grad.dim() + 1))
+        return grad, torch.mul(_split(grad), _split(x)[0]).sum(dims), None
+
+
+class _Clamp(torch.autograd.Function):
+    """ReLU / Hardtanh (ReLU6): primal clamp(x₀, lo, hi); tangent x₁·1[lo < x₀ < hi];
+    backward ḡ_k·1[lo < x₀ < hi] for both row blocks."""
+
+    @staticmethod
+    def forward(x, lo, hi):
+        xs, out = _split(x), torch.empty_like(x)
+        outs = _split(out)
+        torch.clamp(xs[0], lo, hi, out=outs[0])
+        _clamp_backward(xs[1], xs[0], lo, hi, out=outs[1])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, lo, hi = inputs
+        ctx.save_for_backward(x)
+        ctx.range = (lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _clamp_backward(_split(grad), _split(x)[0], *ctx.range).view(grad.shape), None, None
+
+
+def _clamp_backward(grad, x, lo, hi, out=None):
+    """grad where lo < x < hi, else 0 (hi None: x > lo), one fused ATen kernel."""
+    if hi is None:
+        if out is None:
+            return torch.ops.aten.threshold_backward(grad, x, lo)
+        return torch.ops.aten.threshold_backward.grad_input(grad, x, lo, grad_input=out)
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(grad, x, lo, hi)
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, lo, hi, grad_input=out)
+
+
+def _relu(mode, x, inplace=False):
+    return _Clamp.apply(mode.check(x), 0.0, None)
+
+
+def _hardtanh(mode, x, min_val=-1.0, max_val=1.0, inplace=False):
+    return _Clamp.apply(mode.check(x), float(min_val), float(max_val))
+
+
+def _relu6(mode, x, inplace=False):
+    return _Clamp.apply(mode.check(x), 0.0, 6.0)
+
+
+def _max_pool2d(mode, x, *args, **kwargs):
+    if kwargs.pop("return_indices", False) or (len(args) > 5 and args[5]):
+        raise Unsupported("max_pool2d(return_indices=True)")
+    xs = _split(mode.check(x))
+    y0, idx = F.max_pool2d(xs[0], *args[:5], **kwargs, return_indices=True)
+    y1 = xs[1].flatten(2).gather(2, idx.flatten(2)).view_as(y0)
+    return torch.cat([y0, y1])
+
+
+def _elementwise(func):
+    """Smooth element-wise f: primal f(x₀), tangent f'(x₀)·x₁ (f' by autograd of f at x₀)."""
+
+    def handler(mode, x, *args, **kwargs):
+        kwargs.pop("inplace", None)               # results are new tensors here
+        if args and isinstance(args[-1], bool):   # positional ``inplace`` (hardswish, elu, ...)
+            args = args[:-1]
+        xs = _split(mode.check(x))
+        with torch.enable_grad():
+            x0 = xs[0].detach().requires_grad_(True)
+            y0 = func(x0, *args, **kwargs)
+            (slope,) = torch.autograd.grad(y0, x0, torch.ones_like(y0))
+        y0 = func(xs[0], *args, **kwargs)
+        return torch.cat([y0, xs[1] * slope])
+    return handler
+
+
+_ELEMENTWISE = [torch.tanh, torch.Tensor.tanh, torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid,
+                F.tanh, F.softplus, F.silu, F.gelu, F.elu, F.leaky_relu, F.hardswish,
+                F.hardsigmoid, F.mish]
+_HANDLERS = {F.relu: _relu, torch.relu: _relu, torch.Tensor.relu: _relu, F.relu_: _relu,
+             torch.relu_: _relu, torch.Tensor.relu_: _relu, F.hardtanh: _hardtanh,
+             F.hardtanh_: _hardtanh, F.relu6: _relu6, F.max_pool2d: _max_pool2d,
+             **{f: _elementwise(f) for f in _ELEMENTWISE}}
+
+# functions that act row by row and linearly on activations: valid on the stacked rows as they
+# are, provided every tensor argument is an activation and the result keeps the row count
+_ROWWISE_LINEAR = {
+    torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
+    torch.Tensor.__iadd__, torch.cat, torch.concat, torch.flatten, torch.Tensor.flatten,
+    torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous,
+    torch.Tensor.mean, torch.mean, torch.Tensor.sum, torch.sum, F.adaptive_avg_pool2d,
+    F.avg_pool2d, torch.Tensor.squeeze, torch.Tensor.unsqueeze,
+}
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
+        torch.Tensor.__radd__, torch.Tensor.__iadd__}
+_METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.__len__,
+             torch.Tensor.is_floating_point, torch.Tensor.is_contiguous, torch.Tensor.__format__}
+
+
+class _StackedMode(TorchFunctionMode):
+    """Dispatches the model's functional calls to their stacked-dual rules (module docstring)."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows = rows
+
+    def check(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != self.rows:
+            raise Unsupported("an element-wise function applied to a tensor that is not an activation")
+        return x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            return handler(self, *args, **kwargs)
+        if func in _METADATA or getattr(func, "__name__", "") == "__get__":
+            return func(*args, **kwargs)
+        if func is F.dropout and not kwargs.get("training", args[2] if len(args) > 2 else True):
+            return args[0]
+        if func in _ROWWISE_LINEAR:
+            tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
+            out = func(*args, **kwargs)
+            if not tensors or (func in _ADD and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors) or \
+                    not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != self.rows:
+                raise Unsupported(f"{_name(func)} with a constant or across the batch")
+            return out
+        raise Unsupported(_name(func))
+
+
+def _flat(items) -> list:
+    out = []
+    for a in items:
+        out.extend(_flat(a) if isinstance(a, (list, tuple)) else [a])
+    return out
+
+
+def _name(func) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)
+
+
+def _conv_forward(module: nn.Conv2d):
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+
+    def forward(x):
+        with torch._C.DisableTorchFunction():
+            y = FrozenConv.apply(x, module.weight, None, module.stride, module.padding,
+                                  module.dilation, module.groups)
+            if module.bias is None:
+                return y
+            bias = torch.stack([module.bias, torch.zeros_like(module.bias)]).detach()
+            return (_split(y) + bias.view(2, 1, -1, 1, 1)).view(y.shape)
+    return forward
+
+
+def _linear_forward(module: nn.Linear):
+    def forward(x):
+        with torch._C.DisableTorchFunction():
+            y = FrozenLinear.apply(x, module.weight, None)
+            if module.bias is None:
+                return y
+            bias = torch.stack([module.bias, torch.zeros_like(module.bias)]).detach()
+            return (_split(y) + bias.view((2,) + (1,) * (y.dim() - 1) + (-1,))).view(y.shape)
+    return forward
+
+
+def _bn_forward(module: nn.BatchNorm2d):
+    scale, shift = bn_affine(module)
+    shift2 = torch.stack([shift, torch.zeros_like(shift)]).view(2, 1, -1, 1, 1)
+    scale = scale.view(1, 1, -1, 1, 1)
+
+    def forward(x):
+        with torch._C.DisableTorchFunction():
+            return torch.addcmul(shift2.to(x.dtype), _split(x), scale.to(x.dtype)).view(x.shape)
+    return forward
+
+
+def _stacked_forward(module: nn.Module):
+    if type(module) is nn.Conv2d:
+        return _conv_forward(module)
+    if type(module) is nn.Linear:
+        return _linear_forward(module)
+    if type(module) is nn.BatchNorm2d and module.track_running_stats:
+        return _bn_forward(module)
+    return None
+
+
+@contextlib.contextmanager
+def _gate_hooks(model: nn.Module, ss: StructureSet, gates2: torch.Tensor, direction: torch.Tensor):
+    S = ss.num_structures
+    ext = torch.cat([gates2, gates2.new_ones(2, 1)], dim=1)        # slot S: channels of no structure
+    dext = torch.cat([direction, direction.new_zeros(1)])
+    modules = dict(model.named_modules())
+    handles = []
+    for name, site in ss.sites.items():
+        lookup = site.lookup(S, gates2.device)
+
+        def hook(module, args, lookup=lookup):
+            with torch._C.DisableTorchFunction():
+                x = args[0]
+                return (_Gate.apply(x, ext[:, lookup].to(x.dtype), dext[lookup].to(x.dtype)),) + args[1:]
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def dual_forward(model: nn.Module, ss: StructureSet, x: torch.Tensor, direction: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (stacked logits [2B, C], gates [2, S]) at c = 1: rows :B are z, rows B: are J·d,
+    and a backward pass from the logits with cotangent ``[u; w]`` puts Jᵀu in row 0 and Jᵀw in
+    row 1 of the gates' gradient. Raises :class:`Unsupported` if the model calls a function
+    without a stacked rule; the model is left as it was either way."""
+    if model.training:
+        raise ValueError("stacked dual evaluation needs the model in eval mode")
+    gates2 = torch.ones(2, ss.num_structures, device=x.device, dtype=dtype, requires_grad=True)
+    stacked = torch.cat([x, torch.zeros_like(x)])
+    with swapped_forwards(model, _stacked_forward), \
+            _gate_hooks(model, ss, gates2, direction.to(device=x.device, dtype=dtype)), \
+            _StackedMode(stacked.shape[0]):
+        z2 = model(stacked)
+    if not isinstance(z2, torch.Tensor) or z2.dim() != 2 or z2.shape[0] != stacked.shape[0]:
+        raise Unsupported("model output is not one logits tensor")
+    return z2, gates2

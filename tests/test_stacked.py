@@ -1,0 +1,102 @@
+"""Stacked dual evaluation (pruning/stacked.py) against forward-mode AD, on every registered model,
+and its fallback for functions without a stacked rule."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sosp_cli import api
+from sosp_cli.errors import SospError
+from sosp_cli.pruning import derivatives
+from sosp_cli.pruning.derivatives import curvature_product, joint_product, stackable
+from sosp_cli.structures import StructureSet, classifier_name
+from tiny import randomize_batchnorm
+
+WIDTH = {"mobilenet_v2": 0.25, "resnet50": 0.125, "resnet18": 0.125}
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def float64_model(model, x):
+    """Random BN statistics, and logits scaled to |z| ≤ 2 so that the softmax is not saturated
+    (R, hence Q·d, would be ~0)."""
+    model = randomize_batchnorm(model, torch.Generator().manual_seed(0)).double().eval()
+    head = dict(model.named_modules())[classifier_name(model)]
+    with torch.no_grad():
+        scale = 2 / model(x).abs().max()
+        head.weight.mul_(scale)
+        if head.bias is not None:
+            head.bias.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("name", api.list_models())
+def test_stacked_equals_forward_mode_on_every_model(name):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    model = float64_model(api.create_model(name, num_classes=5, width=WIDTH.get(name, 0.25)), x)
+    y = torch.tensor([0, 3, 1])
+    ss = StructureSet(model, x[:1])
+    d = torch.rand(ss.num_structures, dtype=torch.float64)
+    before = model(x)
+    g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
+    g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked")
+    assert stackable(model)
+    assert q1.abs().max() > 0
+    assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10
+    assert torch.equal(model(x), before)                       # model left as it was
+    assert all(p.requires_grad for p in model.parameters())
+
+
+class Squared(nn.Module):
+    """x·x (a product of two activations): no stacked rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * h)
+
+
+class Centred(nn.Module):
+    """Subtracts the batch mean: mixes rows, so the stacked rows would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h - h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("cls", [Squared, Centred])
+def test_unsupported_functions_fall_back_to_forward_mode(cls):
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures)
+    before = model(x)
+    with pytest.raises(SospError, match="dual='stacked'"):
+        curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked")
+    assert torch.equal(model(x), before) and all(p.requires_grad for p in model.parameters())
+    ref = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="forward_ad")
+    auto = curvature_product(model, ss, [(x, y)], ones, "cpu")   # falls back, stays exact
+    assert not stackable(model)
+    assert rel_err(auto[0], ref[0]) <= 1e-12 and rel_err(auto[1], ref[1]) <= 1e-12
+    joint = joint_product(model, ss, [(x, y)], ones, "cpu")
+    assert rel_err(joint, -ref[0] + 0.5 * ref[1]) <= 1e-12
+
+
+def test_bad_dual_mode_is_one_line_error():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    ss = StructureSet(model, torch.randn(1, 4))
+    with pytest.raises(SospError, match="dual='fast'.*auto, stacked, forward_ad"):
+        curvature_product(model, ss, [(torch.randn(2, 4), torch.tensor([0, 1]))],
+                          torch.ones(ss.num_structures), "cpu", dual="fast")
+    assert derivatives.DUAL_MODES == ("auto", "stacked", "forward_ad")
