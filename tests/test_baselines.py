@@ -48,8 +48,10 @@ def consumer(dep, dg):
 
 @pytest.mark.parametrize("name", ["vgg16", "resnet20"])
 def test_l1_bn_scale_taylor_rank_like_torch_pruning(name):
-    model = calibrated(name)
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    # float64: in float32 a different (equally valid) rounding of BatchNorm flips a few ReLU /
+    # max-pool decisions near their kinks, which moves single gradients by ~0.5 %
+    model = calibrated(name).double()
+    x, y = torch.randn(16, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (16,))
     l1, ss = ours("l1", model, [(x, y)])
     tp_l1 = torch_pruning_scores(model, ss, x, tp.importance.MagnitudeImportance(
         p=1, group_reduction="sum", normalizer=None), producer)

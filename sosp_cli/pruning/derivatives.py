@@ -101,6 +101,19 @@ def _stacked_products(model, ss: StructureSet, x, y, d, n: int, dt, required: bo
     return both[0], both[1]
 
 
+def _stacked_halves(model, ss: StructureSet, x, y, d, n: int, dt, required: bool):
+    """Stacked products of one batch, taken in two halves: each stacked pass then has as many
+    rows as the batch, i.e. exactly the tensor shapes (and activation memory) of a first-order
+    pass, so SOSP-H costs two first-order passes plus the tangent injections at the gates."""
+    total = None
+    for xh, yh in zip(x.split((len(y) + 1) // 2), y.split((len(y) + 1) // 2)):
+        both = _stacked_products(model, ss, xh, yh, d, n, dt, required)
+        if both is None:
+            return None
+        total = both if total is None else (total[0] + both[0], total[1] + both[1])
+    return total
+
+
 def _forward_ad_pass(model, ss: StructureSet, x, y, d, n: int, dt):
     """One forward pass with dual tensors (forward-mode AD): returns the logits z (with the
     reverse graph to the gates c recorded), c, and the cotangents (p − y)/N and R·(J d)/N."""
@@ -138,7 +151,7 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
             g, qd = g + gb.detach(), qd + hb
             continue
         both = None if dual == "forward_ad" else \
-            _stacked_products(model, ss, x, y, d, n, dt, required=dual == "stacked")
+            _stacked_halves(model, ss, x, y, d, n, dt, required=dual == "stacked")
         if both is None:
             z, c, cot_g, cot_q = _forward_ad_pass(model, ss, x, y, d, n, dt)
             both = (torch.autograd.grad(z, c, cot_g, retain_graph=True)[0],

@@ -102,7 +102,7 @@ def _bn_forward(module: nn.BatchNorm2d):
     scale, shift = scale[None, :, None, None], shift[None, :, None, None]
 
     def forward(x):
-        return x * scale.to(x.dtype) + shift.to(x.dtype)
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
     return forward
 
 
