@@ -100,3 +100,24 @@ def test_bad_dual_mode_is_one_line_error():
         curvature_product(model, ss, [(torch.randn(2, 4), torch.tensor([0, 1]))],
                           torch.ones(ss.num_structures), "cpu", dual="fast")
     assert derivatives.DUAL_MODES == ("auto", "stacked", "forward_ad")
+
+
+class Transposed(nn.Module):
+    """Reads ``x.T`` (rows become columns): no stacked rule, even though it is an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h.T.T)
+
+
+def test_attribute_reads_that_move_values_are_unsupported():
+    torch.manual_seed(0)
+    model = Transposed().double().eval()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    ss = StructureSet(model, x[:1])
+    with pytest.raises(SospError, match="dual='stacked'.*Tensor.T "):
+        curvature_product(model, ss, [(x, y)], torch.ones(ss.num_structures), "cpu", dual="stacked")

@@ -168,6 +168,9 @@ _ROWWISE_LINEAR = {
 }
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
         torch.Tensor.__radd__, torch.Tensor.__iadd__}
+# attribute reads that do not touch values (``x.T``, ``x.data``, ... are not among them)
+_ATTRIBUTES = {torch.Tensor.shape, torch.Tensor.dtype, torch.Tensor.device, torch.Tensor.ndim,
+               torch.Tensor.is_cuda, torch.Tensor.requires_grad, torch.Tensor.layout}
 _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.__len__,
              torch.Tensor.is_floating_point, torch.Tensor.is_contiguous, torch.Tensor.__format__}
 
@@ -189,7 +192,7 @@ class _StackedMode(TorchFunctionMode):
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(self, *args, **kwargs)
-        if func in _METADATA or getattr(func, "__name__", "") == "__get__":
+        if func in _METADATA or getattr(func, "__self__", None) in _ATTRIBUTES:
             return func(*args, **kwargs)
         if func is F.dropout and not kwargs.get("training", args[2] if len(args) > 2 else True):
             return args[0]
@@ -211,6 +214,9 @@ def _flat(items) -> list:
 
 
 def _name(func) -> str:
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", "") == "__get__" and hasattr(owner, "__name__"):
+        return f"Tensor.{owner.__name__} (attribute)"
     return getattr(func, "__qualname__", None) or repr(func)
 
 
