@@ -158,12 +158,20 @@ class StructureSet:
         extended = torch.cat([gates, ones], dim=-1)
         if gates.dim() == 1:
             extended = extended.unsqueeze(0)
+        with self.site_hooks(model, lambda lookup: _gate_hook(lookup, extended, unit), gates.device):
+            yield model
+
+    @contextlib.contextmanager
+    def site_hooks(self, model: nn.Module, make_hook, device):
+        """Within the block, every gate site (consumer module) runs the forward pre-hook
+        ``make_hook(lookup)``; ``lookup`` maps the site's input channels to gate slots (slot S:
+        channels of no structure). Hooks are removed on exit, also after an exception."""
         modules = dict(model.named_modules())
         handles = []
-        for name, site in self.sites.items():
-            hook = _gate_hook(site.lookup(self.num_structures, gates.device), extended, unit)
-            handles.append(modules[name].register_forward_pre_hook(hook))
         try:
+            for name, site in self.sites.items():
+                hook = make_hook(site.lookup(self.num_structures, device))
+                handles.append(modules[name].register_forward_pre_hook(hook))
             yield model
         finally:
             for h in handles:

@@ -50,34 +50,27 @@ def test_stacked_equals_forward_mode_on_every_model(name):
     assert all(p.requires_grad for p in model.parameters())
 
 
-class Squared(nn.Module):
-    """x·x (a product of two activations): no stacked rule."""
+class TwoLayer(nn.Module):
+    """fc2(middle(fc1(x))): ``middle`` is what the stacked rules must refuse."""
 
-    def __init__(self):
+    def __init__(self, middle):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.fc1, self.fc2, self.middle = nn.Linear(4, 5), nn.Linear(5, 3), middle
 
     def forward(self, x):
-        h = self.fc1(x)
-        return self.fc2(h * h)
+        return self.fc2(self.middle(self.fc1(x)))
 
 
-class Centred(nn.Module):
-    """Subtracts the batch mean: mixes rows, so the stacked rows would be wrong."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.fc1(x))
-        return self.fc2(h - h.mean(0, keepdim=True))
+UNSUPPORTED = {
+    "squared": lambda h: h * h,                                    # product of two activations
+    "centred": lambda h: torch.relu(h) - torch.relu(h).mean(0, keepdim=True),  # mixes the rows
+}
 
 
-@pytest.mark.parametrize("cls", [Squared, Centred])
-def test_unsupported_functions_fall_back_to_forward_mode(cls):
+@pytest.mark.parametrize("middle", UNSUPPORTED)
+def test_unsupported_functions_fall_back_to_forward_mode(middle):
     torch.manual_seed(0)
-    model = cls().double().eval()
+    model = TwoLayer(UNSUPPORTED[middle]).double().eval()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     ss = StructureSet(model, x[:1])
     ones = torch.ones(ss.num_structures)
@@ -102,21 +95,10 @@ def test_bad_dual_mode_is_one_line_error():
     assert derivatives.DUAL_MODES == ("auto", "stacked", "forward_ad")
 
 
-class Transposed(nn.Module):
-    """Reads ``x.T`` (rows become columns): no stacked rule, even though it is an attribute."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.fc1(x))
-        return self.fc2(h.T.T)
-
-
 def test_attribute_reads_that_move_values_are_unsupported():
     torch.manual_seed(0)
-    model = Transposed().double().eval()
+    # reads ``h.T`` (rows become columns): no stacked rule, even though it is an attribute
+    model = TwoLayer(lambda h: torch.relu(h).T.T).double().eval()
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     ss = StructureSet(model, x[:1])
     with pytest.raises(SospError, match="dual='stacked'.*Tensor.T "):

@@ -69,15 +69,9 @@ class FrozenLinear(torch.autograd.Function):
 
 
 def _conv_forward(module: nn.Conv2d):
-    if module.padding_mode != "zeros":
-        return None
-    padding = module.padding
-    if isinstance(padding, str):
-        return None
-
     def forward(x):
-        return FrozenConv.apply(x, module.weight, module.bias, module.stride, padding,
-                                 module.dilation, module.groups)
+        return FrozenConv.apply(x, module.weight, module.bias, module.stride, module.padding,
+                                module.dilation, module.groups)
     return forward
 
 
@@ -106,27 +100,32 @@ def _bn_forward(module: nn.BatchNorm2d):
     return forward
 
 
-def _lean_forward(module: nn.Module):
+def _layer_kind(module: nn.Module) -> str | None:
+    """'conv' | 'linear' | 'bn' for the layers whose forward can be replaced by a frozen one
+    (exact types: a subclass may compute something else; zero-padded convolutions with explicit
+    padding; BatchNorm with running statistics), else None."""
     if type(module) is nn.Conv2d:
-        return _conv_forward(module)
+        ok = module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return "conv" if ok else None
     if type(module) is nn.Linear:
-        return _linear_forward(module)
+        return "linear"
     if type(module) is nn.BatchNorm2d and module.track_running_stats:
-        return _bn_forward(module)
+        return "bn"
     return None
 
 
 @contextlib.contextmanager
-def swapped_forwards(model: nn.Module, make_forward):
-    """Within the block, every module for which ``make_forward(module)`` returns a callable runs
-    that callable as its forward, and the model's parameters are frozen (gate-space derivatives
-    never need weight gradients). Everything is restored on exit, also after an exception."""
+def swapped_forwards(model: nn.Module, builders: dict):
+    """Within the block, every Conv2d / Linear / BatchNorm2d that :func:`_layer_kind` accepts
+    runs ``builders[kind](module)`` as its forward (``builders``: 'conv', 'linear', 'bn'), and
+    the model's parameters are frozen (gate-space derivatives never need weight gradients).
+    Everything is restored on exit, also after an exception."""
     swapped, frozen = [], []
     try:
         for module in model.modules():
-            forward = make_forward(module)
-            if forward is not None:
-                module.forward = forward
+            kind = _layer_kind(module)
+            if kind is not None:
+                module.forward = builders[kind](module)
                 swapped.append(module)
         for p in model.parameters():
             if p.requires_grad:
@@ -148,7 +147,8 @@ def lean_layers(model: nn.Module):
     if getattr(model, "_sosp_lean", False):  # already inside lean_layers: nothing to do
         yield model
         return
-    with swapped_forwards(model, _lean_forward):
+    with swapped_forwards(model, {"conv": _conv_forward, "linear": _linear_forward,
+                                  "bn": _bn_forward}):
         model._sosp_lean = True
         try:
             yield model

@@ -30,7 +30,6 @@ both paths on every registered model.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn as nn
@@ -220,36 +219,39 @@ def _name(func) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
 
 
-def _conv_forward(module: nn.Conv2d):
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        return None
+def _primal_rows(values: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """Per-channel values (a bias, a BatchNorm shift) as a [2, 1, ...] tensor that adds them to
+    the primal row block of a split [2, B, ...] activation and 0 to the tangent rows (an
+    offset has no derivative)."""
+    shape = [2] + [1] * ndim
+    shape[1 + channel_dim % ndim] = -1
+    return torch.stack([values, torch.zeros_like(values)]).detach().view(shape)
 
-    def forward(x):
+
+def _with_bias(forward, bias, channel_dim: int):
+    """Stacked affine layer: the bias-free (linear) map on all rows, the bias on primal rows."""
+    def stacked(x):
         with torch._C.DisableTorchFunction():
-            y = FrozenConv.apply(x, module.weight, None, module.stride, module.padding,
-                                  module.dilation, module.groups)
-            if module.bias is None:
+            y = forward(x)
+            if bias is None:
                 return y
-            bias = torch.stack([module.bias, torch.zeros_like(module.bias)]).detach()
-            return (_split(y) + bias.view(2, 1, -1, 1, 1)).view(y.shape)
-    return forward
+            return (_split(y) + _primal_rows(bias, y.dim(), channel_dim)).view(y.shape)
+    return stacked
+
+
+def _conv_forward(module: nn.Conv2d):
+    return _with_bias(lambda x: FrozenConv.apply(x, module.weight, None, module.stride,
+                                                 module.padding, module.dilation, module.groups),
+                      module.bias, 1)
 
 
 def _linear_forward(module: nn.Linear):
-    def forward(x):
-        with torch._C.DisableTorchFunction():
-            y = FrozenLinear.apply(x, module.weight, None)
-            if module.bias is None:
-                return y
-            bias = torch.stack([module.bias, torch.zeros_like(module.bias)]).detach()
-            return (_split(y) + bias.view((2,) + (1,) * (y.dim() - 1) + (-1,))).view(y.shape)
-    return forward
+    return _with_bias(lambda x: FrozenLinear.apply(x, module.weight, None), module.bias, -1)
 
 
 def _bn_forward(module: nn.BatchNorm2d):
     scale, shift = bn_affine(module)
-    shift2 = torch.stack([shift, torch.zeros_like(shift)]).view(2, 1, -1, 1, 1)
-    scale = scale.view(1, 1, -1, 1, 1)
+    shift2, scale = _primal_rows(shift, 4, 1), scale.view(1, 1, -1, 1, 1)
 
     def forward(x):
         with torch._C.DisableTorchFunction():
@@ -257,36 +259,21 @@ def _bn_forward(module: nn.BatchNorm2d):
     return forward
 
 
-def _stacked_forward(module: nn.Module):
-    if type(module) is nn.Conv2d:
-        return _conv_forward(module)
-    if type(module) is nn.Linear:
-        return _linear_forward(module)
-    if type(module) is nn.BatchNorm2d and module.track_running_stats:
-        return _bn_forward(module)
-    return None
+_BUILDERS = {"conv": _conv_forward, "linear": _linear_forward, "bn": _bn_forward}
 
 
-@contextlib.contextmanager
 def _gate_hooks(model: nn.Module, ss: StructureSet, gates2: torch.Tensor, direction: torch.Tensor):
-    S = ss.num_structures
+    """Every gate site runs :class:`_Gate` on its input (a context manager)."""
     ext = torch.cat([gates2, gates2.new_ones(2, 1)], dim=1)        # slot S: channels of no structure
     dext = torch.cat([direction, direction.new_zeros(1)])
-    modules = dict(model.named_modules())
-    handles = []
-    for name, site in ss.sites.items():
-        lookup = site.lookup(S, gates2.device)
 
-        def hook(module, args, lookup=lookup):
+    def make_hook(lookup):
+        def hook(module, args):
             with torch._C.DisableTorchFunction():
                 x = args[0]
                 return (_Gate.apply(x, ext[:, lookup].to(x.dtype), dext[lookup].to(x.dtype)),) + args[1:]
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        return hook
+    return ss.site_hooks(model, make_hook, gates2.device)
 
 
 def dual_forward(model: nn.Module, ss: StructureSet, x: torch.Tensor, direction: torch.Tensor,
@@ -299,7 +286,7 @@ def dual_forward(model: nn.Module, ss: StructureSet, x: torch.Tensor, direction:
         raise ValueError("stacked dual evaluation needs the model in eval mode")
     gates2 = torch.ones(2, ss.num_structures, device=x.device, dtype=dtype, requires_grad=True)
     stacked = torch.cat([x, torch.zeros_like(x)])
-    with swapped_forwards(model, _stacked_forward), \
+    with swapped_forwards(model, _BUILDERS), \
             _gate_hooks(model, ss, gates2, direction.to(device=x.device, dtype=dtype)), \
             _StackedMode(stacked.shape[0]):
         z2 = model(stacked)
