@@ -158,20 +158,21 @@ class StructureSet:
         extended = torch.cat([gates, ones], dim=-1)
         if gates.dim() == 1:
             extended = extended.unsqueeze(0)
-        with self.site_hooks(model, lambda lookup: _gate_hook(lookup, extended, unit), gates.device):
+        with self.site_hooks(model, lambda lookup, _: _gate_hook(lookup, extended, unit), gates.device):
             yield model
 
     @contextlib.contextmanager
     def site_hooks(self, model: nn.Module, make_hook, device):
         """Within the block, every gate site (consumer module) runs the forward pre-hook
-        ``make_hook(lookup)``; ``lookup`` maps the site's input channels to gate slots (slot S:
-        channels of no structure). Hooks are removed on exit, also after an exception."""
+        ``make_hook(lookup, module)``; ``lookup`` maps the site's input channels to gate slots
+        (slot S: channels of no structure). Hooks are removed on exit, also after an exception."""
         modules = dict(model.named_modules())
         handles = []
         try:
             for name, site in self.sites.items():
-                hook = make_hook(site.lookup(self.num_structures, device))
-                handles.append(modules[name].register_forward_pre_hook(hook))
+                module = modules[name]
+                hook = make_hook(site.lookup(self.num_structures, device), module)
+                handles.append(module.register_forward_pre_hook(hook))
             yield model
         finally:
             for h in handles:
@@ -195,14 +196,10 @@ class _UnitGate(torch.autograd.Function):
     that c broadcasts along — the gradients of x·c at c = 1, without the multiplications by 1."""
 
     @staticmethod
-    def forward(x, scale):
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, scale = inputs
+    def forward(ctx, x, scale):   # ctx in forward: see the note in pruning/lean.py
         ctx.save_for_backward(x)
         ctx.scale_shape = scale.shape
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sosp_cli import api
 from sosp_cli.errors import SospError
-from sosp_cli.pruning import derivatives
+from sosp_cli.pruning import derivatives, stacked
 from sosp_cli.pruning.derivatives import curvature_product, joint_product, stackable
 from sosp_cli.structures import StructureSet, classifier_name
 from tiny import randomize_batchnorm
@@ -32,20 +32,28 @@ def float64_model(model, x):
     return model
 
 
+@pytest.mark.parametrize("direction", ["ones", "random"])
 @pytest.mark.parametrize("name", api.list_models())
-def test_stacked_equals_forward_mode_on_every_model(name):
+def test_stacked_equals_forward_mode_on_every_model(name, direction, monkeypatch):
+    """d = 1 (SOSP-H): convolutions and linear layers at gate sites add the tangent injection to
+    their outputs; a random d: the gates inject it on their inputs. Both must equal forward mode."""
+    injections = []
+    add = stacked._add_primal_to_tangent
+    monkeypatch.setattr(stacked, "_add_primal_to_tangent", lambda y: injections.append(1) or add(y))
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     model = float64_model(api.create_model(name, num_classes=5, width=WIDTH.get(name, 0.25)), x)
     y = torch.tensor([0, 3, 1])
     ss = StructureSet(model, x[:1])
-    d = torch.rand(ss.num_structures, dtype=torch.float64)
+    d = torch.rand(ss.num_structures, dtype=torch.float64) if direction == "random" else \
+        torch.ones(ss.num_structures, dtype=torch.float64)
     before = model(x)
     g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
     g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked")
     assert stackable(model)
     assert q1.abs().max() > 0
     assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10
+    assert bool(injections) == (direction == "ones")
     assert torch.equal(model(x), before)                       # model left as it was
     assert all(p.requires_grad for p in model.parameters())
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import SospError
 from ..structures import StructureSet
 from .lean import lean_layers
-from .stacked import Unsupported, dual_forward
+from .stacked import Unsupported, stacked_dual
 
 
 def _count(batches) -> int:
@@ -82,36 +82,26 @@ def stackable(model: nn.Module) -> bool:
     return model not in _NOT_STACKABLE
 
 
-def _stacked_products(model, ss: StructureSet, x, y, d, n: int, dt, required: bool):
-    """(g_b, (Q·d)_b) of one batch from one stacked forward pass and one backward pass
-    (:mod:`.stacked`), or None when the model needs forward-mode AD."""
-    if not stackable(model) and not required:
-        return None
-    try:
-        z2, gates2 = dual_forward(model, ss, x, d, dt)
-    except Unsupported as exc:
-        if required:
-            raise SospError(f"dual='stacked': the model calls {exc}, which has no stacked-dual "
-                            "rule; use dual='auto' or 'forward_ad'") from None
-        _NOT_STACKABLE[model] = str(exc)
-        return None
-    B = len(y)
-    cot_g, cot_q = _cotangents(z2[:B], z2[B:], y, n, dt)
-    both = torch.autograd.grad(z2, gates2, torch.cat([cot_g, cot_q]))[0]
-    return both[0], both[1]
-
-
-def _stacked_halves(model, ss: StructureSet, x, y, d, n: int, dt, required: bool):
-    """Stacked products of one batch, taken in two halves: each stacked pass then has as many
-    rows as the batch, i.e. exactly the tensor shapes (and activation memory) of a first-order
-    pass, so SOSP-H costs two first-order passes plus the tangent injections at the gates."""
-    total = None
-    for xh, yh in zip(x.split((len(y) + 1) // 2), y.split((len(y) + 1) // 2)):
-        both = _stacked_products(model, ss, xh, yh, d, n, dt, required)
-        if both is None:
-            return None
-        total = both if total is None else (total[0] + both[0], total[1] + both[1])
-    return total
+def _stacked_products(model, ss: StructureSet, batches, d, n: int, dt, device):
+    """(g, Q·d) from stacked passes (:mod:`.stacked`): per pass one forward over [x; 0] and one
+    backward with the cotangent [(p − y)/N; R J d/N]. Each batch is taken in two halves, so a
+    stacked pass has as many rows as the batch, i.e. exactly the tensor shapes (and activation
+    memory) of a first-order pass: SOSP-H costs two first-order passes plus the tangent
+    injections at the gate sites. Raises :class:`.stacked.Unsupported` (before any result)
+    when the model needs forward-mode AD."""
+    g = torch.zeros(ss.num_structures, device=device, dtype=dt)
+    qd = torch.zeros_like(g)
+    with stacked_dual(model, ss, d, dt) as forward:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            half = (len(y) + 1) // 2
+            for xh, yh in zip(x.split(half), y.split(half)):
+                z2, gates2 = forward(xh)
+                cot_g, cot_q = _cotangents(z2[:len(yh)], z2[len(yh):], yh, n, dt)
+                both = torch.autograd.grad(z2, gates2, torch.cat([cot_g, cot_q]))[0]
+                g += both[0]
+                qd += both[1]
+    return g, qd
 
 
 def _forward_ad_pass(model, ss: StructureSet, x, y, d, n: int, dt):
@@ -138,25 +128,37 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
         raise SospError(f"dual={dual!r}: expected one of {', '.join(DUAL_MODES)}")
     dt = _dtype(model)
     n, S = _count(batches), ss.num_structures
+    d = direction.to(device=device, dtype=dt)
+    if curvature == "hessian":
+        return _hessian_product(model, ss, batches, d, n, dt, device)
+    if dual == "stacked" or (dual == "auto" and stackable(model)):
+        try:
+            return _stacked_products(model, ss, batches, d, n, dt, device)
+        except Unsupported as exc:
+            if dual == "stacked":
+                raise SospError(f"dual='stacked': the model calls {exc}, which has no stacked-dual "
+                                "rule; use dual='auto' or 'forward_ad'") from None
+            _NOT_STACKABLE[model] = str(exc)
     g = torch.zeros(S, device=device, dtype=dt)
     qd = torch.zeros(S, device=device, dtype=dt)
-    d = direction.to(device=device, dtype=dt)
+    for x, y in batches:
+        z, c, cot_g, cot_q = _forward_ad_pass(model, ss, x.to(device), y.to(device), d, n, dt)
+        g += torch.autograd.grad(z, c, cot_g, retain_graph=True)[0]
+        qd += torch.autograd.grad(z, c, cot_q)[0]
+    return g, qd
+
+
+def _hessian_product(model, ss: StructureSet, batches, d, n: int, dt, device):
+    """(g, H·d) by double backward: H·d = ∂(gᵀd)/∂c."""
+    g = torch.zeros(ss.num_structures, device=device, dtype=dt)
+    qd = torch.zeros_like(g)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        if curvature == "hessian":
-            c = torch.ones(S, device=device, dtype=dt, requires_grad=True)
-            z = _logits(model, ss, c, x)
-            gb = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / n, c, create_graph=True)[0]
-            hb = torch.autograd.grad(gb @ d, c)[0]
-            g, qd = g + gb.detach(), qd + hb
-            continue
-        both = None if dual == "forward_ad" else \
-            _stacked_halves(model, ss, x, y, d, n, dt, required=dual == "stacked")
-        if both is None:
-            z, c, cot_g, cot_q = _forward_ad_pass(model, ss, x, y, d, n, dt)
-            both = (torch.autograd.grad(z, c, cot_g, retain_graph=True)[0],
-                    torch.autograd.grad(z, c, cot_q)[0])
-        g, qd = g + both[0], qd + both[1]
+        c = torch.ones(ss.num_structures, device=device, dtype=dt, requires_grad=True)
+        z = _logits(model, ss, c, x)
+        gb = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / n, c, create_graph=True)[0]
+        g += gb.detach()
+        qd += torch.autograd.grad(gb @ d, c)[0]
     return g, qd
 
 

@@ -22,19 +22,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# The autograd Functions here and in :mod:`.stacked` take ``ctx`` in ``forward`` (no separate
+# ``setup_context``): PyTorch binds a ``setup_context``-style Function's arguments with
+# ``inspect.signature`` on every call, ~50 µs, which is several per cent of a small layer's pass.
+
+
 class FrozenConv(torch.autograd.Function):
     """y = conv2d(x; W, b) with W, b constants: jvp ẏ = conv2d(ẋ; W), vjp x̄ = convᵀ(ȳ; W)."""
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, _, stride, padding, dilation, groups = inputs
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.args = (weight, stride, padding, dilation, groups)
         ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def jvp(ctx, x_t, *_):
@@ -52,12 +53,9 @@ class FrozenLinear(torch.autograd.Function):
     """y = x Wᵀ + b with W, b constants: jvp ẏ = ẋ Wᵀ, vjp x̄ = ȳ W."""
 
     @staticmethod
-    def forward(x, weight, bias):
+    def forward(ctx, x, weight, bias):
+        ctx.weight = weight
         return F.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.weight = inputs[1]
 
     @staticmethod
     def jvp(ctx, x_t, *_):
@@ -100,7 +98,7 @@ def _bn_forward(module: nn.BatchNorm2d):
     return forward
 
 
-def _layer_kind(module: nn.Module) -> str | None:
+def layer_kind(module: nn.Module) -> str | None:
     """'conv' | 'linear' | 'bn' for the layers whose forward can be replaced by a frozen one
     (exact types: a subclass may compute something else; zero-padded convolutions with explicit
     padding; BatchNorm with running statistics), else None."""
@@ -116,14 +114,14 @@ def _layer_kind(module: nn.Module) -> str | None:
 
 @contextlib.contextmanager
 def swapped_forwards(model: nn.Module, builders: dict):
-    """Within the block, every Conv2d / Linear / BatchNorm2d that :func:`_layer_kind` accepts
+    """Within the block, every Conv2d / Linear / BatchNorm2d that :func:`layer_kind` accepts
     runs ``builders[kind](module)`` as its forward (``builders``: 'conv', 'linear', 'bn'), and
     the model's parameters are frozen (gate-space derivatives never need weight gradients).
     Everything is restored on exit, also after an exception."""
     swapped, frozen = [], []
     try:
         for module in model.modules():
-            kind = _layer_kind(module)
+            kind = layer_kind(module)
             if kind is not None:
                 module.forward = builders[kind](module)
                 swapped.append(module)

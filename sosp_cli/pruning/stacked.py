@@ -16,6 +16,9 @@ linearisation at the primal rows:
   range; max pooling gathers the tangent at the primal argmax; other element-wise functions
   (tanh, sigmoid, softplus, SiLU, GELU, ...) multiply the tangent by f'(primal);
 - gate site of structure s (DESIGN §2): primal ``c·x₀``, tangent ``c·x₁ + d·x₀`` (product rule).
+  When the consumer is a convolution or linear layer L and d = 1 on all its input channels
+  (SOSP-H's direction), L(x₁ + x₀) = L(x₁) + L(x₀): the layer adds its own primal output
+  (without bias) to its tangent rows, one in-place addition instead of a copied, injected input.
 
 The custom gate function's backward sends each row block's cotangent to its own row of a
 [2, S] gate tensor through the primal Jacobian only (the ``d·x₀`` term is the direction, not a
@@ -30,6 +33,7 @@ both paths on every registered model.
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..structures import StructureSet
-from .lean import FrozenConv, FrozenLinear, bn_affine, swapped_forwards
+from .lean import FrozenConv, FrozenLinear, layer_kind, bn_affine, swapped_forwards
 
 
 class Unsupported(Exception):
@@ -46,27 +50,28 @@ class Unsupported(Exception):
 
 def _split(t: torch.Tensor) -> torch.Tensor:
     """[2B, ...] → [2, B, ...] (a view: row block 0 = primal, row block 1 = tangent)."""
-    return t.unflatten(0, (2, t.shape[0] // 2))
+    return t.view((2, t.shape[0] // 2) + t.shape[1:])
 
 
 class _Gate(torch.autograd.Function):
     """Gate site at c = 1 (DESIGN §2; the stacked pass is only ever evaluated there):
-    out₀ = c·x₀ = x₀, out₁ = c·x₁ + d·x₀ = x₁ + d·x₀.
+    out₀ = c·x₀ = x₀, out₁ = c·x₁ + d·x₀ = x₁ + d·x₀. With ``direction`` None the forward is
+    the identity (a view) and the consuming layer adds the injection to its output instead
+    (:func:`_add_primal_to_tangent`).
 
     Backward (per row block k, with ḡ_k its cotangent): x̄_k = c·ḡ_k = ḡ_k and
     c̄_k = Σ_{rows, positions} ḡ_k·x₀ — the primal vector-Jacobian product for each block."""
 
     @staticmethod
-    def forward(x, gates2, direction):
+    def forward(ctx, x, gates2, direction):
+        ctx.save_for_backward(x)
+        if direction is None:
+            return x.view_as(x)
         xs, out = _split(x), torch.empty_like(x)
         outs = _split(out)
         outs[0].copy_(xs[0])
         torch.addcmul(xs[1], xs[0], direction.view((-1,) + (1,) * (x.dim() - 2)), out=outs[1])
         return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad):
@@ -75,12 +80,41 @@ class _Gate(torch.autograd.Function):
         return grad, torch.mul(_split(grad), _split(x)[0]).sum(dims), None
 
 
+def _add_primal_to_tangent(y: torch.Tensor) -> torch.Tensor:
+    """y₁ += y₀ in place, for a bias-free linear layer L whose input is a gate site with d = 1
+    on every input channel: the gated tangent input is x₁ + x₀, and L(x₁ + x₀) = L(x₁) + L(x₀)
+    = y₁ + y₀. One addition on the output replaces the copy and the injection of :class:`_Gate`
+    on the input. The added term is the direction, not a function of the gates, so the
+    backward pass is the layer's own (identity here)."""
+    ys = _split(y)
+    ys[1] += ys[0]
+    return y
+
+
+class _InjectingConv(FrozenConv):
+    """:class:`.lean.FrozenConv` (no bias) followed by :func:`_add_primal_to_tangent`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        return _add_primal_to_tangent(FrozenConv.forward(ctx, x, weight, None, stride, padding, dilation, groups))
+
+
+class _InjectingLinear(FrozenLinear):
+    """:class:`.lean.FrozenLinear` (no bias) followed by :func:`_add_primal_to_tangent`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        return _add_primal_to_tangent(FrozenLinear.forward(ctx, x, weight, None))
+
+
 class _Clamp(torch.autograd.Function):
     """ReLU / Hardtanh (ReLU6): primal clamp(x₀, lo, hi); tangent x₁·1[lo < x₀ < hi];
     backward ḡ_k·1[lo < x₀ < hi] for both row blocks."""
 
     @staticmethod
-    def forward(x, lo, hi):
+    def forward(ctx, x, lo, hi):
+        ctx.save_for_backward(x)
+        ctx.range = (lo, hi)
         xs, out = _split(x), torch.empty_like(x)
         outs = _split(out)
         torch.clamp(xs[0], lo, hi, out=outs[0])
@@ -88,15 +122,11 @@ class _Clamp(torch.autograd.Function):
         return out
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, lo, hi = inputs
-        ctx.save_for_backward(x)
-        ctx.range = (lo, hi)
-
-    @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return _clamp_backward(_split(grad), _split(x)[0], *ctx.range).view(grad.shape), None, None
+        out = torch.empty_like(grad)   # not a view: autograd can accumulate into it in place
+        _clamp_backward(_split(grad), _split(x)[0], *ctx.range, out=_split(out))
+        return out, None, None
 
 
 def _clamp_backward(grad, x, lo, hi, out=None):
@@ -239,14 +269,16 @@ def _with_bias(forward, bias, channel_dim: int):
     return stacked
 
 
-def _conv_forward(module: nn.Conv2d):
-    return _with_bias(lambda x: FrozenConv.apply(x, module.weight, None, module.stride,
-                                                 module.padding, module.dilation, module.groups),
+def _conv_forward(module: nn.Conv2d, inject: bool = False):
+    conv = _InjectingConv if inject else FrozenConv
+    return _with_bias(lambda x: conv.apply(x, module.weight, None, module.stride,
+                                           module.padding, module.dilation, module.groups),
                       module.bias, 1)
 
 
-def _linear_forward(module: nn.Linear):
-    return _with_bias(lambda x: FrozenLinear.apply(x, module.weight, None), module.bias, -1)
+def _linear_forward(module: nn.Linear, inject: bool = False):
+    linear = _InjectingLinear if inject else FrozenLinear
+    return _with_bias(lambda x: linear.apply(x, module.weight, None), module.bias, -1)
 
 
 def _bn_forward(module: nn.BatchNorm2d):
@@ -262,34 +294,57 @@ def _bn_forward(module: nn.BatchNorm2d):
 _BUILDERS = {"conv": _conv_forward, "linear": _linear_forward, "bn": _bn_forward}
 
 
-def _gate_hooks(model: nn.Module, ss: StructureSet, gates2: torch.Tensor, direction: torch.Tensor):
-    """Every gate site runs :class:`_Gate` on its input (a context manager)."""
-    ext = torch.cat([gates2, gates2.new_ones(2, 1)], dim=1)        # slot S: channels of no structure
-    dext = torch.cat([direction, direction.new_zeros(1)])
+@contextlib.contextmanager
+def _gate_hooks(model: nn.Module, ss: StructureSet, current: dict, direction: torch.Tensor):
+    """Every gate site runs :class:`_Gate` on its input, with the gates ``current["ext"]`` of the
+    pass being run. Yields the set of sites whose tangent injection their own layer adds to its
+    output (:func:`_add_primal_to_tangent`): convolutions and linear layers with d = 1 on every
+    input channel (SOSP-H's d = 1 on all structures)."""
+    dext = torch.cat([direction, direction.new_zeros(1)])           # slot S: channels of no structure
+    injecting = set()
 
-    def make_hook(lookup):
+    def make_hook(lookup, module):
+        d = dext[lookup]
+        if layer_kind(module) in ("conv", "linear") and bool((d == 1).all()):
+            injecting.add(module)
+            d = None
+
         def hook(module, args):
             with torch._C.DisableTorchFunction():
-                x = args[0]
-                return (_Gate.apply(x, ext[:, lookup].to(x.dtype), dext[lookup].to(x.dtype)),) + args[1:]
+                return (_Gate.apply(args[0], current["ext"][:, lookup], d),) + args[1:]
         return hook
-    return ss.site_hooks(model, make_hook, gates2.device)
+    with ss.site_hooks(model, make_hook, direction.device):
+        yield injecting
 
 
-def dual_forward(model: nn.Module, ss: StructureSet, x: torch.Tensor, direction: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (stacked logits [2B, C], gates [2, S]) at c = 1: rows :B are z, rows B: are J·d,
-    and a backward pass from the logits with cotangent ``[u; w]`` puts Jᵀu in row 0 and Jᵀw in
-    row 1 of the gates' gradient. Raises :class:`Unsupported` if the model calls a function
-    without a stacked rule; the model is left as it was either way."""
+def _injecting(builder, injecting: set):
+    """The stacked layer builder, adding the tangent injection for the layers in ``injecting``."""
+    return lambda module: builder(module, inject=module in injecting)
+
+
+@contextlib.contextmanager
+def stacked_dual(model: nn.Module, ss: StructureSet, direction: torch.Tensor, dtype: torch.dtype):
+    """Within the block, ``forward(x)`` returns (stacked logits [2B, C], gates [2, S]) at c = 1:
+    rows :B are z, rows B: are J·d (d = ``direction``, on its device, in ``dtype`` like the
+    model), and a backward pass from the logits with cotangent ``[u; w]`` puts Jᵀu in row 0 and
+    Jᵀw in row 1 of the gates' gradient. ``forward`` raises :class:`Unsupported` if the model
+    calls a function without a stacked rule. Layers and hooks are set up once for all the passes
+    of the block; the model is left as it was on exit, also after an exception."""
     if model.training:
         raise ValueError("stacked dual evaluation needs the model in eval mode")
-    gates2 = torch.ones(2, ss.num_structures, device=x.device, dtype=dtype, requires_grad=True)
-    stacked = torch.cat([x, torch.zeros_like(x)])
-    with swapped_forwards(model, _BUILDERS), \
-            _gate_hooks(model, ss, gates2, direction.to(device=x.device, dtype=dtype)), \
-            _StackedMode(stacked.shape[0]):
-        z2 = model(stacked)
-    if not isinstance(z2, torch.Tensor) or z2.dim() != 2 or z2.shape[0] != stacked.shape[0]:
-        raise Unsupported("model output is not one logits tensor")
-    return z2, gates2
+    current = {}
+    direction = direction.to(dtype)
+    with _gate_hooks(model, ss, current, direction) as injecting, \
+            swapped_forwards(model, {**_BUILDERS, **{kind: _injecting(_BUILDERS[kind], injecting)
+                                                   for kind in ("conv", "linear")}}):
+
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            gates2 = torch.ones(2, ss.num_structures, device=x.device, dtype=dtype, requires_grad=True)
+            current["ext"] = torch.cat([gates2, gates2.new_ones(2, 1)], dim=1)
+            stacked = torch.cat([x, torch.zeros_like(x)])
+            with _StackedMode(stacked.shape[0]):
+                z2 = model(stacked)
+            if not isinstance(z2, torch.Tensor) or z2.dim() != 2 or z2.shape[0] != stacked.shape[0]:
+                raise Unsupported("model output is not one logits tensor")
+            return z2, gates2
+        yield forward
