@@ -11,6 +11,7 @@ above the process's baseline; CUDA: peak allocated bytes), because a process's R
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -26,6 +27,7 @@ from sosp_cli.models import create_model
 from sosp_cli.pruning import SaliencyInput, get_criterion
 from sosp_cli.pruning.derivatives import curvature_product, gradient
 from sosp_cli.structures import StructureSet
+from sosp_cli.utils import retain_freed_memory
 
 METHODS = ("taylor", "sosp_h", "sosp_i")
 
@@ -55,6 +57,7 @@ def run_method(method: str, model, ss, data, device, **options):
 
 
 def timed(fn, device):
+    gc.collect()   # every run starts without garbage left by the previous one
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -79,7 +82,8 @@ def memory_child(args) -> None:
 def peak_memory(args, width: float, method: str) -> float:
     cmd = [sys.executable, __file__, "--child-method", method, "--child-width", str(width),
            "--model", args.model, "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-           "--device", args.device]
+           "--device", args.device] + (["--threads", str(args.threads)] if args.threads else []) + \
+        (["--system-malloc"] if args.system_malloc else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
@@ -95,17 +99,25 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None,
                         help="time only these (default: gradient taylor sosp_h sosp_i sosp_h_joint "
                              "sosp_h_fwad); the ratio columns need taylor")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc malloc as configured (default: as sosp-run, "
+                             "sosp_cli.utils.retain_freed_memory)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-width", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    retained = False if args.system_malloc else retain_freed_memory()
     if args.child_method:
         return memory_child(args)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# {args.model}, {args.batches} batches × {args.batch_size}, device {device} ({name}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"freed memory {'retained' if retained else 'returned to the OS (system malloc)'}")
     rows = []
     for width in args.widths:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device)
@@ -123,6 +135,7 @@ def main() -> None:
             if m != "taylor" and "taylor" in methods:
                 row[f"{m}/taylor"] = med[m] / med["taylor"]
                 row[f"{m}/taylor_min"] = min(times[m]) / min(times["taylor"])
+                row[f"{m}/taylor_paired"] = statistics.median(a / b for a, b in zip(times[m], times["taylor"]))
         if not args.no_memory:
             for m in (m for m in METHODS if m in methods):
                 row[f"{m}_peak_mb"] = peak_memory(args, width, m)
@@ -134,7 +147,8 @@ def main() -> None:
         print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": str(device), "device_name": name, "rows": rows}, fh, indent=2)
+            json.dump({"device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+                       "retain_freed_memory": retained, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from .models import create_model as _create_model, list_models
 from .pruning import SaliencyInput, get_criterion, list_criteria
 from .structures import StructureSet
 from .surgery import remove_structures
+from .utils import retain_freed_memory
 
-__all__ = ["create_model", "list_models", "list_criteria", "structures", "saliency", "mask", "prune"]
+__all__ = ["create_model", "list_models", "list_criteria", "structures", "saliency", "mask", "prune",
+           "retain_freed_memory"]
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3,

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import RunConfig
 from .errors import SospError, check_choice
+from .utils import retain_freed_memory
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -123,6 +124,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
 
 def main() -> None:
     """Console entry point of ``sosp-run``."""
+    retain_freed_memory()
     try:
         precheck(sys.argv[1:])
     except SospError as exc:

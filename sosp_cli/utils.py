@@ -67,3 +67,35 @@ def resolve_device(name: str) -> torch.device:
         from .errors import SospError
         raise SospError("device=cuda but no CUDA device is available; use device=cpu or auto")
     return torch.device(name)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
+
+
+def retain_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory in the process instead of returning it to the OS.
+
+    Every forward/backward pass frees and re-allocates activation-sized blocks. By default glibc
+    hands blocks above its mmap threshold, and free heap tops above its trim threshold, back to
+    the OS at once, so the next pass page-faults the same memory in again; on the 2-core VM we
+    develop on that cost SOSP-H about a fifth of its saliency time (README, "Saliency
+    benchmark"). This is ``MALLOC_MMAP_THRESHOLD_=32 MiB`` (glibc's maximum) and
+    ``MALLOC_TRIM_THRESHOLD_=2 GiB``, set at run time: the process keeps its peak heap, as
+    PyTorch's CUDA caching allocator does on the GPU. ``sosp-run`` calls it at start-up.
+
+    Returns False, changing nothing, when the C library is not glibc, when the user set any
+    ``MALLOC_*_`` tuning variable, or when ``SOSP_SYSTEM_MALLOC=1``."""
+    import ctypes
+    import platform
+
+    if os.environ.get("SOSP_SYSTEM_MALLOC") == "1" or any(v in os.environ for v in _MALLOC_ENV):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -155,3 +155,33 @@ def test_layer_local_method_needs_local_scope(tmp_path):
         run(compose_run(["experiment=smoke", "method=fpgm", "prune.scope=global"], tmp_path), tmp_path / "r")
     r = run(compose_run(["experiment=smoke", "method=hrank"], tmp_path), tmp_path / "h")
     assert r["scope"] == "local"
+
+
+RETAIN_PROBE = """
+import resource, sys, torch
+from sosp_cli.utils import retain_freed_memory
+print(retain_freed_memory())
+def cycle():                       # a pass: ten 4 MiB activations allocated, then all freed
+    acts = [torch.ones(1 << 20) for _ in range(10)]
+    del acts
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc malloc only")
+def test_retain_freed_memory_keeps_pages_and_respects_opt_outs():
+    def probe(**env):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "SOSP_SYSTEM_MALLOC"} | env
+        out = subprocess.run([sys.executable, "-c", RETAIN_PROBE], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+    applied, faults = probe()
+    assert applied
+    assert faults < 0.25 * 20 * 10 * 1024      # freed pages are reused, not faulted in again
+    assert probe(SOSP_SYSTEM_MALLOC="1")[0] is False
+    assert probe(MALLOC_TRIM_THRESHOLD_="1000000")[0] is False
