@@ -103,6 +103,21 @@ def bn_l1(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def _train_step(model, x, y, optimizer, scaler, use_amp: bool, label_smoothing: float,
+                bn_sparsity: float) -> tuple[float, int]:
+    """One optimisation step; returns (mean loss, correct predictions). A function of its own so
+    that the step's outputs and graph are released before the next step's forward pass."""
+    with torch.autocast(x.device.type, enabled=use_amp):
+        out = model(x)
+        loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+    total = loss + bn_sparsity * bn_l1(model) if bn_sparsity else loss
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item(), int(out.argmax(1).eq(y).sum())
+
+
 def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device,
           stage: str, metrics_path: Path | None = None, checkpoint_path: Path | None = None,
           seed: int = 0, amp: bool = False, channels_last: bool = False,
@@ -140,17 +155,11 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, enabled=use_amp):
-                out = model(x)
-                loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-            total = loss + bn_sparsity * bn_l1(model) if bn_sparsity else loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            step_loss, step_correct = _train_step(model, x, y, optimizer, scaler, use_amp,
+                                                  cfg.label_smoothing, bn_sparsity)
             scheduler.step()
-            loss_sum += loss.item() * len(y)
-            correct += int(out.argmax(1).eq(y).sum())
+            loss_sum += step_loss * len(y)
+            correct += step_correct
             n += len(y)
             bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}")
         val = evaluate(model, val_loader, device, channels_last)

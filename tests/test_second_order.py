@@ -1,4 +1,6 @@
 """Every second-order quantity against brute force on tiny networks, in float64 (DESIGN §3)."""
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,9 @@ import torch.nn.functional as F
 from sosp_cli import api
 from sosp_cli.config import MethodConfig
 from sosp_cli.pruning import SaliencyInput, get_criterion
-from sosp_cli.pruning.derivatives import curvature_matrix, curvature_product
+from sosp_cli.pruning import derivatives
+from sosp_cli.pruning.derivatives import (batch_gradients, curvature_matrix, curvature_product, gradient,
+                                             joint_product)
 from sosp_cli.pruning.sosp_i import greedy_order
 from sosp_cli.structures import StructureSet
 from tiny import TinyMLP, TinyResNet, randomize_batchnorm
@@ -212,3 +216,38 @@ def test_greedy_selection_reproduces_the_greedy_set():
     sal = crit.compute(SaliencyInput(model, ss, batches, torch.device("cpu")))
     g, Q, _ = brute_force(model, ss, x, y)
     assert torch.equal(sal.scores.long(), greedy_order(g, Q))
+
+
+DERIVATIVE_PASSES = {
+    "gradient": lambda m, ss, b: gradient(m, ss, b, "cpu"),
+    "batch_gradients": lambda m, ss, b: list(batch_gradients(m, ss, b, "cpu")),
+    "stacked": lambda m, ss, b: curvature_product(m, ss, b, torch.ones(ss.num_structures), "cpu", dual="stacked"),
+    "forward_ad": lambda m, ss, b: curvature_product(m, ss, b, torch.ones(ss.num_structures), "cpu", dual="forward_ad"),
+    "hessian_vector": lambda m, ss, b: curvature_product(m, ss, b, torch.ones(ss.num_structures), "cpu", "hessian"),
+    "gn_matrix": lambda m, ss, b: curvature_matrix(m, ss, b, "cpu", "gn"),
+    "hessian_matrix": lambda m, ss, b: curvature_matrix(m, ss, b, "cpu", "hessian"),
+    "joint_forward_ad": lambda m, ss, b: _joint_fallback(m, ss, b),
+}
+
+
+def _joint_fallback(model, ss, batches):
+    derivatives._NOT_STACKABLE[model] = "test: the forward-mode AD path of joint_product"
+    return joint_product(model, ss, batches, torch.ones(ss.num_structures), "cpu")
+
+
+@pytest.mark.parametrize("path", DERIVATIVE_PASSES)
+def test_each_pass_releases_its_graph_before_the_next(path):
+    """A finished pass's logits (and through them its autograd graph) must be gone when the next
+    pass starts: kept alive, they raised the next forward pass's peak memory by ~40 %."""
+    model, ss, x, y, batches = setup("resnet")
+    outputs, alive_at_start = [], []
+    pre = model.register_forward_pre_hook(
+        lambda module, args: alive_at_start.append([ref() is not None for ref in outputs]))
+    post = model.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    try:
+        DERIVATIVE_PASSES[path](model, ss, batches)
+    finally:
+        pre.remove()
+        post.remove()
+    assert len(alive_at_start) >= 2
+    assert not any(any(alive) for alive in alive_at_start)

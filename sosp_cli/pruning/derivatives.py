@@ -43,14 +43,24 @@ def _logits(model, ss: StructureSet, gates, x, unit: bool = False):
         return model(x)
 
 
+# Each pass below runs in a function of its own: its logits, and through them its autograd graph,
+# are released before the next pass starts. Kept alive as loop variables, a finished pass's
+# graph made the next forward pass's peak memory ~40 % higher (measured on ResNet-56, CPU).
+
+
+def _gate_gradient(model, ss: StructureSet, x, y, denominator: int, dt, device) -> torch.Tensor:
+    """∂(Σ_batch CE / denominator)/∂c of one batch."""
+    c = torch.ones(ss.num_structures, device=device, dtype=dt, requires_grad=True)
+    z = _logits(model, ss, c, x.to(device), unit=True)
+    return torch.autograd.grad(F.cross_entropy(z, y.to(device), reduction="sum") / denominator, c)[0]
+
+
 def gradient(model: nn.Module, ss: StructureSet, batches, device) -> torch.Tensor:
     """g = ∂L/∂c (DESIGN §3)."""
     dt = _dtype(model)
     n, g = _count(batches), torch.zeros(ss.num_structures, device=device, dtype=dt)
     for x, y in batches:
-        c = torch.ones(ss.num_structures, device=device, dtype=dt, requires_grad=True)
-        z = _logits(model, ss, c, x.to(device), unit=True)
-        g += torch.autograd.grad(F.cross_entropy(z, y.to(device), reduction="sum") / n, c)[0]
+        g += _gate_gradient(model, ss, x, y, n, dt, device)
     return g
 
 
@@ -58,9 +68,7 @@ def batch_gradients(model: nn.Module, ss: StructureSet, batches, device) -> Iter
     """∂L_b/∂c for each batch b, with L_b the batch's mean cross-entropy (first-order Taylor)."""
     dt = _dtype(model)
     for x, y in batches:
-        c = torch.ones(ss.num_structures, device=device, dtype=dt, requires_grad=True)
-        z = _logits(model, ss, c, x.to(device), unit=True)
-        yield torch.autograd.grad(F.cross_entropy(z, y.to(device)), c)[0]
+        yield _gate_gradient(model, ss, x, y, len(y), dt, device)
 
 
 def _cotangents(z, jd, y, n: int, dt):
@@ -96,12 +104,17 @@ def _stacked_products(model, ss: StructureSet, batches, d, n: int, dt, device):
             x, y = x.to(device), y.to(device)
             half = (len(y) + 1) // 2
             for xh, yh in zip(x.split(half), y.split(half)):
-                z2, gates2 = forward(xh)
-                cot_g, cot_q = _cotangents(z2[:len(yh)], z2[len(yh):], yh, n, dt)
-                both = torch.autograd.grad(z2, gates2, torch.cat([cot_g, cot_q]))[0]
+                both = _stacked_pass(forward, xh, yh, n, dt)
                 g += both[0]
                 qd += both[1]
     return g, qd
+
+
+def _stacked_pass(forward, x, y, n: int, dt) -> torch.Tensor:
+    """[g_b; (Q·d)_b] of one stacked pass."""
+    z2, gates2 = forward(x)
+    cot_g, cot_q = _cotangents(z2[:len(y)], z2[len(y):], y, n, dt)
+    return torch.autograd.grad(z2, gates2, torch.cat([cot_g, cot_q]))[0]
 
 
 def _forward_ad_pass(model, ss: StructureSet, x, y, d, n: int, dt):
@@ -142,10 +155,17 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
     g = torch.zeros(S, device=device, dtype=dt)
     qd = torch.zeros(S, device=device, dtype=dt)
     for x, y in batches:
-        z, c, cot_g, cot_q = _forward_ad_pass(model, ss, x.to(device), y.to(device), d, n, dt)
-        g += torch.autograd.grad(z, c, cot_g, retain_graph=True)[0]
-        qd += torch.autograd.grad(z, c, cot_q)[0]
+        gb, qb = _forward_ad_products(model, ss, x.to(device), y.to(device), d, n, dt)
+        g += gb
+        qd += qb
     return g, qd
+
+
+def _forward_ad_products(model, ss: StructureSet, x, y, d, n: int, dt):
+    """(g_b, (Q·d)_b) of one batch on the forward-mode AD path: two backward passes."""
+    z, c, cot_g, cot_q = _forward_ad_pass(model, ss, x, y, d, n, dt)
+    return (torch.autograd.grad(z, c, cot_g, retain_graph=True)[0],
+            torch.autograd.grad(z, c, cot_q)[0])
 
 
 def _hessian_product(model, ss: StructureSet, batches, d, n: int, dt, device):
@@ -153,13 +173,17 @@ def _hessian_product(model, ss: StructureSet, batches, d, n: int, dt, device):
     g = torch.zeros(ss.num_structures, device=device, dtype=dt)
     qd = torch.zeros_like(g)
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        c = torch.ones(ss.num_structures, device=device, dtype=dt, requires_grad=True)
-        z = _logits(model, ss, c, x)
-        gb = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / n, c, create_graph=True)[0]
-        g += gb.detach()
-        qd += torch.autograd.grad(gb @ d, c)[0]
+        gb, hb = _hessian_vector_batch(model, ss, x.to(device), y.to(device), d, n, dt)
+        g += gb
+        qd += hb
     return g, qd
+
+
+def _hessian_vector_batch(model, ss: StructureSet, x, y, d, n: int, dt):
+    c = torch.ones(ss.num_structures, device=x.device, dtype=dt, requires_grad=True)
+    z = _logits(model, ss, c, x)
+    gb = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / n, c, create_graph=True)[0]
+    return gb.detach(), torch.autograd.grad(gb @ d, c)[0]
 
 
 def joint_product(model: nn.Module, ss: StructureSet, batches, direction: torch.Tensor,
@@ -175,9 +199,13 @@ def joint_product(model: nn.Module, ss: StructureSet, batches, direction: torch.
     out = torch.zeros(ss.num_structures, device=device, dtype=dt)
     d = direction.to(device=device, dtype=dt)
     for x, y in batches:
-        z, c, cot_g, cot_q = _forward_ad_pass(model, ss, x.to(device), y.to(device), d, n, dt)
-        out += torch.autograd.grad(z, c, -cot_g + 0.5 * cot_q)[0]
+        out += _forward_ad_joint(model, ss, x.to(device), y.to(device), d, n, dt)
     return out
+
+
+def _forward_ad_joint(model, ss: StructureSet, x, y, d, n: int, dt) -> torch.Tensor:
+    z, c, cot_g, cot_q = _forward_ad_pass(model, ss, x, y, d, n, dt)
+    return torch.autograd.grad(z, c, -cot_g + 0.5 * cot_q)[0]
 
 
 def jacobian_factors(model: nn.Module, ss: StructureSet, batches, device, curvature: str = "gn",
@@ -192,35 +220,39 @@ def jacobian_factors(model: nn.Module, ss: StructureSet, batches, device, curvat
     sample, u_n = p_n − e_ŷ, E[u uᵀ] = R_n: one backward.
     """
     dt = _dtype(model)
-    n, S = _count(batches), ss.num_structures
-    scale = 1.0 / math.sqrt(n)
+    n = _count(batches)
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        B = len(y)
-        c = torch.ones(B, S, device=device, dtype=dt, requires_grad=True)
-        z = _logits(model, ss, c, x, unit=True)
-        p = torch.softmax(z.detach().to(dt), dim=1)
-        onehot = F.one_hot(y, p.shape[1]).to(p.dtype)
-        g = torch.autograd.grad(z, c, (p - onehot).to(z.dtype) / n, retain_graph=True)[0].sum(0)
-        if curvature == "fisher_mc":
-            sampled = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(device)
-            u = p - F.one_hot(sampled, p.shape[1]).to(p.dtype)
-            rows = torch.autograd.grad(z, c, u.to(z.dtype))[0]
-            yield g, rows * scale
-            continue
-        sqrt_p = p.sqrt()
-        C = p.shape[1]
-        blocks = []
-        for start in range(0, C, chunk_size):
-            ks = torch.arange(start, min(C, start + chunk_size), device=device)
-            # cotangent k for sample n: column k of A_n = √p_nk e_k − p_n √p_nk
-            eye = F.one_hot(ks, C).to(p.dtype)                               # [K, C]
-            cot = sqrt_p[:, ks].T[:, :, None] * (eye[:, None, :] - p[None])  # [K, B, C]
-            last = start + chunk_size >= C
-            rows = torch.autograd.grad(z, c, cot.to(z.dtype), is_grads_batched=True,
-                                       retain_graph=not last)[0]
-            blocks.append(rows.reshape(-1, S))
-        yield g, torch.cat(blocks) * scale
+        yield _jacobian_factor_batch(model, ss, x.to(device), y.to(device), n, dt, curvature,
+                                     chunk_size, generator)
+
+
+def _jacobian_factor_batch(model, ss: StructureSet, x, y, n: int, dt, curvature: str,
+                           chunk_size: int, generator):
+    """(g_batch, F) of one batch (:func:`jacobian_factors`)."""
+    device, S, B = x.device, ss.num_structures, len(y)
+    scale = 1.0 / math.sqrt(n)
+    c = torch.ones(B, S, device=device, dtype=dt, requires_grad=True)
+    z = _logits(model, ss, c, x, unit=True)
+    p = torch.softmax(z.detach().to(dt), dim=1)
+    onehot = F.one_hot(y, p.shape[1]).to(p.dtype)
+    g = torch.autograd.grad(z, c, (p - onehot).to(z.dtype) / n, retain_graph=True)[0].sum(0)
+    if curvature == "fisher_mc":
+        sampled = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(device)
+        u = p - F.one_hot(sampled, p.shape[1]).to(p.dtype)
+        return g, torch.autograd.grad(z, c, u.to(z.dtype))[0] * scale
+    sqrt_p = p.sqrt()
+    C = p.shape[1]
+    blocks = []
+    for start in range(0, C, chunk_size):
+        ks = torch.arange(start, min(C, start + chunk_size), device=device)
+        # cotangent k for sample n: column k of A_n = √p_nk e_k − p_n √p_nk
+        eye = F.one_hot(ks, C).to(p.dtype)                               # [K, C]
+        cot = sqrt_p[:, ks].T[:, :, None] * (eye[:, None, :] - p[None])  # [K, B, C]
+        last = start + chunk_size >= C
+        rows = torch.autograd.grad(z, c, cot.to(z.dtype), is_grads_batched=True,
+                                   retain_graph=not last)[0]
+        blocks.append(rows.reshape(-1, S))
+    return g, torch.cat(blocks) * scale
 
 
 def curvature_matrix(model: nn.Module, ss: StructureSet, batches, device, curvature: str = "gn",
@@ -239,6 +271,18 @@ def curvature_matrix(model: nn.Module, ss: StructureSet, batches, device, curvat
     return g, q
 
 
+def _hessian_rows_batch(model, ss: StructureSet, x, y, n: int, dt, eye, chunk_size: int, h):
+    """Add one batch's Hessian to ``h`` (``chunk_size`` rows per double backward); return its g."""
+    c = torch.ones(ss.num_structures, device=x.device, dtype=dt, requires_grad=True)
+    z = _logits(model, ss, c, x)
+    gb = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / n, c, create_graph=True)[0]
+    for start in range(0, ss.num_structures, chunk_size):
+        block = eye[start:start + chunk_size]
+        h[start:start + len(block)] += torch.autograd.grad(
+            gb, c, block, is_grads_batched=True, retain_graph=True)[0]
+    return gb.detach()
+
+
 def _hessian_matrix(model, ss: StructureSet, batches, device, chunk_size: int, diagonal_only: bool):
     """Exact gate Hessian, ``chunk_size`` Hessian-vector products per double backward."""
     dt = _dtype(model)
@@ -247,14 +291,6 @@ def _hessian_matrix(model, ss: StructureSet, batches, device, chunk_size: int, d
     h = torch.zeros(S, S, device=device, dtype=dt)
     eye = torch.eye(S, device=device, dtype=dt)
     for x, y in batches:
-        c = torch.ones(S, device=device, dtype=dt, requires_grad=True)
-        z = _logits(model, ss, c, x.to(device))
-        gb = torch.autograd.grad(F.cross_entropy(z, y.to(device), reduction="sum") / n, c,
-                                 create_graph=True)[0]
-        for start in range(0, S, chunk_size):
-            block = eye[start:start + chunk_size]
-            h[start:start + len(block)] += torch.autograd.grad(
-                gb, c, block, is_grads_batched=True, retain_graph=True)[0]
-        g += gb.detach()
+        g += _hessian_rows_batch(model, ss, x.to(device), y.to(device), n, dt, eye, chunk_size, h)
     h = 0.5 * (h + h.T)
     return g, (h.diagonal().clone() if diagonal_only else h)
