@@ -124,8 +124,8 @@ def hydra_main(cfg: DictConfig) -> dict | None:
 
 def main() -> None:
     """Console entry point of ``sosp-run``."""
-    retain_freed_memory()
     try:
+        retain_freed_memory()
         precheck(sys.argv[1:])
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)

@@ -71,7 +71,6 @@ def resolve_device(name: str) -> torch.device:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
 
 
 def retain_freed_memory() -> bool:
@@ -86,11 +85,17 @@ def retain_freed_memory() -> bool:
     PyTorch's CUDA caching allocator does on the GPU. ``sosp-run`` calls it at start-up.
 
     Returns False, changing nothing, when the C library is not glibc, when the user set any
-    ``MALLOC_*_`` tuning variable, or when ``SOSP_SYSTEM_MALLOC=1``."""
+    ``MALLOC_*_`` tuning variable, or when ``SOSP_SYSTEM_MALLOC=1``; any value of
+    ``SOSP_SYSTEM_MALLOC`` other than 0 or 1 is an error."""
     import ctypes
     import platform
 
-    if os.environ.get("SOSP_SYSTEM_MALLOC") == "1" or any(v in os.environ for v in _MALLOC_ENV):
+    opt_out = os.environ.get("SOSP_SYSTEM_MALLOC", "0")
+    if opt_out not in ("0", "1"):
+        from .errors import SospError
+        raise SospError(f"SOSP_SYSTEM_MALLOC={opt_out!r}: expected 1 (leave glibc malloc as it is) or 0")
+    user_tuned = any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
+    if opt_out == "1" or user_tuned:
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

@@ -185,3 +185,9 @@ def test_retain_freed_memory_keeps_pages_and_respects_opt_outs():
     assert faults < 0.25 * 20 * 10 * 1024      # freed pages are reused, not faulted in again
     assert probe(SOSP_SYSTEM_MALLOC="1")[0] is False
     assert probe(MALLOC_TRIM_THRESHOLD_="1000000")[0] is False
+    env = dict(os.environ, SOSP_SYSTEM_MALLOC="yes")
+    bad = subprocess.run([sys.executable, "-m", "sosp_cli.cli", "experiment=quickstart"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "sosp-run: error: SOSP_SYSTEM_MALLOC='yes': expected 1 (leave glibc malloc as it is) or 0"]

@@ -179,10 +179,16 @@ def _hessian_product(model, ss: StructureSet, batches, d, n: int, dt, device):
     return g, qd
 
 
-def _hessian_vector_batch(model, ss: StructureSet, x, y, d, n: int, dt):
+def _differentiable_gradient(model, ss: StructureSet, x, y, n: int, dt):
+    """(c, g_b) of one batch with g_b = ∂(Σ_batch CE / N)/∂c built with ``create_graph``, for
+    second derivatives by double backward."""
     c = torch.ones(ss.num_structures, device=x.device, dtype=dt, requires_grad=True)
     z = _logits(model, ss, c, x)
-    gb = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / n, c, create_graph=True)[0]
+    return c, torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / n, c, create_graph=True)[0]
+
+
+def _hessian_vector_batch(model, ss: StructureSet, x, y, d, n: int, dt):
+    c, gb = _differentiable_gradient(model, ss, x, y, n, dt)
     return gb.detach(), torch.autograd.grad(gb @ d, c)[0]
 
 
@@ -273,9 +279,7 @@ def curvature_matrix(model: nn.Module, ss: StructureSet, batches, device, curvat
 
 def _hessian_rows_batch(model, ss: StructureSet, x, y, n: int, dt, eye, chunk_size: int, h):
     """Add one batch's Hessian to ``h`` (``chunk_size`` rows per double backward); return its g."""
-    c = torch.ones(ss.num_structures, device=x.device, dtype=dt, requires_grad=True)
-    z = _logits(model, ss, c, x)
-    gb = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / n, c, create_graph=True)[0]
+    c, gb = _differentiable_gradient(model, ss, x, y, n, dt)
     for start in range(0, ss.num_structures, chunk_size):
         block = eye[start:start + chunk_size]
         h[start:start + len(block)] += torch.autograd.grad(
