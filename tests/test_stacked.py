@@ -111,3 +111,23 @@ def test_attribute_reads_that_move_values_are_unsupported():
     ss = StructureSet(model, x[:1])
     with pytest.raises(SospError, match="dual='stacked'.*Tensor.T "):
         curvature_product(model, ss, [(x, y)], torch.ones(ss.num_structures), "cpu", dual="stacked")
+
+
+def test_nested_layer_swaps_unwind_in_order():
+    """A block that swaps layer forwards inside another restores the enclosing block's forwards
+    on exit (not the classes'), and the outer exit leaves the model untouched."""
+    from sosp_cli.pruning.lean import swapped_forwards
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+
+    def tagged(tag):
+        return {kind: (lambda module, kind=kind: (tag, kind)) for kind in ("conv", "bn", "linear")}
+    with swapped_forwards(model, tagged("outer")):
+        with swapped_forwards(model, tagged("inner")):
+            assert model[0].forward == ("inner", "conv") and model[3].forward == ("inner", "linear")
+        assert model[0].forward == ("outer", "conv") and model[1].forward == ("outer", "bn")
+        assert not any(p.requires_grad for p in model.parameters())
+    assert all("forward" not in m.__dict__ for m in model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(model(x), before)

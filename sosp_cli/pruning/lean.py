@@ -117,22 +117,26 @@ def swapped_forwards(model: nn.Module, builders: dict):
     """Within the block, every Conv2d / Linear / BatchNorm2d that :func:`layer_kind` accepts
     runs ``builders[kind](module)`` as its forward (``builders``: 'conv', 'linear', 'bn'), and
     the model's parameters are frozen (gate-space derivatives never need weight gradients).
-    Everything is restored on exit, also after an exception."""
+    Everything is restored on exit, also after an exception, including a forward an enclosing
+    block had swapped in (nested blocks unwind in order)."""
     swapped, frozen = [], []
     try:
         for module in model.modules():
             kind = layer_kind(module)
             if kind is not None:
+                swapped.append((module, module.__dict__.get("forward")))
                 module.forward = builders[kind](module)
-                swapped.append(module)
         for p in model.parameters():
             if p.requires_grad:
                 p.requires_grad_(False)
                 frozen.append(p)
         yield model
     finally:
-        for module in swapped:
-            del module.forward
+        for module, previous in swapped:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
         for p in frozen:
             p.requires_grad_(True)
 

@@ -50,7 +50,7 @@ class Unsupported(Exception):
 
 def _split(t: torch.Tensor) -> torch.Tensor:
     """[2B, ...] → [2, B, ...] (a view: row block 0 = primal, row block 1 = tangent)."""
-    return t.view((2, t.shape[0] // 2) + t.shape[1:])
+    return torch.unflatten(t, 0, (2, -1))
 
 
 class _Gate(torch.autograd.Function):
@@ -87,7 +87,7 @@ def _add_primal_to_tangent(y: torch.Tensor) -> torch.Tensor:
     on the input. The added term is the direction, not a function of the gates, so the
     backward pass is the layer's own (identity here)."""
     ys = _split(y)
-    ys[1] += ys[0]
+    ys[1].add_(ys[0])   # not ``ys[1] += ys[0]``: that also assigns the result back (a copy)
     return y
 
 
@@ -108,7 +108,8 @@ class _InjectingLinear(FrozenLinear):
 
 
 class _Clamp(torch.autograd.Function):
-    """ReLU / Hardtanh (ReLU6): primal clamp(x₀, lo, hi); tangent x₁·1[lo < x₀ < hi];
+    """Hardtanh / ReLU6 (ReLU: :func:`_relu`, same rule with lo = 0 and no hi): primal
+    clamp(x₀, lo, hi); tangent x₁·1[lo < x₀ < hi];
     backward ḡ_k·1[lo < x₀ < hi] for both row blocks."""
 
     @staticmethod
@@ -129,19 +130,19 @@ class _Clamp(torch.autograd.Function):
         return out, None, None
 
 
-def _clamp_backward(grad, x, lo, hi, out=None):
-    """grad where lo < x < hi, else 0 (hi None: x > lo), one fused ATen kernel."""
-    if hi is None:
-        if out is None:
-            return torch.ops.aten.threshold_backward(grad, x, lo)
-        return torch.ops.aten.threshold_backward.grad_input(grad, x, lo, grad_input=out)
-    if out is None:
-        return torch.ops.aten.hardtanh_backward(grad, x, lo, hi)
-    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, lo, hi, grad_input=out)
+def _clamp_backward(grad, x, lo, hi, out):
+    """out = grad where lo < x < hi, else 0: one fused ATen kernel."""
+    torch.ops.aten.hardtanh_backward.grad_input(grad, x, lo, hi, grad_input=out)
 
 
 def _relu(mode, x, inplace=False):
-    return _Clamp.apply(mode.check(x), 0.0, None)
+    """ReLU without a custom autograd Function: ``threshold_backward(v, x₀, 0)`` is v where
+    x₀ > 0, else 0; applied to both row blocks v = [x₀; x₁] (x₀ broadcast) it gives the primal
+    relu(x₀) and the tangent x₁·1[x₀ > 0] in one kernel, and its derivative with respect to v
+    (x₀ is a constant here) is the same mask for both blocks — :class:`_Clamp`'s rule, with a
+    native backward node."""
+    xs = _split(mode.check(x))
+    return torch.ops.aten.threshold_backward(xs, xs[0].detach(), 0.0).flatten(0, 1)
 
 
 def _hardtanh(mode, x, min_val=-1.0, max_val=1.0, inplace=False):
@@ -287,7 +288,7 @@ def _bn_forward(module: nn.BatchNorm2d):
 
     def forward(x):
         with torch._C.DisableTorchFunction():
-            return torch.addcmul(shift2.to(x.dtype), _split(x), scale.to(x.dtype)).view(x.shape)
+            return torch.addcmul(shift2, _split(x), scale).flatten(0, 1)
     return forward
 
 
