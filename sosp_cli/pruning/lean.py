@@ -112,6 +112,14 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def _swap(model: nn.Module, builders: dict, swapped: list) -> None:
+    for module in model.modules():
+        kind = layer_kind(module)
+        if kind is not None:
+            swapped.append((module, module.__dict__.get("forward")))
+            module.forward = builders[kind](module)
+
+
 @contextlib.contextmanager
 def swapped_forwards(model: nn.Module, builders: dict):
     """Within the block, every Conv2d / Linear / BatchNorm2d that :func:`layer_kind` accepts
@@ -121,11 +129,8 @@ def swapped_forwards(model: nn.Module, builders: dict):
     block had swapped in (nested blocks unwind in order)."""
     swapped, frozen = [], []
     try:
-        for module in model.modules():
-            kind = layer_kind(module)
-            if kind is not None:
-                swapped.append((module, module.__dict__.get("forward")))
-                module.forward = builders[kind](module)
+        with torch.no_grad():   # builders precompute constants (BatchNorm scale / shift)
+            _swap(model, builders, swapped)
         for p in model.parameters():
             if p.requires_grad:
                 p.requires_grad_(False)
