@@ -131,3 +131,28 @@ def test_nested_layer_swaps_unwind_in_order():
     assert all("forward" not in m.__dict__ for m in model)
     assert all(p.requires_grad for p in model.parameters())
     assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups,size", [
+    ((1, 1), (1, 1), (1, 1), 1, (9, 8)), ((2, 2), (1, 1), (1, 1), 1, (9, 8)),
+    ((2, 3), (0, 2), (1, 2), 1, (11, 10)), ((2, 2), (1, 1), (1, 1), 4, (7, 7)),
+    ((3, 1), (2, 0), (2, 1), 2, (13, 6))])
+def test_frozen_conv_gradients_equal_autograd(stride, padding, dilation, groups, size):
+    """FrozenConv's input gradient (a transposed convolution with output_padding for the rows a
+    strided convolution never reads) and its forward-mode rule equal autograd of F.conv2d."""
+    from sosp_cli.pruning.lean import FrozenConv
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 4 // groups, 3, 2, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+    args = (w, b, stride, padding, dilation, groups)
+    y = FrozenConv.apply(x, *args)
+    ref = F.conv2d(x, *args)
+    g = torch.randn_like(ref)
+    assert torch.allclose(y, ref)
+    assert torch.allclose(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-12)
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        jvp = fwAD.unpack_dual(FrozenConv.apply(fwAD.make_dual(x.detach(), t), *args)).tangent
+    assert torch.allclose(jvp, F.conv2d(t, w, None, *args[2:]), atol=1e-12)

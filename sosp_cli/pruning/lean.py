@@ -44,8 +44,14 @@ class FrozenConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # x̄ = convᵀ(ȳ; W) is the transposed convolution with the same weight; output_padding
+        # restores the rows / columns that a strided convolution never read. (Not
+        # ``torch.nn.grad.conv2d_input``: it hands ATen an expanded dummy input, which the
+        # oneDNN backward materialises with a full-size copy on every call.)
         weight, stride, padding, dilation, groups = ctx.args
-        gx = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad, stride, padding, dilation, groups)
+        extra = [n - ((m - 1) * s - 2 * p + d * (k - 1) + 1) for n, m, s, p, d, k in
+                 zip(ctx.x_shape[2:], grad.shape[2:], stride, padding, dilation, weight.shape[2:])]
+        gx = F.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation)
         return gx, None, None, None, None, None, None
 
 
