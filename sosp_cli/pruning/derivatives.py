@@ -91,20 +91,22 @@ def stackable(model: nn.Module) -> bool:
 
 
 def _stacked_products(model, ss: StructureSet, batches, d, n: int, dt, device):
-    """(g, Q·d) from stacked passes (:mod:`.stacked`): per batch one forward pass over the 2B
-    rows [x; 0] and one backward pass with the cotangent [(p − y)/N; R J d/N] — the work of two
-    first-order passes on the batch, with the per-layer overhead of one (taking the batch in
-    two halves, B rows per pass, measured 2–8 % slower on CPU). The activation memory is that
-    of a first-order pass on 2B rows; a smaller saliency batch bounds it, exactly (all
-    quantities are sums over batches). Raises :class:`.stacked.Unsupported` (before any
-    result) when the model needs forward-mode AD."""
+    """(g, Q·d) from stacked passes (:mod:`.stacked`): per pass one forward over [x; 0] and one
+    backward with the cotangent [(p − y)/N; R J d/N]. Each batch is taken in two halves, so a
+    stacked pass has as many rows as the batch, i.e. exactly the tensor shapes (and activation
+    memory) of a first-order pass: SOSP-H costs two first-order passes plus the tangent
+    injections at the gate sites. Raises :class:`.stacked.Unsupported` (before any result)
+    when the model needs forward-mode AD."""
     g = torch.zeros(ss.num_structures, device=device, dtype=dt)
     qd = torch.zeros_like(g)
     with stacked_dual(model, ss, d, dt) as forward:
         for x, y in batches:
-            both = _stacked_pass(forward, x.to(device), y.to(device), n, dt)
-            g += both[0]
-            qd += both[1]
+            x, y = x.to(device), y.to(device)
+            half = (len(y) + 1) // 2
+            for xh, yh in zip(x.split(half), y.split(half)):
+                both = _stacked_pass(forward, xh, yh, n, dt)
+                g += both[0]
+                qd += both[1]
     return g, qd
 
 

@@ -8,9 +8,9 @@ exact gate Hessian (``curvature=hessian``). v = Q·1 = Σ_s' Q_ss' carries the c
 with every structure of every layer, yet Q is never formed: per batch, one forward pass over
 the stacked rows [x; 0] gives z and J·1 (:mod:`.stacked`; forward-mode AD for models with a
 function it has no rule for), and one backward pass returns g and Jᵀ R J 1 together
-(:func:`derivatives.curvature_product`). Memory O(parameters + activations of 2B rows) —
-Taylor's at twice the batch (``saliency.batch_size`` bounds it; the result does not depend
-on it); cost two first-order passes.
+(:func:`derivatives.curvature_product`; the batch is taken in two halves, so every pass has the
+shapes of a first-order pass). Memory O(parameters + activations of one batch), like Taylor;
+cost two first-order passes.
 """
 from __future__ import annotations
 
