@@ -288,7 +288,7 @@ def _bn_forward(module: nn.BatchNorm2d):
 
     def forward(x):
         with torch._C.DisableTorchFunction():
-            return torch.addcmul(shift2, _split(x), scale).flatten(0, 1)
+            return torch.addcmul(shift2.to(x.dtype), _split(x), scale.to(x.dtype)).flatten(0, 1)
     return forward
 
 
