@@ -100,7 +100,9 @@ def _bn_forward(module: nn.BatchNorm2d):
     scale, shift = scale[None, :, None, None], shift[None, :, None, None]
 
     def forward(x):
-        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+        # a product, then the shift added in place: ``torch.addcmul(shift, x, scale)`` does the
+        # same in one kernel but, with its first argument broadcast, runs ~3x slower on CPU
+        return (x * scale.to(x.dtype)).add_(shift.to(x.dtype))
     return forward
 
 
