@@ -53,6 +53,16 @@ def _split(t: torch.Tensor) -> torch.Tensor:
     return torch.unflatten(t, 0, (2, -1))
 
 
+def _primal(t: torch.Tensor) -> torch.Tensor:
+    """Rows 0..B−1 of a stacked [2B, ...] tensor (a view; one slice, cheaper than ``_split(t)[0]``)."""
+    return t[:t.shape[0] // 2]
+
+
+def _tangent(t: torch.Tensor) -> torch.Tensor:
+    """Rows B..2B−1 of a stacked [2B, ...] tensor (a view)."""
+    return t[t.shape[0] // 2:]
+
+
 class _Gate(torch.autograd.Function):
     """Gate site at c = 1 (DESIGN §2; the stacked pass is only ever evaluated there):
     out₀ = c·x₀ = x₀, out₁ = c·x₁ + d·x₀ = x₁ + d·x₀. With ``direction`` None the forward is
@@ -77,7 +87,7 @@ class _Gate(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         dims = (1,) + tuple(range(3, grad.dim() + 1))
-        return grad, torch.mul(_split(grad), _split(x)[0]).sum(dims), None
+        return grad, torch.mul(_split(grad), _primal(x)).sum(dims), None
 
 
 def _add_primal_to_tangent(y: torch.Tensor) -> torch.Tensor:
@@ -86,8 +96,7 @@ def _add_primal_to_tangent(y: torch.Tensor) -> torch.Tensor:
     = y₁ + y₀. One addition on the output replaces the copy and the injection of :class:`_Gate`
     on the input. The added term is the direction, not a function of the gates, so the
     backward pass is the layer's own (identity here)."""
-    ys = _split(y)
-    ys[1].add_(ys[0])   # not ``ys[1] += ys[0]``: that also assigns the result back (a copy)
+    _tangent(y).add_(_primal(y))   # not ``+=`` on the view: that also assigns the result back (a copy)
     return y
 
 
@@ -126,7 +135,7 @@ class _Clamp(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         out = torch.empty_like(grad)   # not a view: autograd can accumulate into it in place
-        _clamp_backward(_split(grad), _split(x)[0], *ctx.range, out=_split(out))
+        _clamp_backward(_split(grad), _primal(x), *ctx.range, out=_split(out))
         return out, None, None
 
 
@@ -250,17 +259,23 @@ def _name(func) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
 
 
-def _add_to_primal_rows(y: torch.Tensor, values: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Add per-channel ``values`` (a bias, a BatchNorm shift) to the primal rows of the stacked
-    activation ``y`` in place, and nothing to the tangent rows (an offset has no derivative).
-    Recorded by no autograd node: adding a constant leaves every derivative as it is, and the
-    op that produced ``y`` did not save it. (One in-place addition on B rows; a broadcast
-    [2, 1, C, ...] offset over all 2B rows, or ``addcmul`` with it, costs 1.5-3x more.)"""
-    shape = [1] * y.dim()
-    shape[channel_dim % y.dim()] = -1
+def _add_to_primal_rows(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Add ``values`` (a bias or BatchNorm shift, shaped to broadcast over one row block) to
+    the primal rows of the stacked activation ``y`` in place, and nothing to the tangent rows
+    (an offset has no derivative). Recorded by no autograd node: adding a constant leaves every
+    derivative as it is, and the op that produced ``y`` did not save it. (One in-place addition
+    on B rows; a broadcast [2, 1, C, ...] offset over all 2B rows, or ``addcmul`` with it,
+    costs 1.5-3x more.)"""
     with torch.no_grad():
-        _split(y)[0].add_(values.to(y.dtype).view(shape))
+        _primal(y).add_(values if values.dtype == y.dtype else values.to(y.dtype))
     return y
+
+
+def _channel_shaped(values: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """Per-channel ``values`` viewed to broadcast along ``channel_dim`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    shape[channel_dim % ndim] = -1
+    return values.detach().view(shape)
 
 
 def _with_bias(forward, bias, channel_dim: int):
@@ -268,7 +283,7 @@ def _with_bias(forward, bias, channel_dim: int):
     def stacked(x):
         with torch._C.DisableTorchFunction():
             y = forward(x)
-            return y if bias is None else _add_to_primal_rows(y, bias.detach(), channel_dim)
+            return y if bias is None else _add_to_primal_rows(y, _channel_shaped(bias, y.dim(), channel_dim))
     return stacked
 
 
@@ -285,12 +300,11 @@ def _linear_forward(module: nn.Linear, inject: bool = False):
 
 
 def _bn_forward(module: nn.BatchNorm2d):
-    scale, shift = bn_affine(module)
-    scale = scale.view(1, -1, 1, 1)
+    scale, shift = (_channel_shaped(v, 4, 1) for v in bn_affine(module))
 
     def forward(x):
         with torch._C.DisableTorchFunction():
-            return _add_to_primal_rows(x * scale.to(x.dtype), shift, 1)
+            return _add_to_primal_rows(x * scale.to(x.dtype), shift)
     return forward
 
 
