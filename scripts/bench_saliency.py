@@ -2,7 +2,8 @@
 
 Every method runs in the same process on the same batches, alternating, ``--repeats`` times; the
 median time is reported with the ratio to ``taylor`` (one forward + one backward per batch), and
-the ratio of the fastest runs (``_min``, less sensitive to a noisy host). ``gradient`` does the
+the ratio of the fastest runs (``_min``, less sensitive to a noisy host), and the median of the
+per-repeat ratios (``_paired``) with a 95 % bootstrap interval (``_paired_ci95``). ``gradient`` does the
 same work as ``taylor``: their ratio shows the host's noise. Peak memory is measured per method in a fresh subprocess (CPU: peak RSS
 above the process's baseline; CUDA: peak allocated bytes), because a process's RSS never drops.
 
@@ -14,6 +15,7 @@ import argparse
 import gc
 import json
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -67,6 +69,27 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
+def cpu_name() -> str:
+    """The CPU model (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def paired_ci(ratios: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median of the per-repeat ratios (fixed seed: the
+    same timings give the same interval)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
+
+
 def memory_child(args) -> None:
     """Peak memory of one method above the memory held before it started (model and data),
     in a fresh process (see :class:`sosp_cli.measure.PeakMemory`)."""
@@ -114,7 +137,7 @@ def main() -> None:
     if args.child_method:
         return memory_child(args)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     print(f"# {args.model}, {args.batches} batches × {args.batch_size}, device {device} ({name}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"freed memory {'retained' if retained else 'returned to the OS (system malloc)'}")
@@ -135,7 +158,9 @@ def main() -> None:
             if m != "taylor" and "taylor" in methods:
                 row[f"{m}/taylor"] = med[m] / med["taylor"]
                 row[f"{m}/taylor_min"] = min(times[m]) / min(times["taylor"])
-                row[f"{m}/taylor_paired"] = statistics.median(a / b for a, b in zip(times[m], times["taylor"]))
+                paired = [a / b for a, b in zip(times[m], times["taylor"])]
+                row[f"{m}/taylor_paired"] = statistics.median(paired)
+                row[f"{m}/taylor_paired_ci95"] = "{:.2f}-{:.2f}".format(*paired_ci(paired))
         if not args.no_memory:
             for m in (m for m in METHODS if m in methods):
                 row[f"{m}_peak_mb"] = peak_memory(args, width, m)

@@ -1,0 +1,39 @@
+"""The saliency benchmark script (README, "Saliency benchmark") runs and its statistics hold."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_saliency.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_saliency", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_interval_brackets_the_median_and_is_reproducible():
+    bench = _bench()
+    ratios = [1.9, 2.0, 2.05, 2.1, 2.3, 1.95, 2.02]
+    lo, hi = bench.paired_ci(ratios)
+    assert min(ratios) <= lo <= sorted(ratios)[3] <= hi <= max(ratios)
+    assert bench.paired_ci(ratios) == (lo, hi)
+    assert bench.paired_ci([2.0] * 5) == (2.0, 2.0)
+
+
+def test_benchmark_script_runs_and_writes_its_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--batches", "1", "--batch-size", "4",
+                    "--repeats", "2", "--methods", "taylor", "sosp_h", "--no-memory", "--device", "cpu",
+                    "--json", str(out)], check=True, capture_output=True, text=True)
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert data["device_name"] and row["S"] > 0
+    assert row["sosp_h_s"] > 0 and row["taylor_s"] > 0
+    lo, hi = (float(v) for v in row["sosp_h/taylor_paired_ci95"].split("-"))
+    assert lo <= round(row["sosp_h/taylor_paired"], 2) + 0.01 and round(row["sosp_h/taylor_paired"], 2) - 0.01 <= hi
