@@ -26,12 +26,27 @@ import torch
 from sosp_cli.config import MethodConfig
 from sosp_cli.measure import PeakMemory, count_macs
 from sosp_cli.models import create_model
-from sosp_cli.pruning import SaliencyInput, get_criterion
+from sosp_cli.pruning import SaliencyInput, get_criterion, list_criteria
 from sosp_cli.pruning.derivatives import curvature_product, gradient
 from sosp_cli.structures import StructureSet
 from sosp_cli.utils import retain_freed_memory
 
 METHODS = ("taylor", "sosp_h", "sosp_i")
+EXTRA = ("gradient", "sosp_h_joint", "sosp_h_fwad")   # timed variants (see run_method)
+
+
+def positive(kind):
+    """argparse type: a number of ``kind`` that is > 0, else a one-line error naming it."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be > 0")
+        return value
+    return parse
 
 
 def setup(model_name: str, width: float, batches: int, batch_size: int, device: torch.device):
@@ -114,15 +129,15 @@ def peak_memory(args, width: float, method: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet56")
-    parser.add_argument("--widths", type=float, nargs="+", default=[1.0, 2.0, 4.0])
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--widths", type=positive(float), nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--batches", type=positive(int), default=4)
+    parser.add_argument("--batch-size", type=positive(int), default=64)
+    parser.add_argument("--repeats", type=positive(int), default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="time only these (default: gradient taylor sosp_h sosp_i sosp_h_joint "
                              "sosp_h_fwad); the ratio columns need taylor")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc malloc as configured (default: as sosp-run, "
                              "sosp_cli.utils.retain_freed_memory)")
@@ -131,6 +146,10 @@ def main() -> None:
     parser.add_argument("--child-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-width", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    accepted = list(EXTRA) + list_criteria()
+    for m in args.methods or ():
+        if m not in accepted:
+            parser.error(f"--methods: unknown method {m!r}; accepted: {', '.join(accepted)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     retained = False if args.system_malloc else retain_freed_memory()

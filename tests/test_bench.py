@@ -37,3 +37,16 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path):
     assert row["sosp_h_s"] > 0 and row["taylor_s"] > 0
     lo, hi = (float(v) for v in row["sosp_h/taylor_paired_ci95"].split("-"))
     assert lo <= round(row["sosp_h/taylor_paired"], 2) + 0.01 and round(row["sosp_h/taylor_paired"], 2) - 0.01 <= hi
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "--repeats: 0 must be > 0"),
+    (["--widths", "1", "-2"], "--widths: -2 must be > 0"),
+    (["--batch-size", "x"], "--batch-size: 'x' is not an integer"),
+    (["--methods", "taylor", "sosp"], "unknown method 'sosp'; accepted: gradient"),
+])
+def test_benchmark_script_rejects_bad_input_in_one_line(args, message):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--no-memory", "--device", "cpu"] + args,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1]
