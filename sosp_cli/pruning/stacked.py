@@ -267,7 +267,7 @@ def _add_to_primal_rows(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     on B rows; a broadcast [2, 1, C, ...] offset over all 2B rows, or ``addcmul`` with it,
     costs 1.5-3x more.)"""
     with torch.no_grad():
-        _primal(y).add_(values if values.dtype == y.dtype else values.to(y.dtype))
+        _primal(y).add_(values.to(y.dtype))   # ``to``: the tensor itself when the dtypes agree
     return y
 
 
