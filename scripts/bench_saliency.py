@@ -24,6 +24,7 @@ import time
 import torch
 
 from sosp_cli.config import MethodConfig
+from sosp_cli.errors import SospError, check_choice
 from sosp_cli.measure import PeakMemory, count_macs
 from sosp_cli.models import create_model
 from sosp_cli.pruning import SaliencyInput, get_criterion, list_criteria
@@ -146,10 +147,11 @@ def main() -> None:
     parser.add_argument("--child-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-width", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    accepted = list(EXTRA) + list_criteria()
-    for m in args.methods or ():
-        if m not in accepted:
-            parser.error(f"--methods: unknown method {m!r}; accepted: {', '.join(accepted)}")
+    try:
+        for m in args.methods or ():
+            check_choice("method", m, EXTRA + tuple(list_criteria()))
+    except SospError as exc:
+        parser.error(f"--methods: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     retained = False if args.system_malloc else retain_freed_memory()
