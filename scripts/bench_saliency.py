@@ -27,7 +27,7 @@ from sosp_cli.config import MethodConfig
 from sosp_cli.errors import SospError, check_choice
 from sosp_cli.measure import PeakMemory, count_macs
 from sosp_cli.models import create_model
-from sosp_cli.pruning import SaliencyInput, get_criterion, list_criteria
+from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import curvature_product, gradient
 from sosp_cli.structures import StructureSet
 from sosp_cli.utils import retain_freed_memory
@@ -50,7 +50,8 @@ def positive(kind):
     return parse
 
 
-def setup(model_name: str, width: float, batches: int, batch_size: int, device: torch.device):
+def setup(model_name: str, width: float, batches: int, batch_size: int, device: torch.device,
+          batchnorm: str = "running"):
     torch.manual_seed(0)
     model = create_model(model_name, 10, 3, width).eval()
     x = torch.zeros(1, 3, 32, 32)
@@ -59,7 +60,7 @@ def setup(model_name: str, width: float, batches: int, batch_size: int, device: 
     data = [(torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,)))
             for _ in range(batches)]
     data = [(a.to(device), b.to(device)) for a, b in data]
-    return model.to(device), ss, data, macs
+    return saliency_model(model, batchnorm, data).to(device), ss, data, macs
 
 
 def run_method(method: str, model, ss, data, device, **options):
@@ -110,7 +111,8 @@ def memory_child(args) -> None:
     """Peak memory of one method above the memory held before it started (model and data),
     in a fresh process (see :class:`sosp_cli.measure.PeakMemory`)."""
     device = torch.device(args.device)
-    model, ss, data, _ = setup(args.model, args.child_width, args.batches, args.batch_size, device)
+    model, ss, data, _ = setup(args.model, args.child_width, args.batches, args.batch_size, device,
+                               args.batchnorm)
     if device.type == "cuda":
         run_method("gradient", model, ss, data[:1], device)  # CUDA context and kernels
     with PeakMemory(device) as peak:
@@ -121,7 +123,7 @@ def memory_child(args) -> None:
 def peak_memory(args, width: float, method: str) -> float:
     cmd = [sys.executable, __file__, "--child-method", method, "--child-width", str(width),
            "--model", args.model, "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-           "--device", args.device] + (["--threads", str(args.threads)] if args.threads else []) + \
+           "--device", args.device, "--batchnorm", args.batchnorm] + (["--threads", str(args.threads)] if args.threads else []) + \
         (["--system-malloc"] if args.system_malloc else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=positive(int), default=64)
     parser.add_argument("--repeats", type=positive(int), default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batchnorm", choices=BATCHNORM, default="running",
+                        help="saliency.batchnorm: running statistics, or each batch's own")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="time only these (default: gradient taylor sosp_h sosp_i sosp_h_joint "
                              "sosp_h_fwad); the ratio columns need taylor")
@@ -150,6 +154,8 @@ def main() -> None:
     try:
         for m in args.methods or ():
             check_choice("method", m, EXTRA + tuple(list_criteria()))
+            if m in list_criteria():
+                get_criterion(MethodConfig(name=m)).check_batchnorm(args.batchnorm)
     except SospError as exc:
         parser.error(f"--methods: {exc}")
     if args.threads:
@@ -159,13 +165,17 @@ def main() -> None:
         return memory_child(args)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-    print(f"# {args.model}, {args.batches} batches × {args.batch_size}, device {device} ({name}), "
+    print(f"# {args.model}, {args.batches} batches × {args.batch_size}, BatchNorm on {args.batchnorm} "
+          f"statistics, device {device} ({name}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"freed memory {'retained' if retained else 'returned to the OS (system malloc)'}")
     rows = []
     for width in args.widths:
-        model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device)
+        model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device,
+                                      args.batchnorm)
         methods = tuple(args.methods or ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_fwad"))
+        if args.batchnorm == "batch" and not args.methods:   # per-sample Jacobians: undefined
+            methods = tuple(m for m in methods if m != "sosp_i")
         for m in methods:  # warm-up
             run_method(m, model, ss, data[:1], device)
         times = {m: [] for m in methods}
@@ -193,7 +203,7 @@ def main() -> None:
         print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+            json.dump({"device": str(device), "device_name": name, "batchnorm": args.batchnorm, "threads": torch.get_num_threads(),
                        "retain_freed_memory": retained, "rows": rows}, fh, indent=2)
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .config import MethodConfig
 from .models import create_model as _create_model, list_models
-from .pruning import SaliencyInput, get_criterion, list_criteria
+from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
 from .structures import StructureSet
 from .surgery import remove_structures
 from .utils import retain_freed_memory
@@ -36,12 +36,14 @@ def structures(model: nn.Module, example_input: torch.Tensor) -> list[str]:
 
 
 def saliency(model: nn.Module, batches: Iterable, method: str, example_input: torch.Tensor | None = None,
-             seed: int = 0, device: str | torch.device | None = None, **options) -> dict[str, float]:
+             seed: int = 0, device: str | torch.device | None = None, batchnorm: str = "running",
+             **options) -> dict[str, float]:
     """Score per structure (higher = keep) with the registered criterion ``method``.
 
     ``batches`` yields ``(inputs, targets)``; the loss is the mean cross-entropy over all
     samples. ``options`` are :class:`sosp_cli.config.MethodConfig` fields (``combine``,
-    ``curvature``, ``selection``, ``chunk_size``, ...). The model is scored in eval mode.
+    ``curvature``, ``selection``, ``chunk_size``, ...). The model is scored in eval mode, on a
+    copy; ``batchnorm='batch'``: with BatchNorm on each batch's statistics (``saliency.batchnorm``).
     """
     batches = list(batches)
     if example_input is None:
@@ -52,8 +54,10 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     device = torch.device(device)
     cfg = MethodConfig(name=method, **options)
     criterion = get_criterion(cfg)
+    criterion.check_batchnorm(batchnorm)
     work = copy.deepcopy(model).eval()
     ss = StructureSet(work.cpu(), example_input[:1].cpu())
+    work = saliency_model(work, batchnorm, batches)
     sal = criterion.compute(SaliencyInput(work.to(device), ss, batches, device, seed))
     return dict(zip(ss.names(), sal.scores.tolist()))
 

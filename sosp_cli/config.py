@@ -82,6 +82,7 @@ class PruneConfig:
 class SaliencyConfig:
     num_samples: int = 512        # N: training images the saliency is computed on
     batch_size: int = 64
+    batchnorm: str = "running"    # running (eval-mode BN, the default) | batch (each batch's statistics)
 
 
 @dataclass

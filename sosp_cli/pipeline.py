@@ -26,7 +26,7 @@ from .data import load_dataset, make_loader, take_batches
 from .errors import SospError
 from .measure import PeakMemory, count_macs, count_params, latency_ms
 from .models import create_model
-from .pruning import SaliencyInput, get_criterion
+from .pruning import SaliencyInput, get_criterion, saliency_model
 from .budget import CostModel
 from .selection import originals_of, select, validate as validate_selection
 from .structures import StructureSet
@@ -46,7 +46,10 @@ def pretrain_key(cfg: RunConfig) -> str:
 
 
 def saliency_key(cfg: RunConfig) -> str:
-    return fingerprint(pretrain_key(cfg), _asdict(cfg.method), _asdict(cfg.saliency))
+    sal = _asdict(cfg.saliency)
+    if sal["batchnorm"] == "running":   # the default keeps the keys of runs made before the option
+        del sal["batchnorm"]
+    return fingerprint(pretrain_key(cfg), _asdict(cfg.method), sal)
 
 
 def prune_key(cfg: RunConfig) -> str:
@@ -86,6 +89,7 @@ def validate(cfg: RunConfig) -> None:
         raise SospError(f"prune.step_epochs={p.step_epochs} must be >= 0")
     resolve_device(cfg.device)
     criterion = get_criterion(cfg.method)
+    criterion.check_batchnorm(cfg.saliency.batchnorm)
     if criterion.layer_local and p.scope != "local":
         raise SospError(f"method {cfg.method.name} is layer-local (its scores compare only within "
                         f"one layer); prune.scope={p.scope} is not accepted, use prune.scope=local")
@@ -177,7 +181,7 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
     criterion = get_criterion(cfg.method)
     batches = take_batches(run.splits.train_eval, cfg.saliency.num_samples, cfg.saliency.batch_size,
                            seed=cfg.seed)
-    model = model.to(run.device).eval()
+    model = saliency_model(model.to(run.device), cfg.saliency.batchnorm, batches)
     with PeakMemory(run.device) as peak:
         t0 = time.perf_counter()
         sal = criterion.compute(SaliencyInput(model, ss, batches, run.device, cfg.seed))
@@ -285,7 +289,8 @@ def _diagnostics(r: Run, model, ss: StructureSet, sel) -> dict:
     cfg = r.cfg
     batches = take_batches(r.splits.train_eval, cfg.saliency.num_samples, cfg.saliency.batch_size,
                            seed=cfg.seed)
-    d = loss_prediction(model.to(r.device).eval(), ss, batches, ss.indices_of(sel.remove), r.device,
+    model = saliency_model(model.to(r.device), cfg.saliency.batchnorm, batches)
+    d = loss_prediction(model, ss, batches, ss.indices_of(sel.remove), r.device,
                         cfg.method.curvature, cfg.prune.diagnostics_samples, cfg.seed)
     print(f"[diagnostics] loss change of the removed set: predicted {d['predicted_second_order']:.4f} "
           f"(first order {d['predicted_first_order']:.4f}), real {d['real']:.4f}; single-structure "
@@ -312,7 +317,8 @@ def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetun
     return {
         "experiment": cfg.experiment_name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "width": cfg.model.width, "method": cfg.method.name, "combine": cfg.method.combine,
-        "curvature": cfg.method.curvature, "scope": cfg.prune.scope, "seed": cfg.seed,
+        "curvature": cfg.method.curvature, "saliency_batchnorm": cfg.saliency.batchnorm,
+        "scope": cfg.prune.scope, "seed": cfg.seed,
         "prune_ratio": cfg.prune.ratio, "target": cfg.prune.target, "steps": cfg.prune.steps,
         "normalize": cfg.prune.normalize, "achieved_ratio": sel["achieved_ratio"],
         "achieved_structures_ratio": sel["structures_ratio"], "achieved_params_ratio": sel["params_ratio"],

@@ -18,6 +18,9 @@ import pandas as pd
 from .errors import SospError
 
 KEYS = ["dataset", "model", "width", "method", "target", "scope", "prune_ratio"]
+# settings that become key columns when the collected runs differ in them (a sweep over
+# ``method.curvature=gn,hessian`` gives two rows, not one row averaging both as if seeds)
+VARIED_KEYS = ["combine", "curvature", "saliency_batchnorm", "normalize", "steps"]
 METRICS = ["top1_before", "top1_pruned", "top1_finetuned", "achieved_ratio", "params_reduction",
            "macs_reduction", "speedup_cpu_bs64", "speedup_cuda_bs64", "saliency_seconds"]
 PERCENT = {"achieved_ratio", "params_reduction", "macs_reduction"}
@@ -35,22 +38,29 @@ def collect(root: Path) -> pd.DataFrame:
         for kind in ("cpu_bs64", "cuda_bs64"):
             r[f"speedup_{kind}"] = r["latency"].get(kind, {}).get("speedup", float("nan"))
         r.setdefault("target", "structures")
+        r.setdefault("saliency_batchnorm", "running")   # results written before the option
         r["width"] = json.dumps(r.get("width", 1.0))
         r["path"] = str(p.parent)
         rows.append(r)
     return pd.DataFrame(rows)
 
 
+def key_columns(df: pd.DataFrame) -> list[str]:
+    """:data:`KEYS`, plus the :data:`VARIED_KEYS` whose value differs between the rows of ``df``."""
+    return KEYS + [k for k in VARIED_KEYS if k in df and df[k].astype(str).nunique() > 1]
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (0 for a single seed) and number of seeds per configuration."""
-    grouped = df.groupby(KEYS, sort=True)[METRICS]
+    keys = key_columns(df)
+    grouped = df.groupby(keys, sort=True)[METRICS]
     mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
-    n = df.groupby(KEYS, sort=True)["seed"].nunique().rename("n")
+    n = df.groupby(keys, sort=True)["seed"].nunique().rename("n")
     return pd.concat([mean.add_suffix("_mean"), std.add_suffix("_std"), n], axis=1).reset_index()
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    shown = table[KEYS + ["n"]].copy()
+    shown = table[key_columns(table) + ["n"]].copy()
     for m in METRICS:
         if table[f"{m}_mean"].isna().all():
             continue

@@ -26,12 +26,14 @@ def test_paired_interval_brackets_the_median_and_is_reproducible():
     assert bench.paired_ci([2.0] * 5) == (2.0, 2.0)
 
 
-def test_benchmark_script_runs_and_writes_its_rows(tmp_path):
+@pytest.mark.parametrize("batchnorm", ["running", "batch"])
+def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     out = tmp_path / "rows.json"
     subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--batches", "1", "--batch-size", "4",
                     "--repeats", "2", "--methods", "taylor", "sosp_h", "--no-memory", "--device", "cpu",
-                    "--json", str(out)], check=True, capture_output=True, text=True)
+                    "--batchnorm", batchnorm, "--json", str(out)], check=True, capture_output=True, text=True)
     data = json.loads(out.read_text())
+    assert data["batchnorm"] == batchnorm
     (row,) = data["rows"]
     assert data["device_name"] and row["S"] > 0
     assert row["sosp_h_s"] > 0 and row["taylor_s"] > 0
@@ -44,6 +46,10 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path):
     (["--widths", "1", "-2"], "argument --widths: -2 must be > 0"),
     (["--batch-size", "x"], "argument --batch-size: 'x' is not an integer"),
     (["--methods", "taylor", "sosp"], None),
+    (["--batchnorm", "batch", "--methods", "taylor", "sosp_i"],
+     "--methods: saliency.batchnorm=batch is not accepted for sosp_i with method.curvature=gn: its "
+     "per-sample gate Jacobians are undefined when batch statistics couple the samples of a batch; "
+     "use saliency.batchnorm=running, or method.curvature=hessian"),
 ])
 def test_benchmark_script_rejects_bad_input_in_one_line(args, message, monkeypatch, capsys):
     bench = _bench()

@@ -82,6 +82,25 @@ def test_sosp_methods_run_end_to_end(tmp_path):
             assert r["params_after"] < r["params_before"]
 
 
+def test_batch_statistics_saliency_runs_end_to_end_and_diagnostics_use_the_same_model(tmp_path):
+    """``saliency.batchnorm=batch``: the saliency record, result.json and the diagnostics all
+    come from the model whose BatchNorm uses the batch statistics: the diagnostics' first-order
+    prediction is −Σ_{s∈M} g_s with g from saliency.pt (eval-mode g would differ)."""
+    base = ["experiment=smoke", "method=sosp_h", "prune.diagnostics=true", "prune.diagnostics_samples=4"]
+    runs = {}
+    for mode in ("batch", "running"):
+        out = tmp_path / mode
+        r = run(compose_run(base + [f"saliency.batchnorm={mode}"], tmp_path), out)
+        rec = torch.load(out / "saliency.pt", weights_only=False)
+        assert r["saliency_batchnorm"] == mode and r["params_after"] < r["params_before"]
+        runs[mode] = (r, rec)
+    for mode, (r, rec) in runs.items():
+        pruned = torch.load(tmp_path / mode / "pruned.pt", weights_only=False)
+        idx = [rec["names"].index(n) for n in pruned["selection"]["remove"]]
+        assert r["diagnostics"]["predicted_first_order"] == pytest.approx(-float(rec["grad"][idx].sum()), rel=1e-4)
+    assert not torch.allclose(runs["batch"][1]["grad"], runs["running"][1]["grad"])
+
+
 def _cli(args, cwd):
     return subprocess.run([sys.executable, "-m", "sosp_cli.cli"] + args, cwd=cwd,
                           capture_output=True, text=True)
@@ -103,6 +122,8 @@ def _cli(args, cwd):
     (["seed=x"], "'x'"),
     (["device=tpu"], "tpu"),
     (["model.width=[1,2]"], "width=[1.0, 2.0]"),
+    (["saliency.batchnorm=train"], "unknown saliency.batchnorm 'train'; accepted: batch, running"),
+    (["method=sosp_i", "saliency.batchnorm=batch"], "saliency.batchnorm=batch is not accepted for sosp_i"),
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, args, needle):
     proc = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"] + args, tmp_path)
@@ -191,3 +212,34 @@ def test_retain_freed_memory_keeps_pages_and_respects_opt_outs():
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "sosp-run: error: SOSP_SYSTEM_MALLOC='yes': expected 1 (leave glibc malloc as it is) or 0"]
+
+
+def test_report_keeps_runs_that_differ_in_a_setting_apart(tmp_path):
+    """Two curvatures of one sweep are two rows (not averaged as if seeds); settings all runs
+    share add no column; results from before ``saliency.batchnorm`` count as ``running``."""
+    import pandas as pd
+    from sosp_cli.report import collect, key_columns, summarize, to_markdown
+
+    def row(curvature, seed, top1, batchnorm=None):
+        r = {"dataset": "digits", "model": "resnet20", "width": "1.0", "method": "sosp_h",
+             "target": "structures", "scope": "global", "prune_ratio": 0.5, "combine": "abs_sum",
+             "curvature": curvature, "seed": seed, "normalize": "none", "steps": 1,
+             **{m: 0.5 for m in ("top1_before", "top1_pruned", "achieved_ratio", "params_reduction",
+                                 "macs_reduction", "speedup_cpu_bs64", "speedup_cuda_bs64",
+                                 "saliency_seconds")}, "top1_finetuned": top1}
+        if batchnorm is not None:
+            r["saliency_batchnorm"] = batchnorm
+        return r
+
+    df = pd.DataFrame([row("gn", 0, 90.0), row("gn", 1, 92.0), row("hessian", 0, 80.0)])
+    table = summarize(df)
+    assert key_columns(df)[-1] == "curvature" and len(table) == 2
+    assert sorted(table["top1_finetuned_mean"]) == [80.0, 91.0]
+    assert "curvature" in to_markdown(table).splitlines()[0]
+    same = pd.DataFrame([row("gn", 0, 90.0), row("gn", 1, 92.0)])
+    assert key_columns(same) == key_columns(same.drop(columns=["curvature"])) and len(summarize(same)) == 1
+    for k, r in enumerate([row("gn", 0, 90.0, "batch"), row("gn", 0, 92.0)]):
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "result.json").write_text(json.dumps({**r, "latency": {}}))
+    mixed = collect(tmp_path)
+    assert sorted(mixed["saliency_batchnorm"]) == ["batch", "running"] and len(summarize(mixed)) == 2

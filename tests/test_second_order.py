@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sosp_cli import api
 from sosp_cli.config import MethodConfig
-from sosp_cli.pruning import SaliencyInput, get_criterion
+from sosp_cli.pruning import SaliencyInput, get_criterion, saliency_model
 from sosp_cli.pruning import derivatives
 from sosp_cli.pruning.derivatives import (batch_gradients, curvature_matrix, curvature_product, gradient,
                                              joint_product)
@@ -251,3 +251,70 @@ def test_each_pass_releases_its_graph_before_the_next(path):
         post.remove()
     assert len(alive_at_start) >= 2
     assert not any(any(alive) for alive in alive_at_start)
+
+
+def batch_statistics_brute_force(model, ss, batches):
+    """g, GN Q and Hessian H with BatchNorm on each batch's statistics: L is the sample-weighted
+    mean of the batch losses, each batch normalised on its own (so summed batch by batch)."""
+    n = sum(len(y) for _, y in batches)
+    parts = [brute_force(model, ss, xb, yb) for xb, yb in batches]
+    return [sum(p[k] * len(yb) / n for p, (_, yb) in zip(parts, batches)) for k in range(3)]
+
+
+def test_batch_statistics_saliencies_match_brute_force():
+    """``saliency.batchnorm=batch``: every quantity sosp_h, taylor and the Hessian paths compute
+    equals brute force on the model whose BatchNorm normalises each batch on its own — which
+    differs from the running-statistics one (else the test would prove nothing)."""
+    model, ss, x, y, batches = setup("resnet")
+    work = saliency_model(model, "batch", batches)
+    g, Q, H = batch_statistics_brute_force(work, ss, batches)
+    g_running, _, _ = brute_force(model, ss, x, y)
+    assert rel_err(g_running, g) > 1e-2
+    ones = torch.ones(ss.num_structures)
+    for dual in ("stacked", "forward_ad"):
+        g1, v = curvature_product(work, ss, batches, ones, "cpu", "gn", dual=dual)
+        assert rel_err(g1, g) <= 1e-4 and rel_err(v, Q.sum(1)) <= 1e-4, dual
+    _, hv = curvature_product(work, ss, batches, ones, "cpu", "hessian")
+    assert rel_err(hv, H.sum(1)) <= 1e-4
+    _, Hfull = curvature_matrix(work, ss, batches, "cpu", "hessian", chunk_size=3)
+    assert rel_err(Hfull, H) <= 1e-4
+    taylor = sum(brute_force(work, ss, xb, yb)[0].pow(2) for xb, yb in batches) / len(batches)
+    got = get_criterion(MethodConfig(name="taylor")).compute(
+        SaliencyInput(work, ss, batches, torch.device("cpu"))).scores
+    assert rel_err(got, taylor) <= 1e-4
+    sosp_h = api.saliency(model, batches, "sosp_h", batchnorm="batch")
+    assert rel_err(torch.tensor(list(sosp_h.values()), dtype=torch.float64),
+                   g.abs() + 0.5 * Q.sum(1).abs()) <= 1e-4
+
+
+def test_batch_statistics_leave_the_model_as_it_was():
+    model, ss, x, y, batches = setup("resnet")
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = api.saliency(model, batches, "sosp_h", batchnorm="batch")
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert scores != api.saliency(model, batches, "sosp_h")
+
+
+@pytest.mark.parametrize("method,curvature", [("sosp_i", "gn"), ("sosp_i", "fisher_mc"), ("obd", "gn")])
+def test_per_sample_curvatures_refuse_batch_statistics(method, curvature):
+    from sosp_cli.errors import SospError
+    model, ss, x, y, batches = setup("resnet")
+    with pytest.raises(SospError) as err:
+        api.saliency(model, batches, method, batchnorm="batch", curvature=curvature)
+    assert str(err.value) == (
+        f"saliency.batchnorm=batch is not accepted for {method} with method.curvature={curvature}: "
+        "its per-sample gate Jacobians are undefined when batch statistics couple the samples of "
+        "a batch; use saliency.batchnorm=running, or method.curvature=hessian")
+    with pytest.raises(SospError, match="^per-sample gate Jacobians are undefined"):
+        curvature_matrix(saliency_model(model, "batch", batches), ss, batches, "cpu", curvature)
+    assert len(api.saliency(model, batches, method, batchnorm="batch", curvature="hessian")) == ss.num_structures
+
+
+def test_bad_batchnorm_mode_and_single_sample_batches_are_one_line_errors():
+    from sosp_cli.errors import SospError
+    model, ss, x, y, batches = setup("resnet")
+    with pytest.raises(SospError, match="^unknown saliency.batchnorm 'train'; accepted: batch, running$"):
+        api.saliency(model, batches, "sosp_h", batchnorm="train")
+    with pytest.raises(SospError, match="batch 2 has 1 sample: choose saliency.num_samples"):
+        api.saliency(model, [(x[:4], y[:4]), (x[4:5], y[4:5])], "taylor", batchnorm="batch")

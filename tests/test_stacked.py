@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sosp_cli import api
 from sosp_cli.errors import SospError
-from sosp_cli.pruning import derivatives, stacked
+from sosp_cli.pruning import BATCHNORM, derivatives, saliency_model, stacked
 from sosp_cli.pruning.derivatives import curvature_product, joint_product, stackable
 from sosp_cli.structures import StructureSet, classifier_name
 from tiny import randomize_batchnorm
@@ -32,11 +32,13 @@ def float64_model(model, x):
     return model
 
 
+@pytest.mark.parametrize("batchnorm", BATCHNORM)
 @pytest.mark.parametrize("direction", ["ones", "random"])
 @pytest.mark.parametrize("name", api.list_models())
-def test_stacked_equals_forward_mode_on_every_model(name, direction, monkeypatch):
+def test_stacked_equals_forward_mode_on_every_model(name, direction, batchnorm, monkeypatch):
     """d = 1 (SOSP-H): convolutions and linear layers at gate sites add the tangent injection to
-    their outputs; a random d: the gates inject it on their inputs. Both must equal forward mode."""
+    their outputs; a random d: the gates inject it on their inputs. Both must equal forward mode,
+    with BatchNorm on running statistics and on the batch's own (``saliency.batchnorm``)."""
     injections = []
     add = stacked._add_primal_to_tangent
     monkeypatch.setattr(stacked, "_add_primal_to_tangent", lambda y: injections.append(1) or add(y))
@@ -45,6 +47,7 @@ def test_stacked_equals_forward_mode_on_every_model(name, direction, monkeypatch
     model = float64_model(api.create_model(name, num_classes=5, width=WIDTH.get(name, 0.25)), x)
     y = torch.tensor([0, 3, 1])
     ss = StructureSet(model, x[:1])
+    model = saliency_model(model, batchnorm, [(x, y)])
     d = torch.rand(ss.num_structures, dtype=torch.float64) if direction == "random" else \
         torch.ones(ss.num_structures, dtype=torch.float64)
     before = model(x)
@@ -52,7 +55,10 @@ def test_stacked_equals_forward_mode_on_every_model(name, direction, monkeypatch
     g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked")
     assert stackable(model)
     assert q1.abs().max() > 0
-    assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10
+    # batch statistics over as few as 3 values per channel (1×1 maps of the last stages) are
+    # ill-conditioned: two float64 evaluation orders then differ by ~1e-9
+    tol = 1e-10 if batchnorm == "running" else 1e-8
+    assert rel_err(g2, g1) <= tol and rel_err(q2, q1) <= tol
     assert bool(injections) == (direction == "ones")
     assert torch.equal(model(x), before)                       # model left as it was
     assert all(p.requires_grad for p in model.parameters())

@@ -16,14 +16,16 @@ import torch.nn as nn
 from ..config import MethodConfig
 from ..errors import SospError, check_choice
 from ..structures import StructureSet
+from .lean import batch_statistics
 
 _CRITERIA: dict[str, type["Criterion"]] = {}
 COMBINE = ("abs_sum", "abs_joint", "second_only")
+BATCHNORM = ("running", "batch")   # saliency.batchnorm: the statistics BatchNorm normalises with
 
 
 @dataclass
 class SaliencyInput:
-    model: nn.Module                 # in eval mode, on ``device``
+    model: nn.Module                 # in eval mode, on ``device`` (:func:`saliency_model`)
     structures: StructureSet
     batches: list                    # [(inputs, targets)], the N saliency samples
     device: torch.device
@@ -45,6 +47,9 @@ class Criterion:
     name: ClassVar[str] = ""
     layer_local: ClassVar[bool] = False      # scores only comparable within one layer group
     curvatures: ClassVar[tuple[str, ...]] = ()  # accepted ``method.curvature`` values
+    # curvatures built from per-sample gate Jacobians J_n: undefined when BatchNorm's batch
+    # statistics make every logit depend on every sample's gates (saliency.batchnorm=batch)
+    per_sample_curvatures: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -54,6 +59,16 @@ class Criterion:
 
     def compute(self, inp: SaliencyInput) -> Saliency:
         raise NotImplementedError
+
+    def check_batchnorm(self, mode: str) -> None:
+        """One-line error unless ``saliency.batchnorm=mode`` is accepted with this criterion."""
+        check_choice("saliency.batchnorm", mode, BATCHNORM)
+        if mode == "batch" and self.cfg.curvature in self.per_sample_curvatures:
+            raise SospError(
+                f"saliency.batchnorm=batch is not accepted for {self.name} with method.curvature="
+                f"{self.cfg.curvature}: its per-sample gate Jacobians are undefined when batch "
+                "statistics couple the samples of a batch; use saliency.batchnorm=running, or "
+                "method.curvature=hessian")
 
     def combine(self, g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """First- and second-order terms into one score (DESIGN §3, ``method.combine``):
@@ -65,6 +80,22 @@ class Criterion:
         if self.cfg.combine == "abs_joint":
             return (-g + 0.5 * r).abs()
         return 0.5 * r.abs()
+
+
+def saliency_model(model: nn.Module, batchnorm: str, batches) -> nn.Module:
+    """The model a saliency is computed on (DESIGN §3), in eval mode: ``running`` — the model
+    itself, BatchNorm on its running statistics (the network that will be pruned); ``batch`` —
+    a copy whose BatchNorm normalises each saliency batch with that batch's statistics, as in
+    training, running statistics neither used nor updated (:func:`.lean.batch_statistics`)."""
+    check_choice("saliency.batchnorm", batchnorm, BATCHNORM)
+    if batchnorm == "running":
+        return model.eval()
+    for k, (_, y) in enumerate(batches, 1):
+        if len(y) < 2:
+            raise SospError(f"saliency.batchnorm=batch normalises each saliency batch with its own "
+                            f"statistics, and batch {k} has {len(y)} sample: choose saliency."
+                            "num_samples and saliency.batch_size so that every batch has at least 2")
+    return batch_statistics(model)
 
 
 def register_criterion(cls: type[Criterion]) -> type[Criterion]:

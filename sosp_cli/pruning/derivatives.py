@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import SospError
 from ..structures import StructureSet
-from .lean import lean_layers
+from .lean import lean_layers, uses_batch_statistics
 from .stacked import Unsupported, stacked_dual
 
 
@@ -95,14 +95,17 @@ def _stacked_products(model, ss: StructureSet, batches, d, n: int, dt, device):
     backward with the cotangent [(p − y)/N; R J d/N]. Each batch is taken in two halves, so a
     stacked pass has as many rows as the batch, i.e. exactly the tensor shapes (and activation
     memory) of a first-order pass: SOSP-H costs two first-order passes plus the tangent
-    injections at the gate sites. Raises :class:`.stacked.Unsupported` (before any result)
+    injections at the gate sites — unless BatchNorm normalises with batch statistics
+    (``saliency.batchnorm=batch``): a half batch would have other statistics, so the batch is
+    taken whole (2B rows). Raises :class:`.stacked.Unsupported` (before any result)
     when the model needs forward-mode AD."""
     g = torch.zeros(ss.num_structures, device=device, dtype=dt)
     qd = torch.zeros_like(g)
+    whole = uses_batch_statistics(model)
     with stacked_dual(model, ss, d, dt) as forward:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            half = (len(y) + 1) // 2
+            half = len(y) if whole else (len(y) + 1) // 2
             for xh, yh in zip(x.split(half), y.split(half)):
                 both = _stacked_pass(forward, xh, yh, n, dt)
                 g += both[0]
@@ -225,6 +228,10 @@ def jacobian_factors(model: nn.Module, ss: StructureSet, batches, device, curvat
     (``chunk_size`` classes per vmapped backward). ``fisher_mc``: one label ŷ_n ~ p_n per
     sample, u_n = p_n − e_ŷ, E[u uᵀ] = R_n: one backward.
     """
+    if uses_batch_statistics(model):
+        raise SospError("per-sample gate Jacobians are undefined when BatchNorm normalises with "
+                        "batch statistics (they couple the samples of a batch): use "
+                        "saliency.batchnorm=running, or curvature='hessian'")
     dt = _dtype(model)
     n = _count(batches)
     for x, y in batches:

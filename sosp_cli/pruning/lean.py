@@ -9,13 +9,15 @@ computed before, but:
   product ``W·ẋ`` (PyTorch's generic rule also evaluates ``ẇ·x`` with a zero tangent ``ẇ``,
   a whole extra convolution per layer) and whose backward computes the input gradient only;
 - eval-mode BatchNorm is the per-channel affine map ``x·γ/√(σ²+ε) + (β − μγ/√(σ²+ε))``, whose
-  tangent is one multiplication.
+  tangent is one multiplication. (BatchNorm on batch statistics, :func:`batch_statistics`,
+  keeps its own forward, with frozen parameters.)
 
 The tests compare every quantity computed this way with brute force on the untouched model.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
@@ -107,31 +109,54 @@ def _bn_forward(module: nn.BatchNorm2d):
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'conv' | 'linear' | 'bn' for the layers whose forward can be replaced by a frozen one
-    (exact types: a subclass may compute something else; zero-padded convolutions with explicit
-    padding; BatchNorm with running statistics), else None."""
+    """'conv' | 'linear' | 'bn' | 'bn_batch' for the layers whose forward can be replaced by a
+    frozen one (exact types: a subclass may compute something else; zero-padded convolutions
+    with explicit padding; 'bn': BatchNorm with running statistics, 'bn_batch': BatchNorm
+    without them, which normalises with the statistics of its input batch —
+    :func:`batch_statistics`), else None."""
     if type(module) is nn.Conv2d:
         ok = module.padding_mode == "zeros" and not isinstance(module.padding, str)
         return "conv" if ok else None
     if type(module) is nn.Linear:
         return "linear"
-    if type(module) is nn.BatchNorm2d and module.track_running_stats:
-        return "bn"
+    if type(module) is nn.BatchNorm2d:
+        if module.running_mean is None and module.running_var is None:
+            return "bn_batch"
+        return "bn" if module.track_running_stats else None
     return None
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """True when a BatchNorm layer of ``model`` normalises with the statistics of its input
+    batch (training mode, or no running statistics): the outputs of a batch then depend on
+    which samples it holds, so it must not be split."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and
+               (m.training or (m.running_mean is None and m.running_var is None))
+               for m in model.modules())
+
+
+def batch_statistics(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode (dropout off) whose BatchNorm layers normalise with the
+    statistics of each batch they see, as in training, and never update running statistics
+    (``torch.func.replace_all_batch_norm_modules_``: running statistics removed). Saliencies
+    computed on it are those of ``saliency.batchnorm=batch`` (README, "BatchNorm statistics")."""
+    work = copy.deepcopy(model).eval()
+    torch.func.replace_all_batch_norm_modules_(work)
+    return work
 
 
 def _swap(model: nn.Module, builders: dict, swapped: list) -> None:
     for module in model.modules():
         kind = layer_kind(module)
-        if kind is not None:
+        if kind in builders:
             swapped.append((module, module.__dict__.get("forward")))
             module.forward = builders[kind](module)
 
 
 @contextlib.contextmanager
 def swapped_forwards(model: nn.Module, builders: dict):
-    """Within the block, every Conv2d / Linear / BatchNorm2d that :func:`layer_kind` accepts
-    runs ``builders[kind](module)`` as its forward (``builders``: 'conv', 'linear', 'bn'), and
+    """Within the block, every Conv2d / Linear / BatchNorm2d whose :func:`layer_kind` has a
+    builder runs ``builders[kind](module)`` as its forward (the others keep theirs), and
     the model's parameters are frozen (gate-space derivatives never need weight gradients).
     Everything is restored on exit, also after an exception, including a forward an enclosing
     block had swapped in (nested blocks unwind in order)."""

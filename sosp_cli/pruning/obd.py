@@ -20,6 +20,7 @@ from .derivatives import curvature_matrix
 class OBD(Criterion):
     name = "obd"
     curvatures = ("gn", "fisher_mc", "hessian")
+    per_sample_curvatures = ("gn", "fisher_mc")
 
     def compute(self, inp: SaliencyInput) -> Saliency:
         gen = torch.Generator().manual_seed(inp.seed)

@@ -42,6 +42,7 @@ def greedy_order(g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class SospI(Criterion):
     name = "sosp_i"
     curvatures = ("gn", "fisher_mc", "hessian")
+    per_sample_curvatures = ("gn", "fisher_mc")
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -308,7 +308,53 @@ def _bn_forward(module: nn.BatchNorm2d):
     return forward
 
 
-_BUILDERS = {"conv": _conv_forward, "linear": _linear_forward, "bn": _bn_forward}
+class _BatchStatNorm(torch.autograd.Function):
+    """BatchNorm on the statistics of the primal rows (``saliency.batchnorm=batch``; Ioffe &
+    Szegedy 2015, their backward formula). Per channel, over the M = B·H·W primal values:
+    μ = mean(x₀), σ² = mean((x₀ − μ)²), x̂ = (x₀ − μ)/√(σ² + ε); primal γ·x̂ + β. The Jacobian of
+    x₀ ↦ γ·x̂ is the operator v ↦ γ·(v − mean(v) − x̂·mean(x̂·v))/√(σ² + ε) (means per channel over
+    the batch: the statistics couple the samples), which is symmetric — so the tangent γ·P(x₁)
+    and the backward γ·P(ḡ_k) of both row blocks (the primal vector-Jacobian product) are each
+    one call of ATen's fused BatchNorm backward kernel (~10× faster on CPU than the formula
+    written as tensor operations)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        xs, out = _split(x), torch.empty_like(x)
+        outs = _split(out)
+        mean, invstd = x.new_empty(0), x.new_empty(0)
+        torch.ops.aten.native_batch_norm.out(xs[0], weight, bias, None, None, True, 0.0, eps,
+                                             out=outs[0], save_mean=mean, save_invstd=invstd)
+        ctx.save_for_backward(xs[0], weight, mean, invstd)
+        ctx.eps = eps
+        outs[1].copy_(_bn_jacobian(xs[1], xs[0], weight, mean, invstd, eps))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x0, weight, mean, invstd = ctx.saved_tensors
+        return torch.cat([_bn_jacobian(g, x0, weight, mean, invstd, ctx.eps) for g in _split(grad)]), \
+            None, None, None
+
+
+def _bn_jacobian(v, x0, weight, mean, invstd, eps):
+    """γ·(v − mean(v) − x̂·mean(x̂·v))/√(σ² + ε), per channel, with the statistics of x₀
+    (:class:`_BatchStatNorm`): ATen's BatchNorm input gradient for the output gradient v."""
+    return torch.ops.aten.native_batch_norm_backward(v, x0, weight, None, None, mean, invstd, True,
+                                                     eps, [True, False, False])[0]
+
+
+def _bn_batch_forward(module: nn.BatchNorm2d):
+    def forward(x):
+        with torch._C.DisableTorchFunction():
+            w = None if module.weight is None else module.weight.detach()
+            b = None if module.bias is None else module.bias.detach()
+            return _BatchStatNorm.apply(x, w, b, module.eps)
+    return forward
+
+
+_BUILDERS = {"conv": _conv_forward, "linear": _linear_forward, "bn": _bn_forward,
+             "bn_batch": _bn_batch_forward}
 
 
 @contextlib.contextmanager
