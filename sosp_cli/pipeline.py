@@ -89,13 +89,19 @@ def validate(cfg: RunConfig) -> None:
         raise SospError(f"prune.step_epochs={p.step_epochs} must be >= 0")
     resolve_device(cfg.device)
     criterion = get_criterion(cfg.method)
-    criterion.check_batchnorm(cfg.saliency.batchnorm)
     if criterion.layer_local and p.scope != "local":
         raise SospError(f"method {cfg.method.name} is layer-local (its scores compare only within "
                         f"one layer); prune.scope={p.scope} is not accepted, use prune.scope=local")
-    if cfg.saliency.num_samples < 1 or cfg.saliency.batch_size < 1:
-        raise SospError(f"saliency.num_samples={cfg.saliency.num_samples} and saliency.batch_size="
-                        f"{cfg.saliency.batch_size} must be >= 1")
+    s = cfg.saliency
+    if s.num_samples < 1 or s.batch_size < 1:
+        raise SospError(f"saliency.num_samples={s.num_samples} and saliency.batch_size="
+                        f"{s.batch_size} must be >= 1")
+    criterion.check_batchnorm(s.batchnorm)
+    if s.batchnorm == "batch" and (s.batch_size < 2 or s.num_samples % s.batch_size == 1):
+        raise SospError(f"saliency.batchnorm=batch normalises each saliency batch with its own "
+                        f"statistics, and saliency.num_samples={s.num_samples} in batches of "
+                        f"saliency.batch_size={s.batch_size} leaves a batch of 1 sample: choose "
+                        "them so that every batch has at least 2")
 
 
 class Run:

@@ -124,6 +124,8 @@ def _cli(args, cwd):
     (["model.width=[1,2]"], "width=[1.0, 2.0]"),
     (["saliency.batchnorm=train"], "unknown saliency.batchnorm 'train'; accepted: batch, running"),
     (["method=sosp_i", "saliency.batchnorm=batch"], "saliency.batchnorm=batch is not accepted for sosp_i"),
+    (["saliency.batchnorm=batch", "saliency.num_samples=65"],
+     "saliency.num_samples=65 in batches of saliency.batch_size=32 leaves a batch of 1 sample"),
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, args, needle):
     proc = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"] + args, tmp_path)
