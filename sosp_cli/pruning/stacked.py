@@ -12,6 +12,9 @@ linearisation at the primal rows:
 - linear maps with no bias, row by row (convolutions, linear layers, average pools, sums of two
   activations, concatenation along channels, flatten): unchanged;
 - biases (convolution, linear, eval-mode BatchNorm shift) are added to the primal rows only;
+- BatchNorm without running statistics (``saliency.batchnorm=batch``) normalises with the
+  statistics of the primal rows, and maps the tangent rows by its Jacobian there
+  (:class:`_BatchStatNorm`); such a batch must not be split;
 - ReLU / ReLU6 / Hardtanh pass the tangent where the *primal* input is inside the linear
   range; max pooling gathers the tangent at the primal argmax; other element-wise functions
   (tanh, sigmoid, softplus, SiLU, GELU, ...) multiply the tangent by f'(primal);
@@ -26,9 +29,9 @@ function of the gates), so one backward pass with the stacked cotangent ``[(p �
 returns g (row 0) and Q·d (row 1) — exactly the two products, no second-order cross term.
 
 Every PyTorch function the model calls while stacked is checked against a list of functions
-whose rule above is known; anything else (train-mode BatchNorm, attention, a multiplication of
-two activations, indexing along the batch, adding a constant, ...) raises :class:`Unsupported`
-and the caller falls back to forward-mode AD, which is always exact. The brute-force tests check
+whose rule above is known; anything else (BatchNorm1d / 3d, attention, a multiplication of two
+activations, indexing along the batch, adding a constant, ...) raises :class:`Unsupported` and
+the caller falls back to forward-mode AD, which is always exact. The brute-force tests check
 both paths on every registered model.
 """
 from __future__ import annotations
