@@ -348,11 +348,9 @@ def _bn_jacobian(v, x0, weight, mean, invstd, eps):
 
 
 def _bn_batch_forward(module: nn.BatchNorm2d):
-    def forward(x):
+    def forward(x):   # γ, β are frozen by ``swapped_forwards``, like the convolutions' weights
         with torch._C.DisableTorchFunction():
-            w = None if module.weight is None else module.weight.detach()
-            b = None if module.bias is None else module.bias.detach()
-            return _BatchStatNorm.apply(x, w, b, module.eps)
+            return _BatchStatNorm.apply(x, module.weight, module.bias, module.eps)
     return forward
 
 
