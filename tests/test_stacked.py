@@ -93,11 +93,56 @@ def test_unsupported_functions_fall_back_to_forward_mode(middle):
         curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked")
     assert torch.equal(model(x), before) and all(p.requires_grad for p in model.parameters())
     ref = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="forward_ad")
-    auto = curvature_product(model, ss, [(x, y)], ones, "cpu")   # falls back, stays exact
+    with pytest.warns(UserWarning, match="TwoLayer calls .* no stacked-dual rule: .* forward-mode AD"):
+        auto = curvature_product(model, ss, [(x, y)], ones, "cpu")   # falls back, stays exact
     assert not stackable(model)
     assert rel_err(auto[0], ref[0]) <= 1e-12 and rel_err(auto[1], ref[1]) <= 1e-12
     joint = joint_product(model, ss, [(x, y)], ones, "cpu")
     assert rel_err(joint, -ref[0] + 0.5 * ref[1]) <= 1e-12
+
+
+class Hooked(nn.Module):
+    """fc3(relu(hook(fc2(relu(fc1(x)))))): the hook normalises the gradient it is given, so it
+    mixes that gradient's rows (applied to both stacked row blocks at once, it would differ)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc2(torch.relu(self.fc1(x)))
+        if h.requires_grad:
+            h.register_hook(lambda g: g / g.norm())
+        return self.fc3(torch.relu(h))
+
+
+def test_gradient_hooks_see_each_row_block_like_forward_mode():
+    torch.manual_seed(0)
+    model = Hooked().double().eval()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    batches = [(x[i:i + 1], y[i:i + 1]) for i in range(3)]   # one sample: halves are the batch
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures, dtype=torch.float64)
+    ref = curvature_product(model, ss, batches, ones, "cpu", dual="forward_ad")
+    got = curvature_product(model, ss, batches, ones, "cpu", dual="stacked")
+    assert stackable(model)
+    assert rel_err(got[0], ref[0]) <= 1e-12 and rel_err(got[1], ref[1]) <= 1e-12
+
+
+def test_instrumentation_keeps_the_stacked_path():
+    """``FlopCounterMode``'s module tracker reads ``grad_fn`` and registers gradient hooks on
+    every module's tensors: the stacked path must not fall back (for good) because of it."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 3])
+    model = float64_model(api.create_model("resnet20", num_classes=5, width=0.25), x)
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures, dtype=torch.float64)
+    ref = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="forward_ad")
+    with FlopCounterMode(display=False) as counter:
+        got = curvature_product(model, ss, [(x, y)], ones, "cpu")
+    assert stackable(model) and counter.get_total_flops() > 0
+    assert rel_err(got[0], ref[0]) <= 1e-10 and rel_err(got[1], ref[1]) <= 1e-10
 
 
 def test_bad_dual_mode_is_one_line_error():

@@ -12,6 +12,7 @@ Everything is computed batch by batch and summed, so the result equals the full-
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Iterator
 
@@ -155,6 +156,9 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
                 raise SospError(f"dual='stacked': the model calls {exc}, which has no stacked-dual "
                                 "rule; use dual='auto' or 'forward_ad'") from None
             _NOT_STACKABLE[model] = str(exc)
+            warnings.warn(f"{type(model).__name__} calls {exc}, which has no stacked-dual rule: its "
+                          "Gauss-Newton products use forward-mode AD from now on (exact, but slower "
+                          "and with ~3x the activation memory; pruning/stacked.py lists the rules)", stacklevel=2)
     g = torch.zeros(S, device=device, dtype=dt)
     qd = torch.zeros(S, device=device, dtype=dt)
     for x, y in batches:

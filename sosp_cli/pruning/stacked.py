@@ -18,6 +18,8 @@ linearisation at the primal rows:
 - ReLU / ReLU6 / Hardtanh pass the tangent where the *primal* input is inside the linear
   range; max pooling gathers the tangent at the primal argmax; other element-wise functions
   (tanh, sigmoid, softplus, SiLU, GELU, ...) multiply the tangent by f'(primal);
+- a gradient hook registered on an activation (``Tensor.register_hook``) is called on each
+  row block's gradient separately, as on the two backward passes of forward-mode AD;
 - gate site of structure s (DESIGN §2): primal ``c·x₀``, tangent ``c·x₁ + d·x₀`` (product rule).
   When the consumer is a convolution or linear layer L and d = 1 on all its input channels
   (SOSP-H's direction), L(x₁ + x₀) = L(x₁) + L(x₀): the layer adds its own primal output
@@ -191,12 +193,27 @@ def _elementwise(func):
     return handler
 
 
+def _register_hook(mode, x, hook):
+    """A gradient hook on a stacked activation is called once per row block, with that block's
+    gradient: what it sees, and returns, on the forward-mode AD path's two backward passes."""
+    mode.check(x)
+
+    def per_block(grad):
+        blocks = [hook(g) for g in _split(grad)]
+        if all(b is None for b in blocks):
+            return None
+        return torch.cat([g if b is None else b for g, b in zip(_split(grad), blocks)])
+    with torch._C.DisableTorchFunction():
+        return x.register_hook(per_block)
+
+
 _ELEMENTWISE = [torch.tanh, torch.Tensor.tanh, torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid,
                 F.tanh, F.softplus, F.silu, F.gelu, F.elu, F.leaky_relu, F.hardswish,
                 F.hardsigmoid, F.mish]
 _HANDLERS = {F.relu: _relu, torch.relu: _relu, torch.Tensor.relu: _relu, F.relu_: _relu,
              torch.relu_: _relu, torch.Tensor.relu_: _relu, F.hardtanh: _hardtanh,
              F.hardtanh_: _hardtanh, F.relu6: _relu6, F.max_pool2d: _max_pool2d,
+             torch.Tensor.register_hook: _register_hook,
              **{f: _elementwise(f) for f in _ELEMENTWISE}}
 
 # functions that act row by row and linearly on activations: valid on the stacked rows as they
@@ -211,8 +228,10 @@ _ROWWISE_LINEAR = {
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
         torch.Tensor.__radd__, torch.Tensor.__iadd__}
 # attribute reads that do not touch values (``x.T``, ``x.data``, ... are not among them)
+# (``grad_fn``, ``is_leaf``: read by instrumentation such as ``FlopCounterMode``'s module tracker)
 _ATTRIBUTES = {torch.Tensor.shape, torch.Tensor.dtype, torch.Tensor.device, torch.Tensor.ndim,
-               torch.Tensor.is_cuda, torch.Tensor.requires_grad, torch.Tensor.layout}
+               torch.Tensor.is_cuda, torch.Tensor.requires_grad, torch.Tensor.layout,
+               torch.Tensor.grad_fn, torch.Tensor.is_leaf}
 _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.__len__,
              torch.Tensor.is_floating_point, torch.Tensor.is_contiguous, torch.Tensor.__format__}
 
