@@ -3,7 +3,10 @@
 Every method runs in the same process on the same batches, alternating, ``--repeats`` times; the
 median time is reported with the ratio to ``taylor`` (one forward + one backward per batch), and
 the ratio of the fastest runs (``_min``, less sensitive to a noisy host), and the median of the
-per-repeat ratios (``_paired``) with a 95 % bootstrap interval (``_paired_ci95``). ``gradient`` does the
+per-repeat ratios (``_paired``) with a 95 % bootstrap interval (``_paired_ci95``). The work of one
+call is counted too, independent of the host: FLOPs (``_gflops``, ``_flops`` ratio) and the ATen
+operations that compute (``_ops``: views and allocations excluded; each launches a kernel on a
+GPU, so a launch-bound pass's time follows their count). ``gradient`` does the
 same work as ``taylor``: their ratio shows the host's noise. Peak memory is measured per method in a fresh subprocess (CPU: peak RSS
 above the process's baseline; CUDA: peak allocated bytes), because a process's RSS never drops.
 
@@ -25,7 +28,7 @@ import torch
 
 from sosp_cli.config import MethodConfig
 from sosp_cli.errors import SospError, check_choice
-from sosp_cli.measure import PeakMemory, count_macs
+from sosp_cli.measure import PeakMemory, count_macs, count_work
 from sosp_cli.models import create_model
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import curvature_product, gradient
@@ -178,13 +181,17 @@ def main() -> None:
             methods = tuple(m for m in methods if m != "sosp_i")
         for m in methods:  # warm-up
             run_method(m, model, ss, data[:1], device)
+        # host-independent cost of one call: FLOPs and computing ATen ops (kernel launches)
+        work = {m: count_work(lambda: run_method(m, model, ss, data, device)) for m in methods}
         times = {m: [] for m in methods}
         for _ in range(args.repeats):
             for m in methods:
                 times[m].append(timed(lambda: run_method(m, model, ss, data, device), device))
         med = {m: statistics.median(t) for m, t in times.items()}
         row = {"width": width, "S": ss.num_structures, "MMACs": macs / 1e6,
-               **{f"{m}_s": med[m] for m in methods}}
+               **{f"{m}_s": med[m] for m in methods},
+               **{f"{m}_gflops": work[m][0] / 1e9 for m in methods},
+               **{f"{m}_ops": work[m][1] for m in methods}}
         for m in methods:   # median ratio, and the ratio of the fastest runs (less host noise)
             if m != "taylor" and "taylor" in methods:
                 row[f"{m}/taylor"] = med[m] / med["taylor"]
@@ -192,6 +199,8 @@ def main() -> None:
                 paired = [a / b for a, b in zip(times[m], times["taylor"])]
                 row[f"{m}/taylor_paired"] = statistics.median(paired)
                 row[f"{m}/taylor_paired_ci95"] = "{:.2f}-{:.2f}".format(*paired_ci(paired))
+                row[f"{m}/taylor_flops"] = work[m][0] / work["taylor"][0]
+                row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
         if not args.no_memory:
             for m in (m for m in METHODS if m in methods):
                 row[f"{m}_peak_mb"] = peak_memory(args, width, m)

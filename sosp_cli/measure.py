@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -28,6 +29,36 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
         model(example_input[:1])
     model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+# ATen ops that only allocate or describe memory: they launch no kernel on a GPU
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
+              "lift_fresh", "alias", "set"}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations that compute (views and allocations excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket.__name__.rstrip("_")
+        if not func.is_view and packet not in _NO_KERNEL:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_work(fn) -> tuple[int, int]:
+    """(FLOPs, computing ATen operations) of one call of ``fn``, forward and backward passes
+    included: a host-independent account of an algorithm's cost. FLOPs as
+    :func:`count_macs` counts them (convolutions, linear layers, matmuls; a multiply-add is 2);
+    operations are the ATen calls other than views and allocations — each launches at least
+    one kernel on a GPU, so their count is what a launch-bound pass's time follows."""
+    with FlopCounterMode(display=False) as flops, _OpCounter() as ops:
+        fn()
+    return flops.get_total_flops(), ops.ops
 
 
 @torch.no_grad()

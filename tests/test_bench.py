@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_saliency.py"
 
@@ -37,6 +38,9 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     (row,) = data["rows"]
     assert data["device_name"] and row["S"] > 0
     assert row["sosp_h_s"] > 0 and row["taylor_s"] > 0
+    # SOSP-H's exact Gauss-Newton product is two first-order passes' convolutions, not one more
+    assert row["sosp_h/taylor_flops"] == 2.0 and row["taylor_gflops"] > 0
+    assert row["sosp_h_ops"] > row["taylor_ops"] > 0
     lo, hi = (float(v) for v in row["sosp_h/taylor_paired_ci95"].split("-"))
     assert lo <= round(row["sosp_h/taylor_paired"], 2) + 0.01 and round(row["sosp_h/taylor_paired"], 2) - 0.01 <= hi
 
@@ -62,3 +66,15 @@ def test_benchmark_script_rejects_bad_input_in_one_line(args, message, monkeypat
         bench.main()
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"bench_saliency.py: error: {message}"
+
+
+def test_work_counts_flops_and_computing_operations_forward_and_backward():
+    from sosp_cli.measure import count_work
+    x, w = torch.randn(8, 5, requires_grad=True), torch.randn(3, 5)
+
+    def step():
+        torch.autograd.grad(torch.nn.functional.linear(x, w).relu().sum(), x)
+    # 2·8·5·3 FLOPs forward (mm) and as many for x's gradient (mm); operations: mm, relu, sum,
+    # the seed gradient (ones_like), threshold_backward, mm — the transposes and expand are views
+    assert count_work(step) == (480, 6)
+    assert count_work(lambda: torch.ones(3).add_(1).view(3, 1).mul(2)) == (0, 3)
