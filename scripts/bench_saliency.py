@@ -36,7 +36,7 @@ from sosp_cli.structures import StructureSet
 from sosp_cli.utils import retain_freed_memory
 
 METHODS = ("taylor", "sosp_h", "sosp_i")
-EXTRA = ("gradient", "sosp_h_joint", "sosp_h_fwad")   # timed variants (see run_method)
+EXTRA = ("gradient", "sosp_h_joint", "sosp_h_fwad", "sosp_h_whole")   # timed variants (see run_method)
 
 
 def positive(kind):
@@ -74,6 +74,8 @@ def run_method(method: str, model, ss, data, device, **options):
         return curvature_product(model, ss, data, ones, device, dual="forward_ad")
     if method == "sosp_h_joint":
         return run_method("sosp_h", model, ss, data, device, combine="abs_joint")
+    if method == "sosp_h_whole":   # one stacked pass of 2B rows per batch (method.stack_batch)
+        return run_method("sosp_h", model, ss, data, device, stack_batch="whole")
     crit = get_criterion(MethodConfig(name=method, **options))
     return crit.compute(SaliencyInput(model, ss, data, device)).scores
 
@@ -144,7 +146,7 @@ def main() -> None:
                         help="saliency.batchnorm: running statistics, or each batch's own")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="time only these (default: gradient taylor sosp_h sosp_i sosp_h_joint "
-                             "sosp_h_fwad); the ratio columns need taylor")
+                             "sosp_h_fwad sosp_h_whole); the ratio columns need taylor")
     parser.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc malloc as configured (default: as sosp-run, "
@@ -176,7 +178,7 @@ def main() -> None:
     for width in args.widths:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device,
                                       args.batchnorm)
-        methods = tuple(args.methods or ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_fwad"))
+        methods = tuple(args.methods or ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_fwad", "sosp_h_whole"))
         if args.batchnorm == "batch" and not args.methods:   # per-sample Jacobians: undefined
             methods = tuple(m for m in methods if m != "sosp_i")
         for m in methods:  # warm-up
@@ -202,7 +204,7 @@ def main() -> None:
                 row[f"{m}/taylor_flops"] = work[m][0] / work["taylor"][0]
                 row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
         if not args.no_memory:
-            for m in (m for m in METHODS if m in methods):
+            for m in (m for m in METHODS + ("sosp_h_whole",) if m in methods):
                 row[f"{m}_peak_mb"] = peak_memory(args, width, m)
         rows.append(row)
         print(json.dumps(row), flush=True)

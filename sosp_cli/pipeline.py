@@ -47,9 +47,13 @@ def pretrain_key(cfg: RunConfig) -> str:
 
 def saliency_key(cfg: RunConfig) -> str:
     sal = _asdict(cfg.saliency)
-    if sal["batchnorm"] == "running":   # the default keeps the keys of runs made before the option
+    method = _asdict(cfg.method)
+    # defaults keep the keys of runs made before these options existed
+    if sal["batchnorm"] == "running":
         del sal["batchnorm"]
-    return fingerprint(pretrain_key(cfg), _asdict(cfg.method), sal)
+    if method["stack_batch"] == "auto":
+        del method["stack_batch"]
+    return fingerprint(pretrain_key(cfg), method, sal)
 
 
 def prune_key(cfg: RunConfig) -> str:

@@ -126,6 +126,10 @@ def _cli(args, cwd):
     (["method=sosp_i", "saliency.batchnorm=batch"], "saliency.batchnorm=batch is not accepted for sosp_i"),
     (["saliency.batchnorm=batch", "saliency.num_samples=65"],
      "saliency.num_samples=65 in batches of saliency.batch_size=32 leaves a batch of 1 sample"),
+    (["method.stack_batch=halves"], "unknown method.stack_batch 'halves'; accepted: auto, half, whole"),
+    (["method=sosp_h", "method.stack_batch=half", "saliency.batchnorm=batch"],
+     "method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch has other "
+     "BatchNorm statistics than the batch; use method.stack_batch=auto or whole"),
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, args, needle):
     proc = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"] + args, tmp_path)

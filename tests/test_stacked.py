@@ -64,6 +64,42 @@ def test_stacked_equals_forward_mode_on_every_model(name, direction, batchnorm, 
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("batchnorm", BATCHNORM)
+def test_stack_batch_changes_the_passes_not_the_result(batchnorm, monkeypatch):
+    """``method.stack_batch``: ``half`` runs two stacked passes per batch, ``whole`` one of 2B
+    rows; ``auto`` is ``half`` unless BatchNorm uses batch statistics. All equal forward mode."""
+    passes = []
+    run_pass = derivatives._stacked_pass
+    monkeypatch.setattr(derivatives, "_stacked_pass", lambda f, x, *a: passes.append(len(x)) or run_pass(f, x, *a))
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 3, 1, 4, 2, 0])
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    model = float64_model(api.create_model("resnet20", num_classes=5, width=0.25), x)
+    ss = StructureSet(model, x[:1])
+    model = saliency_model(model, batchnorm, batches)
+    ones = torch.ones(ss.num_structures, dtype=torch.float64)
+    ref = curvature_product(model, ss, batches, ones, "cpu", dual="forward_ad")
+    expected = {"whole": [4, 2], "half": [2, 2, 1, 1]}
+    expected["auto"] = expected["whole" if batchnorm == "batch" else "half"]
+    for mode in ("auto", "half", "whole") if batchnorm == "running" else ("auto", "whole"):
+        passes.clear()
+        got = curvature_product(model, ss, batches, ones, "cpu", stack_batch=mode)
+        assert passes == expected[mode], mode
+        tol = 1e-10 if batchnorm == "running" else 1e-8
+        assert rel_err(got[0], ref[0]) <= tol and rel_err(got[1], ref[1]) <= tol
+        joint = joint_product(model, ss, batches, ones, "cpu", stack_batch=mode)
+        assert rel_err(joint, -ref[0] + 0.5 * ref[1]) <= tol
+    if batchnorm == "batch":
+        with pytest.raises(SospError, match=r"^method.stack_batch=half is not accepted with saliency.batchnorm=batch"):
+            curvature_product(model, ss, batches, ones, "cpu", stack_batch="half")
+    with pytest.raises(SospError, match=r"^unknown method.stack_batch 'halves'; accepted: auto, half, whole$"):
+        curvature_product(model, ss, batches, ones, "cpu", stack_batch="halves")
+    scores = {mode: api.saliency(model, batches, "sosp_h", stack_batch=mode) for mode in ("auto", "whole")}
+    assert scores["auto"].keys() == scores["whole"].keys()
+    assert max(abs(scores["auto"][k] - scores["whole"][k]) for k in scores["auto"]) <= \
+        1e-8 * max(abs(v) for v in scores["whole"].values())
+
+
 class TwoLayer(nn.Module):
     """fc2(middle(fc1(x))): ``middle`` is what the stacked rules must refuse."""
 

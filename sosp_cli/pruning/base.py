@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..config import MethodConfig
 from ..errors import SospError, check_choice
 from ..structures import StructureSet
+from .derivatives import HALF_WITH_BATCH_STATISTICS, STACK_BATCH
 from .lean import batch_statistics
 
 _CRITERIA: dict[str, type["Criterion"]] = {}
@@ -54,6 +55,7 @@ class Criterion:
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
         check_choice("method.combine", cfg.combine, COMBINE)
+        check_choice("method.stack_batch", cfg.stack_batch, STACK_BATCH)
         if self.curvatures:
             check_choice(f"method.curvature for {self.name}", cfg.curvature, self.curvatures)
 
@@ -69,6 +71,8 @@ class Criterion:
                 f"{self.cfg.curvature}: its per-sample gate Jacobians are undefined when batch "
                 "statistics couple the samples of a batch; use saliency.batchnorm=running, or "
                 "method.curvature=hessian")
+        if mode == "batch" and self.cfg.stack_batch == "half":
+            raise SospError(HALF_WITH_BATCH_STATISTICS)
 
     def combine(self, g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """First- and second-order terms into one score (DESIGN §3, ``method.combine``):

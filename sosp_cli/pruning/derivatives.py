@@ -21,7 +21,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import SospError
+from ..errors import SospError, check_choice
 from ..structures import StructureSet
 from .lean import lean_layers, uses_batch_statistics
 from .stacked import Unsupported, stacked_dual
@@ -84,6 +84,18 @@ def _cotangents(z, jd, y, n: int, dt):
 # models found to call a function without a stacked-dual rule (they use forward-mode AD)
 _NOT_STACKABLE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 DUAL_MODES = ("auto", "stacked", "forward_ad")
+# rows of one stacked pass (``method.stack_batch``): each batch in two halves of B rows, or whole
+# (2B rows); ``auto``: halves, unless BatchNorm normalises with batch statistics
+STACK_BATCH = ("auto", "half", "whole")
+HALF_WITH_BATCH_STATISTICS = (
+    "method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch has "
+    "other BatchNorm statistics than the batch; use method.stack_batch=auto or whole")
+
+
+def _check_stack_batch(model: nn.Module, stack_batch: str) -> None:
+    check_choice("method.stack_batch", stack_batch, STACK_BATCH)
+    if stack_batch == "half" and uses_batch_statistics(model):
+        raise SospError(HALF_WITH_BATCH_STATISTICS)
 
 
 def stackable(model: nn.Module) -> bool:
@@ -91,18 +103,21 @@ def stackable(model: nn.Module) -> bool:
     return model not in _NOT_STACKABLE
 
 
-def _stacked_products(model, ss: StructureSet, batches, d, n: int, dt, device):
+def _stacked_products(model, ss: StructureSet, batches, d, n: int, dt, device, stack_batch: str):
     """(g, Q·d) from stacked passes (:mod:`.stacked`): per pass one forward over [x; 0] and one
-    backward with the cotangent [(p − y)/N; R J d/N]. Each batch is taken in two halves, so a
-    stacked pass has as many rows as the batch, i.e. exactly the tensor shapes (and activation
-    memory) of a first-order pass: SOSP-H costs two first-order passes plus the tangent
-    injections at the gate sites — unless BatchNorm normalises with batch statistics
-    (``saliency.batchnorm=batch``): a half batch would have other statistics, so the batch is
-    taken whole (2B rows). Raises :class:`.stacked.Unsupported` (before any result)
-    when the model needs forward-mode AD."""
+    backward with the cotangent [(p − y)/N; R J d/N].
+
+    ``stack_batch='half'``: each batch is taken in two halves, so a stacked pass has as many rows
+    as the batch, i.e. exactly the tensor shapes (and activation memory) of a first-order pass:
+    SOSP-H costs two first-order passes plus the tangent injections at the gate sites.
+    ``'whole'``: one pass of 2B rows per batch — the same arithmetic in half the passes (the
+    kernel launches and fixed per-pass cost of one first-order pass), with twice the activation
+    memory. ``'auto'``: halves, unless BatchNorm normalises with batch statistics
+    (``saliency.batchnorm=batch``), where a half batch would have other statistics. Raises
+    :class:`.stacked.Unsupported` (before any result) when the model needs forward-mode AD."""
     g = torch.zeros(ss.num_structures, device=device, dtype=dt)
     qd = torch.zeros_like(g)
-    whole = uses_batch_statistics(model)
+    whole = stack_batch == "whole" or uses_batch_statistics(model)
     with stacked_dual(model, ss, d, dt) as forward:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
@@ -131,7 +146,7 @@ def _forward_ad_pass(model, ss: StructureSet, x, y, d, n: int, dt):
 
 
 def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: torch.Tensor,
-                      device, curvature: str = "gn", dual: str = "auto"
+                      device, curvature: str = "gn", dual: str = "auto", stack_batch: str = "auto"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (g, Q·d) for one direction d without forming Q.
 
@@ -139,10 +154,12 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
     and Q·d = Jᵀ R (J d)/N. ``dual='stacked'``: one forward pass over the 2B rows [x; 0] and one
     backward pass returning both products (:mod:`.stacked`); ``'forward_ad'``: dual tensors and
     two backward passes; ``'auto'`` (default): stacked unless the model calls a function that
-    has no stacked rule. ``hessian``: double backward, H·d = ∂(gᵀd)/∂c.
+    has no stacked rule; ``stack_batch``: the rows of a stacked pass (:func:`_stacked_products`).
+    ``hessian``: double backward, H·d = ∂(gᵀd)/∂c.
     """
     if dual not in DUAL_MODES:
         raise SospError(f"dual={dual!r}: expected one of {', '.join(DUAL_MODES)}")
+    _check_stack_batch(model, stack_batch)
     dt = _dtype(model)
     n, S = _count(batches), ss.num_structures
     d = direction.to(device=device, dtype=dt)
@@ -150,7 +167,7 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
         return _hessian_product(model, ss, batches, d, n, dt, device)
     if dual == "stacked" or (dual == "auto" and stackable(model)):
         try:
-            return _stacked_products(model, ss, batches, d, n, dt, device)
+            return _stacked_products(model, ss, batches, d, n, dt, device, stack_batch)
         except Unsupported as exc:
             if dual == "stacked":
                 raise SospError(f"dual='stacked': the model calls {exc}, which has no stacked-dual "
@@ -200,13 +217,14 @@ def _hessian_vector_batch(model, ss: StructureSet, x, y, d, n: int, dt):
 
 
 def joint_product(model: nn.Module, ss: StructureSet, batches, direction: torch.Tensor,
-                  device) -> torch.Tensor:
+                  device, stack_batch: str = "auto") -> torch.Tensor:
     """−g + ½ Q·d (GN), all ``combine=abs_joint`` needs. Stacked: from :func:`curvature_product`
     (the backward pass carries both row blocks anyway); forward-mode AD fallback: one backward
     pass per batch with the cotangent −(p − y)/N + ½ R·(J d)/N."""
     if stackable(model):
-        g, qd = curvature_product(model, ss, batches, direction, device)
+        g, qd = curvature_product(model, ss, batches, direction, device, stack_batch=stack_batch)
         return -g + 0.5 * qd
+    _check_stack_batch(model, stack_batch)
     dt = _dtype(model)
     n = _count(batches)
     out = torch.zeros(ss.num_structures, device=device, dtype=dt)

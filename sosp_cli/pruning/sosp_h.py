@@ -8,9 +8,11 @@ exact gate Hessian (``curvature=hessian``). v = Q·1 = Σ_s' Q_ss' carries the c
 with every structure of every layer, yet Q is never formed: per batch, one forward pass over
 the stacked rows [x; 0] gives z and J·1 (:mod:`.stacked`; forward-mode AD for models with a
 function it has no rule for), and one backward pass returns g and Jᵀ R J 1 together
-(:func:`derivatives.curvature_product`; the batch is taken in two halves, so every pass has the
-shapes of a first-order pass). Memory O(parameters + activations of one batch), like Taylor;
-cost two first-order passes.
+(:func:`derivatives.curvature_product`). ``method.stack_batch``: ``half`` (``auto``'s choice with
+running BatchNorm statistics) takes each batch in two halves, so every pass has the shapes of a
+first-order pass; ``whole`` runs one pass of 2B rows per batch (half the passes, twice the
+activation memory). Memory O(parameters + activations of one batch), like Taylor; cost two
+first-order passes.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ class SospH(Criterion):
         ones = torch.ones(inp.structures.num_structures)
         if self.cfg.combine == "abs_joint" and self.cfg.curvature == "gn":
             # |−g + ½ Q·1| needs only the sum: one backward pass per batch instead of two
-            joint = joint_product(inp.model, inp.structures, inp.batches, ones, inp.device).cpu()
+            joint = joint_product(inp.model, inp.structures, inp.batches, ones, inp.device,
+                                  self.cfg.stack_batch).cpu()
             return Saliency(joint.abs())
         g, v = curvature_product(inp.model, inp.structures, inp.batches, ones, inp.device,
-                                 self.cfg.curvature)
+                                 self.cfg.curvature, stack_batch=self.cfg.stack_batch)
         g, v = g.cpu(), v.cpu()
         return Saliency(self.combine(g, v), grad=g, second_order=v)
