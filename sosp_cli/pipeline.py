@@ -327,7 +327,8 @@ def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetun
     return {
         "experiment": cfg.experiment_name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "width": cfg.model.width, "method": cfg.method.name, "combine": cfg.method.combine,
-        "curvature": cfg.method.curvature, "saliency_batchnorm": cfg.saliency.batchnorm,
+        "curvature": cfg.method.curvature, "stack_batch": cfg.method.stack_batch,
+        "saliency_batchnorm": cfg.saliency.batchnorm,
         "scope": cfg.prune.scope, "seed": cfg.seed,
         "prune_ratio": cfg.prune.ratio, "target": cfg.prune.target, "steps": cfg.prune.steps,
         "normalize": cfg.prune.normalize, "achieved_ratio": sel["achieved_ratio"],

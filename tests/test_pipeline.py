@@ -88,11 +88,12 @@ def test_batch_statistics_saliency_runs_end_to_end_and_diagnostics_use_the_same_
     prediction is −Σ_{s∈M} g_s with g from saliency.pt (eval-mode g would differ)."""
     base = ["experiment=smoke", "method=sosp_h", "prune.diagnostics=true", "prune.diagnostics_samples=4"]
     runs = {}
-    for mode in ("batch", "running"):
+    for mode, stack in (("batch", "auto"), ("running", "whole")):
         out = tmp_path / mode
-        r = run(compose_run(base + [f"saliency.batchnorm={mode}"], tmp_path), out)
+        r = run(compose_run(base + [f"saliency.batchnorm={mode}", f"method.stack_batch={stack}"], tmp_path), out)
         rec = torch.load(out / "saliency.pt", weights_only=False)
         assert r["saliency_batchnorm"] == mode and r["params_after"] < r["params_before"]
+        assert r["stack_batch"] == stack
         runs[mode] = (r, rec)
     for mode, (r, rec) in runs.items():
         pruned = torch.load(tmp_path / mode / "pruned.pt", weights_only=False)
@@ -222,7 +223,8 @@ def test_retain_freed_memory_keeps_pages_and_respects_opt_outs():
 
 def test_report_keeps_runs_that_differ_in_a_setting_apart(tmp_path):
     """Two curvatures of one sweep are two rows (not averaged as if seeds); settings all runs
-    share add no column; results from before ``saliency.batchnorm`` count as ``running``."""
+    share add no column; results from before ``saliency.batchnorm`` / ``method.stack_batch``
+    count as ``running`` / ``auto``."""
     import pandas as pd
     from sosp_cli.report import collect, key_columns, summarize, to_markdown
 
@@ -249,3 +251,6 @@ def test_report_keeps_runs_that_differ_in_a_setting_apart(tmp_path):
         (tmp_path / str(k) / "result.json").write_text(json.dumps({**r, "latency": {}}))
     mixed = collect(tmp_path)
     assert sorted(mixed["saliency_batchnorm"]) == ["batch", "running"] and len(summarize(mixed)) == 2
+    assert list(mixed["stack_batch"]) == ["auto", "auto"]
+    passes = pd.DataFrame([{**row("gn", 0, 90.0), "stack_batch": "half"}, {**row("gn", 0, 90.0), "stack_batch": "whole"}])
+    assert "stack_batch" in key_columns(passes) and len(summarize(passes)) == 2
