@@ -243,3 +243,58 @@ def test_frozen_conv_gradients_equal_autograd(stride, padding, dilation, groups,
     with fwAD.dual_level():
         jvp = fwAD.unpack_dual(FrozenConv.apply(fwAD.make_dual(x.detach(), t), *args)).tangent
     assert torch.allclose(jvp, F.conv2d(t, w, None, *args[2:]), atol=1e-12)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward passes of ``fn``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_a_whole_stacked_pass_keeps_what_a_first_order_pass_keeps():
+    """ReLU and gate sites keep only the primal rows, in one copy they share: the stacked rows
+    (2B) are freed during the forward pass, so ``stack_batch=whole`` saves for its backward
+    the bytes Taylor's first-order pass saves, up to a few small tensors (logits, gates)."""
+    torch.manual_seed(0)
+    model = api.create_model("resnet20", num_classes=5, width=0.25).eval()
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures)
+    first_order = _saved_bytes(lambda: derivatives.gradient(model, ss, [(x, y)], "cpu"))
+    whole = _saved_bytes(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", stack_batch="whole"))
+    assert whole == pytest.approx(first_order, rel=1e-3)
+
+
+class Doubled(nn.Module):
+    """fc2(r) with r = relu(fc1 x) doubled, in place or not (same function)."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.fc1, self.fc2, self.inplace = nn.Linear(4, 5), nn.Linear(5, 3), inplace
+
+    def forward(self, x):
+        h = self.fc1(x)
+        r = torch.relu(h)
+        if self.inplace:
+            r += torch.relu(h)
+            return self.fc2(r)
+        return self.fc2(r + torch.relu(h))
+
+
+def test_a_relu_output_changed_in_place_is_not_read_from_its_saved_copy():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = []
+    for inplace in (False, True):
+        torch.manual_seed(1)
+        model = Doubled(inplace).double().eval()
+        ss = StructureSet(model, x[:1])
+        out.append(curvature_product(model, ss, [(x, y)], torch.ones(ss.num_structures), "cpu",
+                                     dual="stacked"))
+    assert rel_err(out[1][0], out[0][0]) <= 1e-12 and rel_err(out[1][1], out[0][1]) <= 1e-12

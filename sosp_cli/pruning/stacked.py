@@ -25,6 +25,11 @@ linearisation at the primal rows:
   (SOSP-H's direction), L(x₁ + x₀) = L(x₁) + L(x₀): the layer adds its own primal output
   (without bias) to its tangent rows, one in-place addition instead of a copied, injected input.
 
+The backward pass needs the primal rows only (ReLU masks, gate inputs): ReLU keeps a copy of
+its output's primal rows, which the gate site reading that output shares, so the 2B stacked rows
+are freed during the forward pass and a stacked pass keeps what a first-order pass on its
+primal rows keeps.
+
 The custom gate function's backward sends each row block's cotangent to its own row of a
 [2, S] gate tensor through the primal Jacobian only (the ``d·x₀`` term is the direction, not a
 function of the gates), so one backward pass with the stacked cotangent ``[(p − y)/N; R J d/N]``
@@ -79,7 +84,7 @@ class _Gate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gates2, direction):
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(_primal_rows(x))
         if direction is None:
             return x.view_as(x)
         xs, out = _split(x), torch.empty_like(x)
@@ -90,9 +95,9 @@ class _Gate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
+        (x0,) = ctx.saved_tensors
         dims = (1,) + tuple(range(3, grad.dim() + 1))
-        return grad, torch.mul(_split(grad), _primal(x)).sum(dims), None
+        return grad, torch.mul(_split(grad), x0).sum(dims), None
 
 
 def _add_primal_to_tangent(y: torch.Tensor) -> torch.Tensor:
@@ -150,13 +155,30 @@ def _clamp_backward(grad, x, lo, hi, out):
 
 
 def _relu(mode, x, inplace=False):
-    """ReLU without a custom autograd Function: ``threshold_backward(v, x₀, 0)`` is v where
-    x₀ > 0, else 0; applied to both row blocks v = [x₀; x₁] (x₀ broadcast) it gives the primal
-    relu(x₀) and the tangent x₁·1[x₀ > 0] in one kernel, and its derivative with respect to v
-    (x₀ is a constant here) is the same mask for both blocks — :class:`_Clamp`'s rule, with a
-    native backward node."""
+    """ReLU without a custom autograd Function: ``threshold_backward(v, y₀, 0)`` is v where
+    y₀ > 0, else 0; with y₀ = relu(x₀) (y₀ > 0 exactly where x₀ > 0), applied to both row blocks
+    v = [x₀; x₁] (y₀ broadcast) it gives the primal relu(x₀) and the tangent x₁·1[x₀ > 0] in
+    one kernel, and its derivative with respect to v (y₀ is a constant here) is the same mask for
+    both blocks — :class:`_Clamp`'s rule, with a native backward node. The backward keeps y₀
+    only, B rows in a storage of their own, which a gate site reading this output keeps too
+    (:func:`_primal_rows`): the stacked rows are freed as soon as the forward pass is done
+    with them, so a stacked pass holds what a first-order pass on its primal rows holds."""
     xs = _split(mode.check(x))
-    return torch.ops.aten.threshold_backward(xs, xs[0].detach(), 0.0).flatten(0, 1)
+    with torch.no_grad():
+        y0 = torch.relu(xs[0])
+    out = torch.ops.aten.threshold_backward(xs, y0, 0.0).flatten(0, 1)
+    out._sosp_primal = (y0, out._version)
+    return out
+
+
+def _primal_rows(x: torch.Tensor) -> torch.Tensor:
+    """The primal rows of the stacked ``x`` as a tensor of their own, for a backward pass: the
+    copy :func:`_relu` made of its output's (if ``x`` is that output, unchanged since), else a
+    new one. (A view would keep all 2B rows of ``x`` alive until the backward pass.)"""
+    kept = getattr(x, "_sosp_primal", None)
+    if kept is not None and kept[1] == x._version:
+        return kept[0]
+    return _primal(x).detach().clone()
 
 
 def _hardtanh(mode, x, min_val=-1.0, max_val=1.0, inplace=False):
