@@ -257,14 +257,17 @@ def _saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-def test_a_whole_stacked_pass_keeps_what_a_first_order_pass_keeps():
-    """ReLU and gate sites keep only the primal rows, in one copy they share: the stacked rows
+@pytest.mark.parametrize("batchnorm", BATCHNORM)
+def test_a_whole_stacked_pass_keeps_what_a_first_order_pass_keeps(batchnorm):
+    """ReLU and gate sites keep only the primal rows, in one copy they share (batch-statistics
+    BatchNorm only the primal rows of its input): the stacked rows
     (2B) are freed during the forward pass, so ``stack_batch=whole`` saves for its backward
     the bytes Taylor's first-order pass saves, up to a few small tensors (logits, gates)."""
     torch.manual_seed(0)
     model = api.create_model("resnet20", num_classes=5, width=0.25).eval()
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
     ss = StructureSet(model, x[:1])
+    model = saliency_model(model, batchnorm, [(x, y)])
     ones = torch.ones(ss.num_structures)
     first_order = _saved_bytes(lambda: derivatives.gradient(model, ss, [(x, y)], "cpu"))
     whole = _saved_bytes(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", stack_batch="whole"))

@@ -25,8 +25,9 @@ linearisation at the primal rows:
   (SOSP-H's direction), L(x₁ + x₀) = L(x₁) + L(x₀): the layer adds its own primal output
   (without bias) to its tangent rows, one in-place addition instead of a copied, injected input.
 
-The backward pass needs the primal rows only (ReLU masks, gate inputs): ReLU keeps a copy of
-its output's primal rows, which the gate site reading that output shares, so the 2B stacked rows
+The backward pass needs the primal rows only (ReLU masks, gate inputs, batch-statistics
+BatchNorm inputs): ReLU keeps a copy of its output's primal rows, which the gate site reading
+that output shares, BatchNorm a copy of its input's (:func:`_primal_rows`), so the 2B stacked rows
 are freed during the forward pass and a stacked pass keeps what a first-order pass on its
 primal rows keeps.
 
@@ -369,7 +370,7 @@ class _BatchStatNorm(torch.autograd.Function):
         mean, invstd = x.new_empty(0), x.new_empty(0)
         torch.ops.aten.native_batch_norm.out(xs[0], weight, bias, None, None, True, 0.0, eps,
                                              out=outs[0], save_mean=mean, save_invstd=invstd)
-        ctx.save_for_backward(xs[0], weight, mean, invstd)
+        ctx.save_for_backward(_primal_rows(x), weight, mean, invstd)
         ctx.eps = eps
         outs[1].copy_(_bn_jacobian(xs[1], xs[0], weight, mean, invstd, eps))
         return out
