@@ -36,7 +36,7 @@ from sosp_cli.structures import StructureSet
 from sosp_cli.utils import retain_freed_memory
 
 METHODS = ("taylor", "sosp_h", "sosp_i")
-EXTRA = ("gradient", "sosp_h_joint", "sosp_h_fwad", "sosp_h_whole")   # timed variants (see run_method)
+EXTRA = ("gradient", "sosp_h_joint", "sosp_h_fwad", "sosp_h_half")   # timed variants (see run_method)
 
 
 def positive(kind):
@@ -74,8 +74,8 @@ def run_method(method: str, model, ss, data, device, **options):
         return curvature_product(model, ss, data, ones, device, dual="forward_ad")
     if method == "sosp_h_joint":
         return run_method("sosp_h", model, ss, data, device, combine="abs_joint")
-    if method == "sosp_h_whole":   # one stacked pass of 2B rows per batch (method.stack_batch)
-        return run_method("sosp_h", model, ss, data, device, stack_batch="whole")
+    if method == "sosp_h_half":   # two stacked passes of B rows per batch (method.stack_batch)
+        return run_method("sosp_h", model, ss, data, device, stack_batch="half")
     crit = get_criterion(MethodConfig(name=method, **options))
     return crit.compute(SaliencyInput(model, ss, data, device)).scores
 
@@ -146,7 +146,7 @@ def main() -> None:
                         help="saliency.batchnorm: running statistics, or each batch's own")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="time only these (default: gradient taylor sosp_h sosp_i sosp_h_joint "
-                             "sosp_h_fwad sosp_h_whole); the ratio columns need taylor")
+                             "sosp_h_fwad sosp_h_half); the ratio columns need taylor")
     parser.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc malloc as configured (default: as sosp-run, "
@@ -159,8 +159,9 @@ def main() -> None:
     try:
         for m in args.methods or ():
             check_choice("method", m, EXTRA + tuple(list_criteria()))
-            if m in list_criteria():
-                get_criterion(MethodConfig(name=m)).check_batchnorm(args.batchnorm)
+            if m in list_criteria() or m == "sosp_h_half":
+                options = {"stack_batch": "half"} if m == "sosp_h_half" else {}
+                get_criterion(MethodConfig(name=m.removesuffix("_half"), **options)).check_batchnorm(args.batchnorm)
     except SospError as exc:
         parser.error(f"--methods: {exc}")
     if args.threads:
@@ -178,9 +179,9 @@ def main() -> None:
     for width in args.widths:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device,
                                       args.batchnorm)
-        methods = tuple(args.methods or ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_fwad", "sosp_h_whole"))
-        if args.batchnorm == "batch" and not args.methods:   # per-sample Jacobians: undefined
-            methods = tuple(m for m in methods if m != "sosp_i")
+        methods = tuple(args.methods or ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_fwad", "sosp_h_half"))
+        if args.batchnorm == "batch" and not args.methods:   # per-sample Jacobians: undefined;
+            methods = tuple(m for m in methods if m not in ("sosp_i", "sosp_h_half"))   # halves: other statistics
         for m in methods:  # warm-up
             run_method(m, model, ss, data[:1], device)
         # host-independent cost of one call: FLOPs and computing ATen ops (kernel launches)
@@ -204,7 +205,7 @@ def main() -> None:
                 row[f"{m}/taylor_flops"] = work[m][0] / work["taylor"][0]
                 row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
         if not args.no_memory:
-            for m in (m for m in METHODS + ("sosp_h_whole",) if m in methods):
+            for m in (m for m in METHODS + ("sosp_h_half",) if m in methods):
                 row[f"{m}_peak_mb"] = peak_memory(args, width, m)
         rows.append(row)
         print(json.dumps(row), flush=True)

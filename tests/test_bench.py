@@ -30,8 +30,9 @@ def test_paired_interval_brackets_the_median_and_is_reproducible():
 @pytest.mark.parametrize("batchnorm", ["running", "batch"])
 def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     out = tmp_path / "rows.json"
+    halves = ["sosp_h_half"] if batchnorm == "running" else []   # refused with batch statistics
     subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--batches", "1", "--batch-size", "4",
-                    "--repeats", "2", "--methods", "taylor", "sosp_h", "--no-memory", "--device", "cpu",
+                    "--repeats", "2", "--methods", "taylor", "sosp_h", *halves, "--no-memory", "--device", "cpu",
                     "--batchnorm", batchnorm, "--json", str(out)], check=True, capture_output=True, text=True)
     data = json.loads(out.read_text())
     assert data["batchnorm"] == batchnorm
@@ -41,6 +42,8 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     # SOSP-H's exact Gauss-Newton product is two first-order passes' convolutions, not one more
     assert row["sosp_h/taylor_flops"] == 2.0 and row["taylor_gflops"] > 0
     assert row["sosp_h_ops"] > row["taylor_ops"] > 0
+    if halves:   # the same arithmetic in twice the passes: more operations, not more FLOPs
+        assert row["sosp_h_half/taylor_flops"] == 2.0 and row["sosp_h_half_ops"] > row["sosp_h_ops"]
     lo, hi = (float(v) for v in row["sosp_h/taylor_paired_ci95"].split("-"))
     assert lo <= round(row["sosp_h/taylor_paired"], 2) + 0.01 and round(row["sosp_h/taylor_paired"], 2) - 0.01 <= hi
 
@@ -54,6 +57,9 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
      "--methods: saliency.batchnorm=batch is not accepted for sosp_i with method.curvature=gn: its "
      "per-sample gate Jacobians are undefined when batch statistics couple the samples of a batch; "
      "use saliency.batchnorm=running, or method.curvature=hessian"),
+    (["--batchnorm", "batch", "--methods", "taylor", "sosp_h_half"],
+     "--methods: method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch "
+     "has other BatchNorm statistics than the batch; use method.stack_batch=auto or whole"),
 ])
 def test_benchmark_script_rejects_bad_input_in_one_line(args, message, monkeypatch, capsys):
     bench = _bench()

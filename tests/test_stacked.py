@@ -67,7 +67,7 @@ def test_stacked_equals_forward_mode_on_every_model(name, direction, batchnorm, 
 @pytest.mark.parametrize("batchnorm", BATCHNORM)
 def test_stack_batch_changes_the_passes_not_the_result(batchnorm, monkeypatch):
     """``method.stack_batch``: ``half`` runs two stacked passes per batch, ``whole`` one of 2B
-    rows; ``auto`` is ``half`` unless BatchNorm uses batch statistics. All equal forward mode."""
+    rows, and so does ``auto``. All equal forward mode."""
     passes = []
     run_pass = derivatives._stacked_pass
     monkeypatch.setattr(derivatives, "_stacked_pass", lambda f, x, *a: passes.append(len(x)) or run_pass(f, x, *a))
@@ -79,8 +79,7 @@ def test_stack_batch_changes_the_passes_not_the_result(batchnorm, monkeypatch):
     model = saliency_model(model, batchnorm, batches)
     ones = torch.ones(ss.num_structures, dtype=torch.float64)
     ref = curvature_product(model, ss, batches, ones, "cpu", dual="forward_ad")
-    expected = {"whole": [4, 2], "half": [2, 2, 1, 1]}
-    expected["auto"] = expected["whole" if batchnorm == "batch" else "half"]
+    expected = {"whole": [4, 2], "half": [2, 2, 1, 1], "auto": [4, 2]}
     for mode in ("auto", "half", "whole") if batchnorm == "running" else ("auto", "whole"):
         passes.clear()
         got = curvature_product(model, ss, batches, ones, "cpu", stack_batch=mode)
@@ -98,6 +97,45 @@ def test_stack_batch_changes_the_passes_not_the_result(batchnorm, monkeypatch):
     assert scores["auto"].keys() == scores["whole"].keys()
     assert max(abs(scores["auto"][k] - scores["whole"][k]) for k in scores["auto"]) <= \
         1e-8 * max(abs(v) for v in scores["whole"].values())
+
+
+@pytest.mark.parametrize("batchnorm", BATCHNORM)
+def test_auto_takes_halves_after_a_whole_pass_runs_out_of_memory(batchnorm, monkeypatch):
+    """``stack_batch=auto``: a whole pass that raises ``torch.OutOfMemoryError`` (a GPU's) is
+    redone in halves, and so is the rest of the call, with one warning; the result is still
+    exact. ``whole``, and ``auto`` with batch statistics (where halves would change them),
+    raise the error."""
+    passes = []
+    run_pass = derivatives._stacked_pass
+
+    def tight(forward, x, *args):
+        passes.append(len(x))
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return run_pass(forward, x, *args)
+    monkeypatch.setattr(derivatives, "_stacked_pass", tight)
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 3, 1, 4, 2, 0, 1])
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    model = float64_model(api.create_model("resnet20", num_classes=5, width=0.25), x)
+    ss = StructureSet(model, x[:1])
+    model = saliency_model(model, batchnorm, batches)
+    ones = torch.ones(ss.num_structures, dtype=torch.float64)
+    if batchnorm == "batch":
+        with pytest.raises(torch.OutOfMemoryError):
+            curvature_product(model, ss, batches, ones, "cpu")
+        return
+    ref = curvature_product(model, ss, batches, ones, "cpu", dual="forward_ad")
+    with pytest.warns(UserWarning, match="ran out of memory: this call takes its batches in halves") as caught:
+        got = curvature_product(model, ss, batches, ones, "cpu")
+    assert len([w for w in caught if "out of memory" in str(w.message)]) == 1
+    assert passes == [4, 2, 2, 2, 1]       # batch 1 whole (fails), in halves; batch 2 in halves
+    assert rel_err(got[0], ref[0]) <= 1e-10 and rel_err(got[1], ref[1]) <= 1e-10
+    assert stackable(model)
+    passes.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        curvature_product(model, ss, batches, ones, "cpu", stack_batch="whole")
+    assert passes == [4]
 
 
 class TwoLayer(nn.Module):

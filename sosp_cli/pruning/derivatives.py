@@ -84,8 +84,8 @@ def _cotangents(z, jd, y, n: int, dt):
 # models found to call a function without a stacked-dual rule (they use forward-mode AD)
 _NOT_STACKABLE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 DUAL_MODES = ("auto", "stacked", "forward_ad")
-# rows of one stacked pass (``method.stack_batch``): each batch in two halves of B rows, or whole
-# (2B rows); ``auto``: halves, unless BatchNorm normalises with batch statistics
+# rows of one stacked pass (``method.stack_batch``): each batch whole (2B rows) or in two halves
+# of B rows; ``auto``: whole, in halves from the batch on where a whole pass ran out of GPU memory
 STACK_BATCH = ("auto", "half", "whole")
 HALF_WITH_BATCH_STATISTICS = (
     "method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch has "
@@ -107,25 +107,38 @@ def _stacked_products(model, ss: StructureSet, batches, d, n: int, dt, device, s
     """(g, Q·d) from stacked passes (:mod:`.stacked`): per pass one forward over [x; 0] and one
     backward with the cotangent [(p − y)/N; R J d/N].
 
-    ``stack_batch='half'``: each batch is taken in two halves, so a stacked pass has as many rows
-    as the batch, i.e. exactly the tensor shapes (and activation memory) of a first-order pass:
-    SOSP-H costs two first-order passes plus the tangent injections at the gate sites.
-    ``'whole'``: one pass of 2B rows per batch — the same arithmetic in half the passes (the
-    kernel launches and fixed per-pass cost of one first-order pass), with twice the activation
-    memory. ``'auto'``: halves, unless BatchNorm normalises with batch statistics
+    ``stack_batch='whole'``: one pass of 2B rows per batch — one pass's kernel launches and fixed
+    cost per batch, twice a first-order pass's transient activations. ``'half'``: each batch in
+    two halves, so a stacked pass has exactly the tensor shapes (and activation memory) of a
+    first-order pass on the batch: the same arithmetic in twice the passes. ``'auto'``
+    (default): whole; when a whole pass runs out of GPU memory, that batch and the rest of the
+    call are taken in halves (a warning says so) — except with BatchNorm on batch statistics
     (``saliency.batchnorm=batch``), where a half batch would have other statistics. Raises
     :class:`.stacked.Unsupported` (before any result) when the model needs forward-mode AD."""
     g = torch.zeros(ss.num_structures, device=device, dtype=dt)
     qd = torch.zeros_like(g)
-    whole = stack_batch == "whole" or uses_batch_statistics(model)
+    whole = stack_batch != "half"
+    fallback = stack_batch == "auto" and not uses_batch_statistics(model)
     with stacked_dual(model, ss, d, dt) as forward:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            half = len(y) if whole else (len(y) + 1) // 2
-            for xh, yh in zip(x.split(half), y.split(half)):
-                both = _stacked_pass(forward, xh, yh, n, dt)
-                g += both[0]
-                qd += both[1]
+            both = None
+            if whole:
+                try:
+                    both = _stacked_pass(forward, x, y, n, dt)
+                except torch.OutOfMemoryError:
+                    if not fallback:
+                        raise
+                    whole = False
+                    warnings.warn(f"a stacked SOSP-H pass of {2 * len(y)} rows ran out of memory: "
+                                  "this call takes its batches in halves (method.stack_batch=half)",
+                                  stacklevel=3)
+            if both is None:   # outside the ``except`` block: its traceback holds the failed pass
+                half = (len(y) + 1) // 2
+                both = sum(_stacked_pass(forward, xh, yh, n, dt)
+                           for xh, yh in zip(x.split(half), y.split(half)))
+            g += both[0]
+            qd += both[1]
     return g, qd
 
 
