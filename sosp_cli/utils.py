@@ -70,7 +70,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 def retain_freed_memory() -> bool:
@@ -80,9 +80,12 @@ def retain_freed_memory() -> bool:
     hands blocks above its mmap threshold, and free heap tops above its trim threshold, back to
     the OS at once, so the next pass page-faults the same memory in again; on the 2-core VM we
     develop on that cost SOSP-H about a fifth of its saliency time (README, "Saliency
-    benchmark"). This is ``MALLOC_MMAP_THRESHOLD_=32 MiB`` (glibc's maximum) and
-    ``MALLOC_TRIM_THRESHOLD_=2 GiB``, set at run time: the process keeps its peak heap, as
-    PyTorch's CUDA caching allocator does on the GPU. ``sosp-run`` calls it at start-up.
+    benchmark"). This is ``MALLOC_MMAP_MAX_=0`` (no block is served by ``mmap``: glibc's mmap
+    threshold cannot be raised above 32 MiB, and a 2B-row stacked activation of ResNet-56 ×4 at
+    batch 64 is 32 MiB, so those were still mapped and unmapped on every pass), with
+    ``MALLOC_MMAP_THRESHOLD_=32 MiB`` and ``MALLOC_TRIM_THRESHOLD_=2 GiB``, set at run time: the
+    process keeps its peak heap, as PyTorch's CUDA caching allocator does on the GPU.
+    ``sosp-run`` calls it at start-up.
 
     Returns False, changing nothing, when the C library is not glibc, when the user set any
     ``MALLOC_*_`` tuning variable, or when ``SOSP_SYSTEM_MALLOC=1``; any value of
@@ -103,4 +106,5 @@ def retain_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(libc.mallopt(param, value) for param, value in
+               ((_M_MMAP_THRESHOLD, 32 << 20), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
