@@ -7,8 +7,11 @@ per-repeat ratios (``_paired``) with a 95 % bootstrap interval (``_paired_ci95``
 call is counted too, independent of the host: FLOPs (``_gflops``, ``_flops`` ratio) and the ATen
 operations that compute (``_ops``: views and allocations excluded; each launches a kernel on a
 GPU, so a launch-bound pass's time follows their count). ``gradient`` does the
-same work as ``taylor``: their ratio shows the host's noise. Peak memory is measured per method in a fresh subprocess (CPU: peak RSS
-above the process's baseline; CUDA: peak allocated bytes), because a process's RSS never drops.
+same work as ``taylor``: their ratio shows the host's noise. Peak memory is measured per method
+in a fresh subprocess, because a process's RSS never drops: ``_peak_mb`` (CPU: peak RSS above the
+process's baseline; CUDA: peak allocated bytes) and, on CPU, ``_tensor_mb``, the peak bytes held
+by tensors (``sosp_cli.measure.peak_tensor_mb``: what CUDA's number counts, without the
+allocator's fragmentation and retained pages).
 
     python scripts/bench_saliency.py --widths 1 2 4 --batches 4 --batch-size 64
 """
@@ -28,7 +31,7 @@ import torch
 
 from sosp_cli.config import MethodConfig
 from sosp_cli.errors import SospError, check_choice
-from sosp_cli.measure import PeakMemory, count_macs, count_work
+from sosp_cli.measure import PeakMemory, count_macs, count_work, peak_tensor_mb
 from sosp_cli.models import create_model
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import curvature_product, gradient
@@ -122,16 +125,18 @@ def memory_child(args) -> None:
         run_method("gradient", model, ss, data[:1], device)  # CUDA context and kernels
     with PeakMemory(device) as peak:
         run_method(args.child_method, model, ss, data, device)
-    print(json.dumps({"peak_mb": peak.mb}))
+    tensors = None if device.type == "cuda" else \
+        peak_tensor_mb(lambda: run_method(args.child_method, model, ss, data, device))
+    print(json.dumps({"peak_mb": peak.mb, "tensor_mb": tensors}))
 
 
-def peak_memory(args, width: float, method: str) -> float:
+def peak_memory(args, width: float, method: str) -> dict:
     cmd = [sys.executable, __file__, "--child-method", method, "--child-width", str(width),
            "--model", args.model, "--batches", str(args.batches), "--batch-size", str(args.batch_size),
            "--device", args.device, "--batchnorm", args.batchnorm] + (["--threads", str(args.threads)] if args.threads else []) + \
         (["--system-malloc"] if args.system_malloc else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -206,7 +211,10 @@ def main() -> None:
                 row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
         if not args.no_memory:
             for m in (m for m in METHODS + ("sosp_h_half",) if m in methods):
-                row[f"{m}_peak_mb"] = peak_memory(args, width, m)
+                peak = peak_memory(args, width, m)
+                row[f"{m}_peak_mb"] = peak["peak_mb"]
+                if peak["tensor_mb"] is not None:   # CPU: the bytes tensors hold (CUDA's peak is that)
+                    row[f"{m}_tensor_mb"] = peak["tensor_mb"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     keys = list(rows[0])

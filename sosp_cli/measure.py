@@ -61,6 +61,25 @@ def count_work(fn) -> tuple[int, int]:
     return flops.get_total_flops(), ops.ops
 
 
+def peak_tensor_mb(fn) -> float:
+    """Peak bytes of CPU tensors alive during one call of ``fn``, above those alive before it,
+    in MiB: the CPU counterpart of CUDA's ``max_memory_allocated`` (the bytes tensors hold, not
+    what the allocator keeps: glibc's fragmentation and retained pages, oneDNN's caches and the
+    interpreter are left out, which the resident set size of :class:`PeakMemory` includes). Read
+    from the allocation and free events of ``torch.profiler`` (``profile_memory=True``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:   # (the profiler records no free of a tensor allocated before)
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 @torch.no_grad()
 def latency_ms(model: nn.Module, example_input: torch.Tensor, batch_size: int, repeats: int = 10,
                device: torch.device | str = "cpu") -> float:

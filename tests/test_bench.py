@@ -31,8 +31,9 @@ def test_paired_interval_brackets_the_median_and_is_reproducible():
 def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     out = tmp_path / "rows.json"
     halves = ["sosp_h_half"] if batchnorm == "running" else []   # refused with batch statistics
-    subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--batches", "1", "--batch-size", "4",
-                    "--repeats", "2", "--methods", "taylor", "sosp_h", *halves, "--no-memory", "--device", "cpu",
+    memory = [] if batchnorm == "running" else ["--no-memory"]
+    subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--batches", "1", "--batch-size", "8",
+                    "--repeats", "2", "--methods", "taylor", "sosp_h", *halves, *memory, "--device", "cpu",
                     "--batchnorm", batchnorm, "--json", str(out)], check=True, capture_output=True, text=True)
     data = json.loads(out.read_text())
     assert data["batchnorm"] == batchnorm
@@ -44,6 +45,11 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     assert row["sosp_h_ops"] > row["taylor_ops"] > 0
     if halves:   # the same arithmetic in twice the passes: more operations, not more FLOPs
         assert row["sosp_h_half/taylor_flops"] == 2.0 and row["sosp_h_half_ops"] > row["sosp_h_ops"]
+        # ... and passes of half the rows: they hold fewer tensor bytes at a time
+        assert 0 < row["sosp_h_half_tensor_mb"] < row["sosp_h_tensor_mb"]
+        assert row["taylor_tensor_mb"] > 0 and all(row[f"{m}_peak_mb"] >= 0 for m in ("taylor", "sosp_h"))
+    else:
+        assert not any(k.endswith("_mb") for k in row)
     lo, hi = (float(v) for v in row["sosp_h/taylor_paired_ci95"].split("-"))
     assert lo <= round(row["sosp_h/taylor_paired"], 2) + 0.01 and round(row["sosp_h/taylor_paired"], 2) - 0.01 <= hi
 
@@ -84,3 +90,17 @@ def test_work_counts_flops_and_computing_operations_forward_and_backward():
     # the seed gradient (ones_like), threshold_backward, mm — the transposes and expand are views
     assert count_work(step) == (480, 6)
     assert count_work(lambda: torch.ones(3).add_(1).view(3, 1).mul(2)) == (0, 3)
+
+
+def test_peak_tensor_bytes_follow_allocations_and_frees():
+    from sosp_cli.measure import peak_tensor_mb
+    before = torch.ones(1 << 20)   # allocated before: not counted, nor is its free
+
+    def work():
+        nonlocal before
+        a, b = torch.empty(1 << 20), torch.empty(2 << 20)      # 4 + 8 MiB alive: the peak
+        del a
+        before = None
+        return torch.empty(1 << 20)                             # 8 + 4 MiB: not above it
+    assert peak_tensor_mb(work) == 12.0
+    assert peak_tensor_mb(lambda: None) == 0.0
