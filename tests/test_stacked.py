@@ -101,7 +101,7 @@ def test_stack_batch_changes_the_passes_not_the_result(batchnorm, monkeypatch):
 
 @pytest.mark.parametrize("batchnorm", BATCHNORM)
 def test_auto_takes_halves_after_a_whole_pass_runs_out_of_memory(batchnorm, monkeypatch):
-    """``stack_batch=auto``: a whole pass that raises ``torch.OutOfMemoryError`` (a GPU's) is
+    """``stack_batch=auto``: a whole pass that raises ``torch.cuda.OutOfMemoryError`` (a GPU's) is
     redone in halves, and so is the rest of the call, with one warning; the result is still
     exact. ``whole``, and ``auto`` with batch statistics (where halves would change them),
     raise the error."""
@@ -111,7 +111,7 @@ def test_auto_takes_halves_after_a_whole_pass_runs_out_of_memory(batchnorm, monk
     def tight(forward, x, *args):
         passes.append(len(x))
         if len(x) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return run_pass(forward, x, *args)
     monkeypatch.setattr(derivatives, "_stacked_pass", tight)
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def test_auto_takes_halves_after_a_whole_pass_runs_out_of_memory(batchnorm, monk
     model = saliency_model(model, batchnorm, batches)
     ones = torch.ones(ss.num_structures, dtype=torch.float64)
     if batchnorm == "batch":
-        with pytest.raises(torch.OutOfMemoryError):
+        with pytest.raises(torch.cuda.OutOfMemoryError):
             curvature_product(model, ss, batches, ones, "cpu")
         return
     ref = curvature_product(model, ss, batches, ones, "cpu", dual="forward_ad")
@@ -133,7 +133,7 @@ def test_auto_takes_halves_after_a_whole_pass_runs_out_of_memory(batchnorm, monk
     assert rel_err(got[0], ref[0]) <= 1e-10 and rel_err(got[1], ref[1]) <= 1e-10
     assert stackable(model)
     passes.clear()
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         curvature_product(model, ss, batches, ones, "cpu", stack_batch="whole")
     assert passes == [4]
 

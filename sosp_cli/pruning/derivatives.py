@@ -126,7 +126,7 @@ def _stacked_products(model, ss: StructureSet, batches, d, n: int, dt, device, s
             if whole:
                 try:
                     both = _stacked_pass(forward, x, y, n, dt)
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:   # is torch.OutOfMemoryError in torch >= 2.5; this name is in all
                     if not fallback:
                         raise
                     whole = False
