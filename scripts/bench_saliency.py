@@ -39,7 +39,10 @@ from sosp_cli.structures import StructureSet
 from sosp_cli.utils import retain_freed_memory
 
 METHODS = ("taylor", "sosp_h", "sosp_i")
-EXTRA = ("gradient", "sosp_h_joint", "sosp_h_fwad", "sosp_h_half")   # timed variants (see run_method)
+# timed variants of a registered criterion: name -> (criterion, MethodConfig options)
+VARIANTS = {"sosp_h_joint": ("sosp_h", {"combine": "abs_joint"}),
+            "sosp_h_half": ("sosp_h", {"stack_batch": "half"})}   # two stacked passes of B rows per batch
+EXTRA = ("gradient", "sosp_h_fwad", *VARIANTS)   # timed besides the criteria (see run_method)
 
 
 def positive(kind):
@@ -69,17 +72,35 @@ def setup(model_name: str, width: float, batches: int, batch_size: int, device: 
     return saliency_model(model, batchnorm, data).to(device), ss, data, macs
 
 
-def run_method(method: str, model, ss, data, device, **options):
+def method_config(method: str) -> MethodConfig | None:
+    """The criterion configuration ``method`` runs (a registered criterion or one of
+    :data:`VARIANTS`); None for ``gradient`` and ``sosp_h_fwad``, which call derivatives directly."""
+    name, options = VARIANTS.get(method, (method, {}))
+    return MethodConfig(name=name, **options) if name in list_criteria() else None
+
+
+def check_batchnorm(method: str, batchnorm: str) -> None:
+    """One-line error unless ``method`` is accepted with ``saliency.batchnorm=batchnorm``."""
+    cfg = method_config(method)
+    if cfg is not None:
+        get_criterion(cfg).check_batchnorm(batchnorm)
+
+
+def _accepts(method: str, batchnorm: str) -> bool:
+    try:
+        check_batchnorm(method, batchnorm)
+    except SospError:
+        return False
+    return True
+
+
+def run_method(method: str, model, ss, data, device):
     if method == "gradient":
         return gradient(model, ss, data, device)
     if method == "sosp_h_fwad":  # z and J·1 with forward-mode AD, two backward passes
         ones = torch.ones(ss.num_structures)
         return curvature_product(model, ss, data, ones, device, dual="forward_ad")
-    if method == "sosp_h_joint":
-        return run_method("sosp_h", model, ss, data, device, combine="abs_joint")
-    if method == "sosp_h_half":   # two stacked passes of B rows per batch (method.stack_batch)
-        return run_method("sosp_h", model, ss, data, device, stack_batch="half")
-    crit = get_criterion(MethodConfig(name=method, **options))
+    crit = get_criterion(method_config(method))
     return crit.compute(SaliencyInput(model, ss, data, device)).scores
 
 
@@ -164,9 +185,7 @@ def main() -> None:
     try:
         for m in args.methods or ():
             check_choice("method", m, EXTRA + tuple(list_criteria()))
-            if m in list_criteria() or m == "sosp_h_half":
-                options = {"stack_batch": "half"} if m == "sosp_h_half" else {}
-                get_criterion(MethodConfig(name=m.removesuffix("_half"), **options)).check_batchnorm(args.batchnorm)
+            check_batchnorm(m, args.batchnorm)
     except SospError as exc:
         parser.error(f"--methods: {exc}")
     if args.threads:
@@ -185,8 +204,8 @@ def main() -> None:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device,
                                       args.batchnorm)
         methods = tuple(args.methods or ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_fwad", "sosp_h_half"))
-        if args.batchnorm == "batch" and not args.methods:   # per-sample Jacobians: undefined;
-            methods = tuple(m for m in methods if m not in ("sosp_i", "sosp_h_half"))   # halves: other statistics
+        if not args.methods:   # the default list leaves out what this BatchNorm mode refuses
+            methods = tuple(m for m in methods if _accepts(m, args.batchnorm))
         for m in methods:  # warm-up
             run_method(m, model, ss, data[:1], device)
         # host-independent cost of one call: FLOPs and computing ATen ops (kernel launches)
