@@ -8,8 +8,9 @@ call is counted too, independent of the host: FLOPs (``_gflops``, ``_flops`` rat
 operations that compute (``_ops``: views and allocations excluded; each launches a kernel on a
 GPU, so a launch-bound pass's time follows their count). ``gradient`` does the
 same work as ``taylor``: their ratio shows the host's noise. Peak memory is measured per method
-in a fresh subprocess, because a process's RSS never drops: ``_peak_mb`` (CPU: peak RSS above the
-process's baseline; CUDA: peak allocated bytes) and, on CPU, ``_tensor_mb``, the peak bytes held
+on CPU in a fresh subprocess, because a process's RSS never drops: ``_peak_mb`` (CPU: peak RSS above
+the process's baseline; CUDA: peak allocated bytes above those held before, in this process,
+since ``reset_peak_memory_stats`` makes that count per method) and, on CPU, ``_tensor_mb``, the peak bytes held
 by tensors (``sosp_cli.measure.peak_tensor_mb``: what CUDA's number counts, without the
 allocator's fragmentation and retained pages).
 
@@ -160,6 +161,15 @@ def peak_memory(args, width: float, method: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def cuda_peak(fn, device) -> dict:
+    """Peak CUDA bytes allocated by ``fn`` above those held before it (in this process: CUDA's
+    counter, unlike a process's RSS, can be reset per method)."""
+    gc.collect()
+    with PeakMemory(device) as peak:
+        fn()
+    return {"peak_mb": peak.mb, "tensor_mb": None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet56")
@@ -230,7 +240,8 @@ def main() -> None:
                 row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
         if not args.no_memory:
             for m in (m for m in METHODS + ("sosp_h_half",) if m in methods):
-                peak = peak_memory(args, width, m)
+                peak = peak_memory(args, width, m) if device.type != "cuda" else \
+                    cuda_peak(lambda: run_method(m, model, ss, data, device), device)
                 row[f"{m}_peak_mb"] = peak["peak_mb"]
                 if peak["tensor_mb"] is not None:   # CPU: the bytes tensors hold (CUDA's peak is that)
                     row[f"{m}_tensor_mb"] = peak["tensor_mb"]

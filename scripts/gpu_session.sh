@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one call (see README "Saliency benchmark").
-# Usage on the device: bash scripts/gpu_session.sh "$OUT"
+# Everything a lent GPU machine should run, in one call (see README "Saliency benchmark" and "GPU").
+# Usage on the device: bash scripts/gpu_session.sh "$OUT"   (about 5 minutes on an H100)
+# Every step has its own time limit and writes as it goes, so a step that fails or runs out of
+# time leaves the others' results; everything printed also goes to "$out/log.txt".
 set -uo pipefail
 out=${1:?output folder}
+log="$out/log.txt"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/gpu.txt"
-timeout 330 python3 scripts/bench_saliency.py --device cuda --widths 1 2 4 --batches 8 --batch-size 128 \
-  --repeats 5 --json "$out/bench_saliency_gpu.json" 2>&1 | grep -v -i warn | tee "$out/bench_gpu.txt"
-timeout 200 python3 scripts/gpu_check.py /tmp/gpu_runs 2>&1 | grep -v "it/s" | tail -20 | tee "$out/pipeline_gpu.txt"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+step() { echo "### $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; echo "### exit ${PIPESTATUS[0]}" | tee -a "$log"; }
+step nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+step python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+# 1. exactness on the GPU: stacked whole / half and SOSP-I's row sums against forward mode (float64)
+step timeout 60 python3 scripts/gpu_exactness.py --device cuda --json "$out/exactness_gpu.json"
+# 2. the saliency benchmark as in the earlier H200 table (8 batches of 128), stacked and forward mode
+step timeout 200 python3 scripts/bench_saliency.py --device cuda --widths 1 2 4 --batches 8 --batch-size 128 \
+  --repeats 5 --methods gradient taylor sosp_h sosp_h_half sosp_i sosp_h_fwad --json "$out/bench_saliency_gpu.json"
+# 3. larger batches (2 of 512): less launch-bound
+step timeout 100 python3 scripts/bench_saliency.py --device cuda --widths 1 2 4 --batches 2 --batch-size 512 \
+  --repeats 5 --methods gradient taylor sosp_h sosp_h_half sosp_i --json "$out/bench_saliency_gpu_b512.json"
+# 4. the whole pipeline on CUDA with AMP and channels_last (sosp_h and sosp_i)
+step timeout 120 python3 scripts/gpu_check.py /tmp/gpu_runs
