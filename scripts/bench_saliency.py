@@ -37,7 +37,7 @@ from sosp_cli.models import create_model
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import curvature_product, gradient
 from sosp_cli.structures import StructureSet
-from sosp_cli.utils import retain_freed_memory
+from sosp_cli.utils import float32_products, retain_freed_memory
 
 METHODS = ("taylor", "sosp_h", "sosp_i")
 # timed variants of a registered criterion: name -> (criterion, MethodConfig options)
@@ -95,14 +95,17 @@ def _accepts(method: str, batchnorm: str) -> bool:
     return True
 
 
-def run_method(method: str, model, ss, data, device):
-    if method == "gradient":
-        return gradient(model, ss, data, device)
-    if method == "sosp_h_fwad":  # z and J·1 with forward-mode AD, two backward passes
-        ones = torch.ones(ss.num_structures)
+def run_method(method: str, model, ss, data, device, tf32: bool = False):
+    """One saliency call of ``method``, with the float32 precision the pipeline uses
+    (``saliency.tf32``; :meth:`Criterion.run`)."""
+    cfg = method_config(method)
+    if cfg is not None:
+        return get_criterion(cfg).run(SaliencyInput(model, ss, data, device, tf32=tf32)).scores
+    with float32_products(tf32):
+        if method == "gradient":
+            return gradient(model, ss, data, device)
+        ones = torch.ones(ss.num_structures)   # sosp_h_fwad: z and J·1 with forward-mode AD, two backward passes
         return curvature_product(model, ss, data, ones, device, dual="forward_ad")
-    crit = get_criterion(method_config(method))
-    return crit.compute(SaliencyInput(model, ss, data, device)).scores
 
 
 def timed(fn, device):
@@ -144,11 +147,11 @@ def memory_child(args) -> None:
     model, ss, data, _ = setup(args.model, args.child_width, args.batches, args.batch_size, device,
                                args.batchnorm)
     if device.type == "cuda":
-        run_method("gradient", model, ss, data[:1], device)  # CUDA context and kernels
+        run_method("gradient", model, ss, data[:1], device, args.tf32)  # CUDA context and kernels
     with PeakMemory(device) as peak:
-        run_method(args.child_method, model, ss, data, device)
+        run_method(args.child_method, model, ss, data, device, args.tf32)
     tensors = None if device.type == "cuda" else \
-        peak_tensor_mb(lambda: run_method(args.child_method, model, ss, data, device))
+        peak_tensor_mb(lambda: run_method(args.child_method, model, ss, data, device, args.tf32))
     print(json.dumps({"peak_mb": peak.mb, "tensor_mb": tensors}))
 
 
@@ -156,7 +159,7 @@ def peak_memory(args, width: float, method: str) -> dict:
     cmd = [sys.executable, __file__, "--child-method", method, "--child-width", str(width),
            "--model", args.model, "--batches", str(args.batches), "--batch-size", str(args.batch_size),
            "--device", args.device, "--batchnorm", args.batchnorm] + (["--threads", str(args.threads)] if args.threads else []) + \
-        (["--system-malloc"] if args.system_malloc else [])
+        (["--system-malloc"] if args.system_malloc else []) + (["--tf32"] if args.tf32 else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -187,6 +190,8 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc malloc as configured (default: as sosp-run, "
                              "sosp_cli.utils.retain_freed_memory)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: TensorFloat-32 products, as saliency.tf32=true (default: IEEE float32)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child-method", default=None, help=argparse.SUPPRESS)
@@ -208,7 +213,8 @@ def main() -> None:
     print(f"# {args.model}, {args.batches} batches × {args.batch_size}, BatchNorm on {args.batchnorm} "
           f"statistics, device {device} ({name}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"freed memory {'retained' if retained else 'returned to the OS (system malloc)'}")
+          f"freed memory {'retained' if retained else 'returned to the OS (system malloc)'}"
+          + (f", float32 products in {'TF32' if args.tf32 else 'IEEE float32'}" if device.type == "cuda" else ""))
     rows = []
     for width in args.widths:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device,
@@ -217,13 +223,13 @@ def main() -> None:
         if not args.methods:   # the default list leaves out what this BatchNorm mode refuses
             methods = tuple(m for m in methods if _accepts(m, args.batchnorm))
         for m in methods:  # warm-up
-            run_method(m, model, ss, data[:1], device)
+            run_method(m, model, ss, data[:1], device, args.tf32)
         # host-independent cost of one call: FLOPs and computing ATen ops (kernel launches)
-        work = {m: count_work(lambda: run_method(m, model, ss, data, device)) for m in methods}
+        work = {m: count_work(lambda: run_method(m, model, ss, data, device, args.tf32)) for m in methods}
         times = {m: [] for m in methods}
         for _ in range(args.repeats):
             for m in methods:
-                times[m].append(timed(lambda: run_method(m, model, ss, data, device), device))
+                times[m].append(timed(lambda: run_method(m, model, ss, data, device, args.tf32), device))
         med = {m: statistics.median(t) for m, t in times.items()}
         row = {"width": width, "S": ss.num_structures, "MMACs": macs / 1e6,
                **{f"{m}_s": med[m] for m in methods},
@@ -241,7 +247,7 @@ def main() -> None:
         if not args.no_memory:
             for m in (m for m in METHODS + ("sosp_h_half",) if m in methods):
                 peak = peak_memory(args, width, m) if device.type != "cuda" else \
-                    cuda_peak(lambda: run_method(m, model, ss, data, device), device)
+                    cuda_peak(lambda: run_method(m, model, ss, data, device, args.tf32), device)
                 row[f"{m}_peak_mb"] = peak["peak_mb"]
                 if peak["tensor_mb"] is not None:   # CPU: the bytes tensors hold (CUDA's peak is that)
                     row[f"{m}_tensor_mb"] = peak["tensor_mb"]
@@ -254,7 +260,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(device), "device_name": name, "batchnorm": args.batchnorm, "threads": torch.get_num_threads(),
-                       "retain_freed_memory": retained, "rows": rows}, fh, indent=2)
+                       "retain_freed_memory": retained, "tf32": args.tf32, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,13 @@ Per model, with the tests' float64 set-up (random BatchNorm statistics, unsatura
 - ``whole`` / ``half``: the stacked pass (``dual='stacked'``) in float64 on ``--device``;
 - ``rowsum``: the row sums of SOSP-I's exact Gauss–Newton matrix Q (``curvature_matrix``) on
   ``--device`` in float64 — SOSP-H's v must equal them (issue 3);
-- ``float32``: the stacked pass in float32 with channels_last tensors on ``--device`` (what a
-  GPU run computes), against the float64 reference.
-Relative error = max |a − b| / max |b|. Exits 1 if a float64 error exceeds 1e-8.
+- ``float32``: the stacked pass in float32 with channels_last tensors on ``--device``, products
+  in IEEE float32 (``saliency.tf32=false``, the default), against the float64 reference;
+  ``tf32``: the same with TensorFloat-32 products (``saliency.tf32=true``; on a CPU, the same);
+- ``api``: SOSP-H's scores from ``sosp_cli.api.saliency`` in float32 (the default precision)
+  against |g| + ½|Q·1| of the reference.
+Relative error = max |a − b| / max |b|. Exits 1 if a float64 error exceeds 1e-8, or a float32
+one in IEEE float32 exceeds 1e-4.
 
     python scripts/gpu_exactness.py --device cuda --json out.json
 """
@@ -30,8 +34,9 @@ from test_stacked import WIDTH, float64_model, rel_err  # noqa: E402  (the tests
 from sosp_cli import api  # noqa: E402
 from sosp_cli.pruning.derivatives import curvature_matrix, curvature_product, stackable  # noqa: E402
 from sosp_cli.structures import StructureSet  # noqa: E402
+from sosp_cli.utils import float32_products  # noqa: E402
 
-FLOAT64_TOL = 1e-8
+FLOAT64_TOL, FLOAT32_TOL = 1e-8, 1e-4
 
 
 def check(name: str, device: torch.device, batch: int) -> dict:
@@ -54,8 +59,13 @@ def check(name: str, device: torch.device, batch: int) -> dict:
     row["symmetric"] = rel_err(q_full.T.cpu(), q_full.cpu())
     single = copy.deepcopy(model).float().to(device, memory_format=torch.channels_last)
     data32 = [(x.float().to(device, memory_format=torch.channels_last), y.to(device))]
-    g, q = curvature_product(single, ss, data32, ones.float(), device, dual="stacked")
-    row["float32_g"], row["float32_q"] = rel_err(g.double().cpu(), g_ref), rel_err(q.double().cpu(), q_ref)
+    for label, tf32 in (("float32", False), ("tf32", True)):
+        with float32_products(tf32):
+            g, q = curvature_product(single, ss, data32, ones.float(), device, dual="stacked")
+        row[f"{label}_g"], row[f"{label}_q"] = rel_err(g.double().cpu(), g_ref), rel_err(q.double().cpu(), q_ref)
+    scores = api.saliency(single, data32, "sosp_h", example_input=x[:1].float(), device=device)
+    row["api"] = rel_err(torch.tensor(list(scores.values()), dtype=torch.float64),
+                         g_ref.abs() + 0.5 * q_ref.abs())   # DESIGN §3, combine=abs_sum
     return row
 
 
@@ -74,16 +84,18 @@ def main() -> int:
         row = check(model, device, args.batch)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if max(row[k] for k in ("whole_g", "whole_q", "half_g", "half_q", "rowsum_q", "symmetric")) > FLOAT64_TOL:
+        if max(row[k] for k in ("whole_g", "whole_q", "half_g", "half_q", "rowsum_q", "symmetric")) > FLOAT64_TOL \
+                or max(row[k] for k in ("float32_g", "float32_q", "api")) > FLOAT32_TOL:
             failed.append(model)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(device), "device_name": name, "torch": torch.__version__,
                        "rows": rows}, fh, indent=2)
     if failed:
-        print(f"FAILED (float64 relative error > {FLOAT64_TOL}): {', '.join(failed)}")
+        print(f"FAILED (relative error > {FLOAT64_TOL} in float64 or > {FLOAT32_TOL} in float32): "
+              f"{', '.join(failed)}")
         return 1
-    print(f"all float64 errors ≤ {FLOAT64_TOL}")
+    print(f"all float64 errors ≤ {FLOAT64_TOL}, IEEE float32 errors ≤ {FLOAT32_TOL}")
     return 0
 
 

@@ -13,7 +13,8 @@ step nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --for
 step python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
 # 1. exactness on the GPU: stacked whole / half and SOSP-I's row sums against forward mode (float64)
 step timeout 60 python3 scripts/gpu_exactness.py --device cuda --json "$out/exactness_gpu.json"
-# 2. the saliency benchmark as in the earlier H200 table (8 batches of 128), stacked and forward mode
+# 2. the saliency benchmark as in the earlier H200 table (8 batches of 128), stacked and forward mode,
+#    float32 products in IEEE float32 (saliency.tf32=false, the default)
 step timeout 200 python3 scripts/bench_saliency.py --device cuda --widths 1 2 4 --batches 8 --batch-size 128 \
   --repeats 5 --methods gradient taylor sosp_h sosp_h_half sosp_i sosp_h_fwad --json "$out/bench_saliency_gpu.json"
 # 3. larger batches (2 of 512): less launch-bound

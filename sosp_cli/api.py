@@ -37,13 +37,14 @@ def structures(model: nn.Module, example_input: torch.Tensor) -> list[str]:
 
 def saliency(model: nn.Module, batches: Iterable, method: str, example_input: torch.Tensor | None = None,
              seed: int = 0, device: str | torch.device | None = None, batchnorm: str = "running",
-             **options) -> dict[str, float]:
+             tf32: bool = False, **options) -> dict[str, float]:
     """Score per structure (higher = keep) with the registered criterion ``method``.
 
     ``batches`` yields ``(inputs, targets)``; the loss is the mean cross-entropy over all
     samples. ``options`` are :class:`sosp_cli.config.MethodConfig` fields (``combine``,
     ``curvature``, ``selection``, ``chunk_size``, ...). The model is scored in eval mode, on a
     copy; ``batchnorm='batch'``: with BatchNorm on each batch's statistics (``saliency.batchnorm``).
+    On CUDA the float32 products run in IEEE float32 unless ``tf32=True`` (``saliency.tf32``).
     """
     batches = list(batches)
     if example_input is None:
@@ -58,7 +59,7 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     work = copy.deepcopy(model).eval()
     ss = StructureSet(work.cpu(), example_input[:1].cpu())
     work = saliency_model(work, batchnorm, batches)
-    sal = criterion.compute(SaliencyInput(work.to(device), ss, batches, device, seed))
+    sal = criterion.run(SaliencyInput(work.to(device), ss, batches, device, seed, tf32))
     return dict(zip(ss.names(), sal.scores.tolist()))
 
 

@@ -84,6 +84,7 @@ class SaliencyConfig:
     num_samples: int = 512        # N: training images the saliency is computed on
     batch_size: int = 64
     batchnorm: str = "running"    # running (eval-mode BN, the default) | batch (each batch's statistics)
+    tf32: bool = False            # CUDA: TensorFloat-32 convolutions / matrix products (utils.float32_products)
 
 
 @dataclass

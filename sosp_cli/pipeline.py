@@ -32,7 +32,7 @@ from .selection import originals_of, select, validate as validate_selection
 from .structures import StructureSet
 from .surgery import remove_structures
 from .train import evaluate, train
-from .utils import fingerprint, resolve_device, save_json, save_torch, seed_everything
+from .utils import float32_products, fingerprint, resolve_device, save_json, save_torch, seed_everything
 
 
 def _asdict(x):
@@ -51,6 +51,8 @@ def saliency_key(cfg: RunConfig) -> str:
     # defaults keep the keys of runs made before these options existed
     if sal["batchnorm"] == "running":
         del sal["batchnorm"]
+    if not sal["tf32"]:
+        del sal["tf32"]
     if method["stack_batch"] == "auto":
         del method["stack_batch"]
     return fingerprint(pretrain_key(cfg), method, sal)
@@ -194,7 +196,7 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
     model = saliency_model(model.to(run.device), cfg.saliency.batchnorm, batches)
     with PeakMemory(run.device) as peak:
         t0 = time.perf_counter()
-        sal = criterion.compute(SaliencyInput(model, ss, batches, run.device, cfg.seed))
+        sal = criterion.run(SaliencyInput(model, ss, batches, run.device, cfg.seed, cfg.saliency.tf32))
         if run.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -300,8 +302,9 @@ def _diagnostics(r: Run, model, ss: StructureSet, sel) -> dict:
     batches = take_batches(r.splits.train_eval, cfg.saliency.num_samples, cfg.saliency.batch_size,
                            seed=cfg.seed)
     model = saliency_model(model.to(r.device), cfg.saliency.batchnorm, batches)
-    d = loss_prediction(model, ss, batches, ss.indices_of(sel.remove), r.device,
-                        cfg.method.curvature, cfg.prune.diagnostics_samples, cfg.seed)
+    with float32_products(cfg.saliency.tf32):   # the saliency's precision (Criterion.run)
+        d = loss_prediction(model, ss, batches, ss.indices_of(sel.remove), r.device,
+                            cfg.method.curvature, cfg.prune.diagnostics_samples, cfg.seed)
     print(f"[diagnostics] loss change of the removed set: predicted {d['predicted_second_order']:.4f} "
           f"(first order {d['predicted_first_order']:.4f}), real {d['real']:.4f}; single-structure "
           f"Spearman {d.get('single_spearman', float('nan')):.3f}")

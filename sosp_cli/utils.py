@@ -6,6 +6,7 @@ import json
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,37 @@ def resolve_device(name: str) -> torch.device:
         from .errors import SospError
         raise SospError("device=cuda but no CUDA device is available; use device=cpu or auto")
     return torch.device(name)
+
+
+def _tf32_flags() -> list[tuple[object, str]]:
+    """(object, attribute) of every switch between IEEE float32 and TensorFloat-32 for CUDA's
+    convolutions (cuDNN) and matrix products: torch ≥ 2.9's ``fp32_precision`` ('ieee' | 'tf32'),
+    else the older ``allow_tf32`` (the two APIs must not be mixed: torch raises on reading
+    ``allow_tf32`` when the new flags of cuDNN's convolutions and RNNs differ)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision") and hasattr(matmul, "fp32_precision"):
+        return [(cudnn.conv, "fp32_precision"), (cudnn.rnn, "fp32_precision"), (matmul, "fp32_precision")]
+    return [(cudnn, "allow_tf32"), (matmul, "allow_tf32")]
+
+
+@contextmanager
+def float32_products(tf32: bool = False):
+    """Inside: CUDA convolutions and matrix products of float32 tensors in IEEE float32
+    (``tf32=False``), or in TensorFloat-32 (``tf32=True``, 10-bit mantissa); the previous
+    settings are restored on exit. PyTorch runs cuDNN convolutions in TF32 by default on Ampere
+    and later GPUs; that is fine for training but not for a saliency, whose gate gradients sum
+    many terms of both signs: on an H100 the TF32 errors of g and Q·1 reached 20 % of their
+    largest entry (ResNet-110, ``scripts/gpu_exactness.py``; README "GPU"). No effect on CPU."""
+    flags = _tf32_flags()
+    saved = [getattr(obj, name) for obj, name in flags]
+    new = "tf32" if tf32 else "ieee"
+    try:
+        for obj, name in flags:
+            setattr(obj, name, new if name == "fp32_precision" else tf32)
+        yield
+    finally:
+        for (obj, name), value in zip(flags, saved):
+            setattr(obj, name, value)
 
 
 # glibc mallopt parameters (malloc.h)

@@ -18,6 +18,7 @@ from ..errors import SospError, check_choice
 from ..structures import StructureSet
 from .derivatives import HALF_WITH_BATCH_STATISTICS, STACK_BATCH
 from .lean import batch_statistics
+from ..utils import float32_products
 
 _CRITERIA: dict[str, type["Criterion"]] = {}
 COMBINE = ("abs_sum", "abs_joint", "second_only")
@@ -31,6 +32,7 @@ class SaliencyInput:
     batches: list                    # [(inputs, targets)], the N saliency samples
     device: torch.device
     seed: int = 0
+    tf32: bool = False               # saliency.tf32: TensorFloat-32 products on CUDA (Criterion.run)
 
 
 @dataclass
@@ -61,6 +63,13 @@ class Criterion:
 
     def compute(self, inp: SaliencyInput) -> Saliency:
         raise NotImplementedError
+
+    def run(self, inp: SaliencyInput) -> Saliency:
+        """:meth:`compute` with float32 convolutions and matrix products in IEEE float32 on CUDA,
+        or in TensorFloat-32 when ``inp.tf32`` (:func:`sosp_cli.utils.float32_products`): what
+        the pipeline, the API and the benchmark call."""
+        with float32_products(inp.tf32):
+            return self.compute(inp)
 
     def check_batchnorm(self, mode: str) -> None:
         """One-line error unless ``saliency.batchnorm=mode`` is accepted with this criterion."""
