@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one call (see README "Saliency benchmark" and "GPU").
-# Usage on the device: bash scripts/gpu_session.sh "$OUT"   (about 5 minutes on an H100)
+# Usage on the device: bash scripts/gpu_session.sh "$OUT"   (about 7 minutes on an H100: give it 10)
 # Every step has its own time limit and writes as it goes, so a step that fails or runs out of
 # time leaves the others' results; everything printed also goes to "$out/log.txt".
 set -uo pipefail
