@@ -159,7 +159,8 @@ def peak_memory(args, width: float, method: str) -> dict:
     cmd = [sys.executable, __file__, "--child-method", method, "--child-width", str(width),
            "--model", args.model, "--batches", str(args.batches), "--batch-size", str(args.batch_size),
            "--device", args.device, "--batchnorm", args.batchnorm] + (["--threads", str(args.threads)] if args.threads else []) + \
-        (["--system-malloc"] if args.system_malloc else []) + (["--tf32"] if args.tf32 else [])
+        (["--system-malloc"] if args.system_malloc else []) + (["--tf32"] if args.tf32 else []) + \
+        (["--cudnn-benchmark"] if args.cudnn_benchmark else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -192,6 +193,9 @@ def main() -> None:
                              "sosp_cli.utils.retain_freed_memory)")
     parser.add_argument("--tf32", action="store_true",
                         help="CUDA: TensorFloat-32 products, as saliency.tf32=true (default: IEEE float32)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="CUDA: cuDNN autotuning (torch.backends.cudnn.benchmark), as sosp-run sets it; "
+                             "the warm-up runs then pick the algorithms")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child-method", default=None, help=argparse.SUPPRESS)
@@ -206,6 +210,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     retained = False if args.system_malloc else retain_freed_memory()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.child_method:
         return memory_child(args)
     device = torch.device(args.device)
@@ -214,7 +219,8 @@ def main() -> None:
           f"statistics, device {device} ({name}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"freed memory {'retained' if retained else 'returned to the OS (system malloc)'}"
-          + (f", float32 products in {'TF32' if args.tf32 else 'IEEE float32'}" if device.type == "cuda" else ""))
+          + (f", float32 products in {'TF32' if args.tf32 else 'IEEE float32'}, cuDNN autotuning "
+             f"{'on' if args.cudnn_benchmark else 'off'}" if device.type == "cuda" else ""))
     rows = []
     for width in args.widths:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device,
@@ -260,7 +266,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(device), "device_name": name, "batchnorm": args.batchnorm, "threads": torch.get_num_threads(),
-                       "retain_freed_memory": retained, "tf32": args.tf32, "rows": rows}, fh, indent=2)
+                       "retain_freed_memory": retained, "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -20,5 +20,8 @@ step timeout 200 python3 scripts/bench_saliency.py --device cuda --widths 1 2 4 
 # 3. larger batches (2 of 512): less launch-bound
 step timeout 100 python3 scripts/bench_saliency.py --device cuda --widths 1 2 4 --batches 2 --batch-size 512 \
   --repeats 5 --methods gradient taylor sosp_h sosp_h_half sosp_i --json "$out/bench_saliency_gpu_b512.json"
+# 3b. x4 at batch 512 with cuDNN autotuning (as sosp-run): is `whole` still slower than `half` there?
+step timeout 60 python3 scripts/bench_saliency.py --device cuda --widths 4 --batches 2 --batch-size 512 \
+  --repeats 5 --methods taylor sosp_h sosp_h_half --cudnn-benchmark --no-memory --json "$out/bench_saliency_gpu_b512_autotune.json"
 # 4. the whole pipeline on CUDA with AMP and channels_last (sosp_h and sosp_i)
 step timeout 120 python3 scripts/gpu_check.py /tmp/gpu_runs

@@ -32,11 +32,13 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     out = tmp_path / "rows.json"
     halves = ["sosp_h_half"] if batchnorm == "running" else []   # refused with batch statistics
     memory = [] if batchnorm == "running" else ["--no-memory"]
+    cuda_flags = [] if batchnorm == "running" else ["--tf32", "--cudnn-benchmark"]   # recorded; no effect on CPU
     subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--batches", "1", "--batch-size", "8",
                     "--repeats", "2", "--methods", "taylor", "sosp_h", *halves, *memory, "--device", "cpu",
-                    "--batchnorm", batchnorm, "--json", str(out)], check=True, capture_output=True, text=True)
+                    "--batchnorm", batchnorm, *cuda_flags, "--json", str(out)], check=True, capture_output=True, text=True)
     data = json.loads(out.read_text())
     assert data["batchnorm"] == batchnorm
+    assert data["tf32"] == data["cudnn_benchmark"] == bool(cuda_flags)
     (row,) = data["rows"]
     assert data["device_name"] and row["S"] > 0
     assert row["sosp_h_s"] > 0 and row["taylor_s"] > 0
