@@ -228,6 +228,8 @@ def test_bad_dual_mode_is_one_line_error():
     assert derivatives.DUAL_MODES == ("auto", "stacked", "forward_ad")
 
 
+# the stacked pass detects the read on a 3-d tensor (2 × rows), where torch warns that ``.T`` is deprecated
+@pytest.mark.filterwarnings("ignore:The use of `x.T` on tensors:UserWarning")
 def test_attribute_reads_that_move_values_are_unsupported():
     torch.manual_seed(0)
     # reads ``h.T`` (rows become columns): no stacked rule, even though it is an attribute
