@@ -44,6 +44,7 @@ METHODS = ("taylor", "sosp_h", "sosp_i")
 VARIANTS = {"sosp_h_joint": ("sosp_h", {"combine": "abs_joint"}),
             "sosp_h_half": ("sosp_h", {"stack_batch": "half"})}   # two stacked passes of B rows per batch
 EXTRA = ("gradient", "sosp_h_fwad", *VARIANTS)   # timed besides the criteria (see run_method)
+DEFAULT_METHODS = ("gradient", *METHODS, "sosp_h_joint", "sosp_h_fwad", "sosp_h_half")
 
 
 def positive(kind):
@@ -141,26 +142,24 @@ def paired_ci(ratios: list[float], level: float = 0.95, resamples: int = 2000) -
 
 
 def memory_child(args) -> None:
-    """Peak memory of one method above the memory held before it started (model and data),
+    """CPU peak memory of one method above the memory held before it started (model and data),
     in a fresh process (see :class:`sosp_cli.measure.PeakMemory`)."""
-    device = torch.device(args.device)
+    device = torch.device("cpu")
     model, ss, data, _ = setup(args.model, args.child_width, args.batches, args.batch_size, device,
                                args.batchnorm)
-    if device.type == "cuda":
-        run_method("gradient", model, ss, data[:1], device, args.tf32)  # CUDA context and kernels
     with PeakMemory(device) as peak:
-        run_method(args.child_method, model, ss, data, device, args.tf32)
-    tensors = None if device.type == "cuda" else \
-        peak_tensor_mb(lambda: run_method(args.child_method, model, ss, data, device, args.tf32))
+        run_method(args.child_method, model, ss, data, device)
+    tensors = peak_tensor_mb(lambda: run_method(args.child_method, model, ss, data, device))
     print(json.dumps({"peak_mb": peak.mb, "tensor_mb": tensors}))
 
 
-def peak_memory(args, width: float, method: str) -> dict:
+def cpu_peak(args, width: float, method: str) -> dict:
+    """Peak memory of ``method`` on CPU, from :func:`memory_child` in a fresh process (a
+    process's resident set never drops)."""
     cmd = [sys.executable, __file__, "--child-method", method, "--child-width", str(width),
            "--model", args.model, "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-           "--device", args.device, "--batchnorm", args.batchnorm] + (["--threads", str(args.threads)] if args.threads else []) + \
-        (["--system-malloc"] if args.system_malloc else []) + (["--tf32"] if args.tf32 else []) + \
-        (["--cudnn-benchmark"] if args.cudnn_benchmark else [])
+           "--batchnorm", args.batchnorm] + (["--threads", str(args.threads)] if args.threads else []) + \
+        (["--system-malloc"] if args.system_malloc else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -185,8 +184,8 @@ def main() -> None:
     parser.add_argument("--batchnorm", choices=BATCHNORM, default="running",
                         help="saliency.batchnorm: running statistics, or each batch's own")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="time only these (default: gradient taylor sosp_h sosp_i sosp_h_joint "
-                             "sosp_h_fwad sosp_h_half); the ratio columns need taylor")
+                        help=f"time only these (default: {' '.join(DEFAULT_METHODS)}); the ratio "
+                             "columns need taylor")
     parser.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc malloc as configured (default: as sosp-run, "
@@ -225,7 +224,7 @@ def main() -> None:
     for width in args.widths:
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device,
                                       args.batchnorm)
-        methods = tuple(args.methods or ("gradient",) + METHODS + ("sosp_h_joint", "sosp_h_fwad", "sosp_h_half"))
+        methods = tuple(args.methods or DEFAULT_METHODS)
         if not args.methods:   # the default list leaves out what this BatchNorm mode refuses
             methods = tuple(m for m in methods if _accepts(m, args.batchnorm))
         for m in methods:  # warm-up
@@ -252,7 +251,7 @@ def main() -> None:
                 row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
         if not args.no_memory:
             for m in (m for m in METHODS + ("sosp_h_half",) if m in methods):
-                peak = peak_memory(args, width, m) if device.type != "cuda" else \
+                peak = cpu_peak(args, width, m) if device.type != "cuda" else \
                     cuda_peak(lambda: run_method(m, model, ss, data, device, args.tf32), device)
                 row[f"{m}_peak_mb"] = peak["peak_mb"]
                 if peak["tensor_mb"] is not None:   # CPU: the bytes tensors hold (CUDA's peak is that)
