@@ -76,6 +76,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error(f"argument --batch: {args.batch} must be >= 1")
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# device {device} ({name}), torch {torch.__version__}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import check_choice
+from .errors import SospError, check_choice
 
 
 def atomic_write(path: Path, write) -> None:
@@ -65,7 +65,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import SospError
         raise SospError("device=cuda but no CUDA device is available; use device=cpu or auto")
     return torch.device(name)
 
@@ -89,6 +88,8 @@ def float32_products(tf32: bool = False):
     and later GPUs; that is fine for training but not for a saliency, whose gate gradients sum
     many terms of both signs: on an H100 the TF32 errors of g and Q·1 reached 20 % of their
     largest entry (ResNet-110, ``scripts/gpu_exactness.py``; README "GPU"). No effect on CPU."""
+    if not isinstance(tf32, bool):
+        raise SospError(f"saliency.tf32={tf32!r}: expected true or false")
     flags = _tf32_flags()
     saved = [getattr(obj, name) for obj, name in flags]
     new = "tf32" if tf32 else "ieee"
@@ -127,7 +128,6 @@ def retain_freed_memory() -> bool:
 
     opt_out = os.environ.get("SOSP_SYSTEM_MALLOC", "0")
     if opt_out not in ("0", "1"):
-        from .errors import SospError
         raise SospError(f"SOSP_SYSTEM_MALLOC={opt_out!r}: expected 1 (leave glibc malloc as it is) or 0")
     user_tuned = any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
     if opt_out == "1" or user_tuned:

@@ -6,6 +6,7 @@ import torch
 
 from sosp_cli import api
 from sosp_cli.config import RunConfig
+from sosp_cli.errors import SospError
 from sosp_cli.pipeline import saliency_key
 from sosp_cli.pruning import sosp_h
 from sosp_cli.utils import _tf32_flags, float32_products
@@ -58,3 +59,14 @@ def test_tf32_is_in_the_saliency_key_only_when_set():
     assert saliency_key(cfg) != default
     cfg.saliency.tf32 = False
     assert saliency_key(cfg) == default
+
+
+def test_tf32_that_is_not_a_bool_is_refused_in_one_line():
+    """``tf32="no"`` is truthy: it must not switch TF32 on silently (the CLI's bool type refuses
+    it already; this is the API's guard)."""
+    model = TinyResNet()
+    batches = [(torch.randn(4, 2, 6, 6), torch.tensor([0, 1, 2, 3]))]
+    before = flags()
+    with pytest.raises(SospError, match=r"^saliency.tf32='no': expected true or false$"):
+        api.saliency(model, batches, "sosp_h", tf32="no")
+    assert flags() == before
