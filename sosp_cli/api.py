@@ -58,7 +58,7 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     criterion.check_batchnorm(batchnorm)
     work = copy.deepcopy(model).eval()
     ss = StructureSet(work.cpu(), example_input[:1].cpu())
-    work = saliency_model(work, batchnorm, batches)
+    work = saliency_model(work, batchnorm, batches, inplace=True)   # ``work`` is a copy already
     sal = criterion.run(SaliencyInput(work.to(device), ss, batches, device, seed, tf32))
     return dict(zip(ss.names(), sal.scores.tolist()))
 

@@ -296,6 +296,29 @@ def test_batch_statistics_leave_the_model_as_it_was():
     assert scores != api.saliency(model, batches, "sosp_h")
 
 
+def test_batch_statistics_copy_the_model_once(monkeypatch):
+    """``saliency_model`` converts a copy unless told it owns one; ``api.saliency``, which copies
+    the caller's model anyway, converts that copy instead of copying it a second time."""
+    import copy
+    model, ss, x, y, batches = setup("resnet")
+    has_running_stats = lambda m: all(b.running_mean is not None for b in m.modules()
+                                      if isinstance(b, torch.nn.BatchNorm2d))
+    work = saliency_model(model, "batch", batches)
+    assert work is not model and has_running_stats(model) and not has_running_stats(work)
+    mine = copy.deepcopy(model)
+    assert saliency_model(mine, "batch", batches, inplace=True) is mine and not has_running_stats(mine)
+    copied, deepcopy = [], copy.deepcopy
+
+    def counting_deepcopy(obj, *args, **kwargs):
+        if type(obj) is type(model):   # the whole network (not its submodules, copied recursively)
+            copied.append(obj)
+        return deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
+    api.saliency(model, batches, "sosp_h", batchnorm="batch")
+    assert len(copied) == 1 and copied[0] is model
+
+
 @pytest.mark.parametrize("method,curvature", [("sosp_i", "gn"), ("sosp_i", "fisher_mc"), ("obd", "gn")])
 def test_per_sample_curvatures_refuse_batch_statistics(method, curvature):
     from sosp_cli.errors import SospError

@@ -95,11 +95,12 @@ class Criterion:
         return 0.5 * r.abs()
 
 
-def saliency_model(model: nn.Module, batchnorm: str, batches) -> nn.Module:
+def saliency_model(model: nn.Module, batchnorm: str, batches, inplace: bool = False) -> nn.Module:
     """The model a saliency is computed on (DESIGN §3), in eval mode: ``running`` — the model
     itself, BatchNorm on its running statistics (the network that will be pruned); ``batch`` —
     a copy whose BatchNorm normalises each saliency batch with that batch's statistics, as in
-    training, running statistics neither used nor updated (:func:`.lean.batch_statistics`)."""
+    training, running statistics neither used nor updated (:func:`.lean.batch_statistics`;
+    ``inplace``: ``model`` itself, converted, for a caller that already owns a copy)."""
     check_choice("saliency.batchnorm", batchnorm, BATCHNORM)
     if batchnorm == "running":
         return model.eval()
@@ -108,7 +109,7 @@ def saliency_model(model: nn.Module, batchnorm: str, batches) -> nn.Module:
             raise SospError(f"saliency.batchnorm=batch normalises each saliency batch with its own "
                             f"statistics, and batch {k} has {len(y)} sample: choose saliency."
                             "num_samples and saliency.batch_size so that every batch has at least 2")
-    return batch_statistics(model)
+    return batch_statistics(model, inplace)
 
 
 def register_criterion(cls: type[Criterion]) -> type[Criterion]:

@@ -135,12 +135,13 @@ def uses_batch_statistics(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def batch_statistics(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode (dropout off) whose BatchNorm layers normalise with the
+def batch_statistics(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``inplace``: ``model`` itself, for a caller that owns a copy already)
+    in eval mode (dropout off) whose BatchNorm layers normalise with the
     statistics of each batch they see, as in training, and never update running statistics
     (``torch.func.replace_all_batch_norm_modules_``: running statistics removed). Saliencies
     computed on it are those of ``saliency.batchnorm=batch`` (README, "BatchNorm statistics")."""
-    work = copy.deepcopy(model).eval()
+    work = (model if inplace else copy.deepcopy(model)).eval()
     torch.func.replace_all_batch_norm_modules_(work)
     return work
 
