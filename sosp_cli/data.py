@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import distributed
 from .errors import SospError, check_choice
 
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
@@ -171,13 +172,21 @@ def load_dataset(name: str, root: str = "data", download: bool = False, image_si
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+                num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
+                across_ranks: bool = False) -> DataLoader:
     """A DataLoader whose shuffling is driven by its own generator (``loader.generator``),
-    reseeded per epoch by the trainer so that a resumed run sees the same batches."""
+    reseeded per epoch by the trainer so that a resumed run sees the same batches.
+    ``across_ranks`` (a training loader under several processes): this rank's share of each
+    batch the single-process loader draws (:class:`.distributed.GlobalBatchShards`)."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-                      persistent_workers=num_workers > 0)
+    common = dict(generator=generator, num_workers=num_workers, pin_memory=pin_memory,
+                  persistent_workers=num_workers > 0)
+    if across_ranks and distributed.active():
+        if not (shuffle and drop_last):
+            raise ValueError("across_ranks: only a shuffled training loader with drop_last")
+        return DataLoader(dataset, batch_sampler=distributed.GlobalBatchShards(
+            len(dataset), batch_size, generator), **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
 
 
 def take_batches(dataset: Dataset, num_samples: int, batch_size: int, seed: int = 0):

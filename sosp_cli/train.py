@@ -4,6 +4,11 @@ Resumable per epoch: after every epoch the model, optimizer, scheduler and histo
 atomically to ``checkpoint_path``; a restarted run continues from there. Each epoch reseeds the
 data-order generator and the augmentation RNG from ``(seed, epoch)``, so a resumed run sees
 exactly the batches of an uninterrupted one.
+
+``across_ranks`` (several processes, :mod:`.distributed`): the model trains wrapped in
+``DistributedDataParallel`` on this rank's share of every global batch (the loader is
+:func:`.data.make_loader` with ``across_ranks``), losses and accuracies are summed across ranks,
+and only rank 0 writes the metrics and the checkpoint.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import TrainConfig
 from .errors import SospError, check_choice
 from .utils import append_jsonl, save_torch
@@ -75,8 +81,10 @@ def _accuracy_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
-             max_batches: int | None = None) -> dict:
-    """Mean cross-entropy, top-1 and top-5 accuracy (in %) of ``model`` in eval mode."""
+             max_batches: int | None = None, across_ranks: bool = False) -> dict:
+    """Mean cross-entropy, top-1 and top-5 accuracy (in %) of ``model`` in eval mode.
+    ``across_ranks``: ``loader`` holds this rank's share of the split
+    (:func:`.distributed.shard_dataset`); the sums are summed across ranks."""
     was_training = model.training
     model.eval()
     loss, top1, top5, n = 0.0, 0, 0, 0
@@ -91,6 +99,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         c1, c5 = _accuracy_counts(out, y)
         top1, top5, n = top1 + c1, top5 + c5, n + len(y)
     model.train(was_training)
+    if across_ranks:
+        loss, top1, top5, n = distributed.all_sum_numbers(loss, top1, top5, n)
     if n == 0:
         raise SospError("evaluation split is empty")
     return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
@@ -103,12 +113,13 @@ def bn_l1(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def _train_step(model, x, y, optimizer, scaler, use_amp: bool, label_smoothing: float,
+def _train_step(net, model, x, y, optimizer, scaler, use_amp: bool, label_smoothing: float,
                 bn_sparsity: float) -> tuple[float, int]:
-    """One optimisation step; returns (mean loss, correct predictions). A function of its own so
-    that the step's outputs and graph are released before the next step's forward pass."""
+    """One optimisation step of ``net`` (``model``, or ``model`` wrapped in DDP); returns (mean
+    loss, correct predictions). A function of its own so that the step's outputs and graph are
+    released before the next step's forward pass."""
     with torch.autocast(x.device.type, enabled=use_amp):
-        out = model(x)
+        out = net(x)
         loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
     total = loss + bn_sparsity * bn_l1(model) if bn_sparsity else loss
     optimizer.zero_grad(set_to_none=True)
@@ -121,8 +132,9 @@ def _train_step(model, x, y, optimizer, scaler, use_amp: bool, label_smoothing: 
 def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device,
           stage: str, metrics_path: Path | None = None, checkpoint_path: Path | None = None,
           seed: int = 0, amp: bool = False, channels_last: bool = False,
-          bn_sparsity: float = 0.0) -> list[dict]:
-    """Train ``model`` in place; returns the per-epoch history (also appended to metrics.jsonl)."""
+          bn_sparsity: float = 0.0, across_ranks: bool = False) -> list[dict]:
+    """Train ``model`` in place; returns the per-epoch history (also appended to metrics.jsonl).
+    ``across_ranks``: data-parallel over the process group (module docstring)."""
     if cfg.epochs < 0:
         raise SospError(f"epochs={cfg.epochs} must be >= 0")
     model.to(device)
@@ -133,6 +145,10 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
     scheduler = make_scheduler(optimizer, cfg, steps)
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    net = model
+    if across_ranks:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    main = distributed.is_main()
     history, start = [], 0
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
@@ -148,26 +164,30 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
         model.train()
         t0, loss_sum, correct, n = time.time(), 0.0, 0, 0
         bar = tqdm(train_loader, total=steps, desc=f"{stage} {epoch + 1}/{cfg.epochs}",
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, disable=not main)
         for i, (x, y) in enumerate(bar):
             if i >= steps:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            step_loss, step_correct = _train_step(model, x, y, optimizer, scaler, use_amp,
+            step_loss, step_correct = _train_step(net, model, x, y, optimizer, scaler, use_amp,
                                                   cfg.label_smoothing, bn_sparsity)
             scheduler.step()
             loss_sum += step_loss * len(y)
             correct += step_correct
             n += len(y)
             bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}")
-        val = evaluate(model, val_loader, device, channels_last)
+        if across_ranks:
+            loss_sum, correct, n = distributed.all_sum_numbers(loss_sum, correct, n)
+        val = evaluate(model, val_loader, device, channels_last, across_ranks=across_ranks)
         record = {"stage": stage, "epoch": epoch + 1, "train_loss": loss_sum / max(n, 1),
                   "train_top1": 100.0 * correct / max(n, 1), "val_loss": val["loss"],
                   "val_top1": val["top1"], "val_top5": val["top5"],
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
         history.append(record)
+        if not main:
+            continue
         tqdm.write(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "
                    f"train {record['train_top1']:.1f}% val {val['top1']:.1f}%")
         if metrics_path is not None:

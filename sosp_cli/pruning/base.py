@@ -7,12 +7,14 @@ second-order quantities a second-order method computed, for diagnostics).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..config import MethodConfig
 from ..errors import SospError, check_choice
 from ..structures import StructureSet
@@ -33,6 +35,7 @@ class SaliencyInput:
     device: torch.device
     seed: int = 0
     tf32: bool = False               # saliency.tf32: TensorFloat-32 products on CUDA (Criterion.run)
+    across_ranks: bool = False       # several processes: each takes its share of ``batches`` (Criterion.run)
 
 
 @dataclass
@@ -67,7 +70,14 @@ class Criterion:
     def run(self, inp: SaliencyInput) -> Saliency:
         """:meth:`compute` with float32 convolutions and matrix products in IEEE float32 on CUDA,
         or in TensorFloat-32 when ``inp.tf32`` (:func:`sosp_cli.utils.float32_products`): what
-        the pipeline, the API and the benchmark call."""
+        the pipeline, the API and the benchmark call. ``inp.across_ranks`` (several processes,
+        :mod:`sosp_cli.distributed`): every rank computes on its share of the batches and the
+        sums over samples are summed across ranks, so every rank returns the scores of all
+        batches (every rank must call it)."""
+        if inp.across_ranks and distributed.active():
+            inp = dataclasses.replace(inp, batches=distributed.shard(inp.batches), across_ranks=False)
+            with distributed.summing(), float32_products(inp.tf32):
+                return self.compute(inp)
         with float32_products(inp.tf32):
             return self.compute(inp)
 

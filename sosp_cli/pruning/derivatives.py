@@ -8,6 +8,8 @@ J_n = ∂z_n/∂c and R_n = diag(p_n) − p_n p_nᵀ:
 - Gauss–Newton Q = (1/N) Σ_n J_nᵀ R_n J_n (PSD); exact Hessian H = ∂²L/∂c² (double backward)
 
 Everything is computed batch by batch and summed, so the result equals the full-N quantity.
+Under several processes (:mod:`sosp_cli.distributed`, inside ``summing()``) each rank sums over
+its share of the batches and N and every returned sum are summed across ranks before return.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import summed, summed_count
 from ..errors import SospError, check_choice
 from ..structures import StructureSet
 from .lean import lean_layers, uses_batch_statistics
@@ -28,7 +31,8 @@ from .stacked import Unsupported, stacked_dual
 
 
 def _count(batches) -> int:
-    return sum(len(y) for _, y in batches)
+    """N, the number of saliency samples (over all ranks: :func:`.distributed.summed_count`)."""
+    return summed_count(sum(len(y) for _, y in batches))
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
@@ -62,7 +66,7 @@ def gradient(model: nn.Module, ss: StructureSet, batches, device) -> torch.Tenso
     n, g = _count(batches), torch.zeros(ss.num_structures, device=device, dtype=dt)
     for x, y in batches:
         g += _gate_gradient(model, ss, x, y, n, dt, device)
-    return g
+    return summed(g)
 
 
 def batch_gradients(model: nn.Module, ss: StructureSet, batches, device) -> Iterator[torch.Tensor]:
@@ -177,10 +181,10 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
     n, S = _count(batches), ss.num_structures
     d = direction.to(device=device, dtype=dt)
     if curvature == "hessian":
-        return _hessian_product(model, ss, batches, d, n, dt, device)
+        return _summed(*_hessian_product(model, ss, batches, d, n, dt, device))
     if dual == "stacked" or (dual == "auto" and stackable(model)):
         try:
-            return _stacked_products(model, ss, batches, d, n, dt, device, stack_batch)
+            return _summed(*_stacked_products(model, ss, batches, d, n, dt, device, stack_batch))
         except Unsupported as exc:
             if dual == "stacked":
                 raise SospError(f"dual='stacked': the model calls {exc}, which has no stacked-dual "
@@ -195,7 +199,12 @@ def curvature_product(model: nn.Module, ss: StructureSet, batches, direction: to
         gb, qb = _forward_ad_products(model, ss, x.to(device), y.to(device), d, n, dt)
         g += gb
         qd += qb
-    return g, qd
+    return _summed(g, qd)
+
+
+def _summed(*sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Sums over this rank's batches → sums over all batches (:func:`.distributed.summed`)."""
+    return tuple(summed(t) for t in sums)
 
 
 def _forward_ad_products(model, ss: StructureSet, x, y, d, n: int, dt):
@@ -244,7 +253,7 @@ def joint_product(model: nn.Module, ss: StructureSet, batches, direction: torch.
     d = direction.to(device=device, dtype=dt)
     for x, y in batches:
         out += _forward_ad_joint(model, ss, x.to(device), y.to(device), d, n, dt)
-    return out
+    return summed(out)
 
 
 def _forward_ad_joint(model, ss: StructureSet, x, y, d, n: int, dt) -> torch.Tensor:
@@ -316,7 +325,7 @@ def curvature_matrix(model: nn.Module, ss: StructureSet, batches, device, curvat
     for gb, rows in jacobian_factors(model, ss, batches, device, curvature, chunk_size, generator):
         g += gb
         q += (rows * rows).sum(0) if diagonal_only else rows.T @ rows
-    return g, q
+    return _summed(g, q)
 
 
 def _hessian_rows_batch(model, ss: StructureSet, x, y, n: int, dt, eye, chunk_size: int, h):
@@ -338,5 +347,6 @@ def _hessian_matrix(model, ss: StructureSet, batches, device, chunk_size: int, d
     eye = torch.eye(S, device=device, dtype=dt)
     for x, y in batches:
         g += _hessian_rows_batch(model, ss, x.to(device), y.to(device), n, dt, eye, chunk_size, h)
+    g, h = _summed(g, h)
     h = 0.5 * (h + h.T)
     return g, (h.diagonal().clone() if diagonal_only else h)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import summed, summed_count
 from .base import Criterion, Saliency, SaliencyInput, register_criterion
 
 
@@ -54,4 +55,5 @@ class HRankCriterion(Criterion):
         finally:
             for h in handles:
                 h.remove()
+        total, n = summed(total.to(inp.device)).cpu(), summed_count(n)   # over all ranks' batches
         return Saliency((total / max(n, 1)).float())

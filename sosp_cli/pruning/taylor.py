@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import summed, summed_count
 from .base import Criterion, Saliency, SaliencyInput, register_criterion
-from .derivatives import batch_gradients
+from .derivatives import _dtype, batch_gradients
 
 
 @register_criterion
@@ -17,8 +18,11 @@ class TaylorCriterion(Criterion):
     name = "taylor"
 
     def compute(self, inp: SaliencyInput) -> Saliency:
-        total, count = torch.zeros(inp.structures.num_structures, device=inp.device), 0
+        total, count = 0.0, 0   # the sum takes the gradients' dtype (float64 models: float64)
         for gb in batch_gradients(inp.model, inp.structures, inp.batches, inp.device):
-            total += gb.pow(2)
+            total = total + gb.pow(2)
             count += 1
+        if count == 0:   # no batch here (a rank with no share of the saliency batches)
+            total = torch.zeros(inp.structures.num_structures, device=inp.device, dtype=_dtype(inp.model))
+        total, count = summed(total), summed_count(count)   # over all ranks' batches (distributed)
         return Saliency((total / max(count, 1)).cpu())

@@ -1,0 +1,116 @@
+"""Several processes (DESIGN §7), on CPU with gloo: what a run split across ranks computes equals
+what one process computes — saliencies (summed across ranks), training steps (DDP on shares of
+the single-process global batch), evaluation (counts summed across ranks)."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+from sosp_cli import distributed
+from sosp_cli.config import MethodConfig, TrainConfig
+from sosp_cli.data import make_loader
+from sosp_cli.errors import SospError
+from sosp_cli.pruning import SaliencyInput, get_criterion
+from sosp_cli.structures import StructureSet
+from sosp_cli.train import evaluate, train
+from tiny import TinyMLP, TinyResNet, randomize_batchnorm
+
+WORLD = 2
+# (criterion, options): every sum over samples a criterion makes must be summed across ranks
+SALIENCIES = [("sosp_h", {}), ("sosp_h", {"combine": "abs_joint"}), ("sosp_h", {"curvature": "hessian"}),
+              ("sosp_h", {"stack_batch": "half"}), ("taylor", {}), ("sosp_i", {}),
+              ("sosp_i", {"selection": "greedy"}), ("sosp_i", {"curvature": "hessian"}), ("obd", {}),
+              ("hrank", {}), ("l1", {})]
+
+
+def saliency_setup():
+    torch.manual_seed(3)
+    model = randomize_batchnorm(TinyResNet(), torch.Generator().manual_seed(1)).double().eval()
+    x = torch.randn(11, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (11,))
+    batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]   # 3 batches of unequal size on 2 ranks
+    return model, StructureSet(model, x[:1]), batches
+
+
+def scores(across_ranks: bool) -> list[torch.Tensor]:
+    model, ss, batches = saliency_setup()
+    return [get_criterion(MethodConfig(name=name, **options)).run(
+        SaliencyInput(model, ss, batches, torch.device("cpu"), across_ranks=across_ranks)).scores
+        for name, options in SALIENCIES]
+
+
+def train_setup():
+    torch.manual_seed(5)
+    model = TinyMLP().double()   # no BatchNorm: a DDP step is then exactly the single-process step
+    data = TensorDataset(torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,)))
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                      scheduler="cosine", warmup_epochs=0)
+    return model, data, cfg
+
+
+def trained(tmp) -> dict:
+    model, data, cfg = train_setup()
+    ranks = distributed.active()
+    loader = make_loader(data, cfg.batch_size, True, seed=7, drop_last=True, across_ranks=ranks)
+    held_out = make_loader(distributed.shard_dataset(data), 16, False)
+    history = train(model, loader, held_out, cfg, torch.device("cpu"), "pretrain",
+                    tmp / f"metrics{distributed.rank()}.jsonl", tmp / "ckpt.pt", seed=7, across_ranks=ranks)
+    return {"state": model.state_dict(), "val": history[-1]["val_loss"],
+            "test": evaluate(model, held_out, torch.device("cpu"), across_ranks=ranks)}
+
+
+def _worker(rank: int, store: str, job: str, tmp):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        out = scores(True) if job == "saliency" else trained(tmp)
+        torch.save(out, tmp / f"{job}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(job: str, tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / f"store_{job}"), job, tmp_path), nprocs=WORLD)
+    return [torch.load(tmp_path / f"{job}{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_saliencies_across_ranks_equal_one_process(tmp_path):
+    alone = scores(False)
+    assert all(torch.equal(a, b) for a, b in zip(scores(True), alone))   # without a process group: a no-op
+    for ranked in run_ranks("saliency", tmp_path):
+        for (name, options), a, b in zip(SALIENCIES, ranked, alone):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (name, options, (a - b).abs().max())
+
+
+def test_ddp_training_equals_one_process_on_the_same_global_batches(tmp_path):
+    (tmp_path / "one").mkdir()
+    alone = trained(tmp_path / "one")
+    ranks = run_ranks("train", tmp_path)
+    for r in ranks:
+        for k, v in alone["state"].items():
+            assert torch.allclose(r["state"][k], v, rtol=1e-9, atol=1e-12), k
+        # evaluate() takes the cross-entropy of float32 logits: sums in another order differ there
+        assert r["val"] == pytest.approx(alone["val"], rel=1e-6)
+        assert r["test"] == pytest.approx(alone["test"], rel=1e-6)
+    assert (tmp_path / "metrics0.jsonl").exists() and not (tmp_path / "metrics1.jsonl").exists()
+
+
+def test_global_batch_shards_deal_out_the_single_process_batches():
+    """Rank r's k-th batch is share r of the single-process loader's k-th batch, epoch after
+    epoch (the trainer reseeds the loader's generator per epoch)."""
+    from torch.utils.data import DataLoader
+    data = TensorDataset(torch.arange(23))
+    one = make_loader(data, 6, True, seed=4, drop_last=True)
+    shards = []
+    for r in range(3):
+        gen = torch.Generator().manual_seed(4)
+        shards.append(DataLoader(data, batch_sampler=distributed.GlobalBatchShards(23, 6, gen, r, 3), generator=gen))
+    for epoch in range(2):
+        for loader in [one] + shards:
+            loader.generator.manual_seed(100 + epoch)
+        batches = [b.tolist() for (b,) in one]
+        assert len(batches) == 3 and all(len(b) == 6 for b in batches)
+        shares = [[b.tolist() for (b,) in loader] for loader in shards]
+        assert [sum((s[k] for s in shares), []) for k in range(len(batches))] == batches
+    with pytest.raises(SospError, match="^batch_size=6 is not divisible by the 4 processes"):
+        distributed.GlobalBatchShards(23, 6, torch.Generator(), 0, 4)
