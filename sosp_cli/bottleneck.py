@@ -14,6 +14,8 @@
 
 Every sub-run is an ordinary run directory below the experiment's folder, so a killed
 experiment resumes where it stopped, and pretrained models are shared through the cache.
+Under several processes every rank runs every sub-run (:mod:`.pipeline`) and rank 0 writes
+the reports.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import distributed
 from .config import RunConfig
 from .errors import SospError
 from .models import create_model, num_stages, stage_of, stage_widths
@@ -77,9 +80,11 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     info = {"model": cfg.model.name, "method": cfg.method.name, "detect_ratio": b.detect_ratio,
             "stage_ratios": ratios, "bottleneck_stages": bottlenecks, "widths": {
                 "original": base, "bottleneck": widened, "uniform": uniform}, "override": override}
-    save_json(info, out / "bottlenecks.json")
-    print(f"[bottleneck] stage pruning ratios {[round(r, 3) for r in ratios]} → bottleneck "
-          f"stage(s) {bottlenecks}; widened model: {override}")
+    main = distributed.is_main()
+    if main:
+        save_json(info, out / "bottlenecks.json")
+        print(f"[bottleneck] stage pruning ratios {[round(r, 3) for r in ratios]} → bottleneck "
+              f"stage(s) {bottlenecks}; widened model: {override}")
 
     rows, per_variant_ratios = [], {}
     for variant, width in info["widths"].items():
@@ -101,10 +106,11 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     table = df.groupby(["variant", "prune_ratio"]).agg(
         params_after=("params_after", "mean"), top1_mean=("top1_finetuned", "mean"),
         top1_std=("top1_finetuned", "std"), n=("seed", "nunique")).reset_index().fillna(0.0)
-    table.to_csv(out / "bottleneck.csv", index=False)
-    md = table.to_markdown(index=False)
-    (out / "bottleneck.md").write_text(md + "\n")
-    bottleneck_figures(df, per_variant_ratios, out)
-    save_json({**info, "variant_stage_ratios": per_variant_ratios}, out / "bottlenecks.json")
-    print(md)
+    if main:
+        table.to_csv(out / "bottleneck.csv", index=False)
+        md = table.to_markdown(index=False)
+        (out / "bottleneck.md").write_text(md + "\n")
+        bottleneck_figures(df, per_variant_ratios, out)
+        save_json({**info, "variant_stage_ratios": per_variant_ratios}, out / "bottlenecks.json")
+        print(md)
     return {"bottlenecks": info, "table": table.to_dict(orient="records")}

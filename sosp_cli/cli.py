@@ -2,6 +2,8 @@
 
 Composes ``configs/`` against the typed schema :class:`sosp_cli.config.RunConfig`, converts the
 result to dataclasses and calls :func:`sosp_cli.pipeline.run` in the job's output directory.
+Under ``torchrun`` (several processes, :mod:`sosp_cli.distributed`) every rank works in rank 0's
+output directory and rank 0 alone prints the summary and writes the sweep report.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .config import RunConfig
 from .errors import SospError, check_choice
 from .utils import retain_freed_memory
@@ -57,6 +60,8 @@ class ReportCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from .report import write_report
+        if not distributed.is_main():
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_absolute():
             sweep_dir = Path(to_absolute_path(str(sweep_dir)))
@@ -106,11 +111,14 @@ def precheck(overrides: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> dict | None:
     from . import bottleneck, pipeline
+    from .utils import resolve_device
     run_cfg = to_run_config(cfg)
-    if run_cfg.note:
-        print(f"[{run_cfg.experiment_name}] {run_cfg.note}")
     out = HydraConfig.get().runtime.output_dir
     try:
+        distributed.init_from_env(resolve_device(run_cfg.device))
+        out = distributed.broadcast_object(out)   # the ranks' clocks may name different directories
+        if run_cfg.note and distributed.is_main():
+            print(f"[{run_cfg.experiment_name}] {run_cfg.note}")
         check_choice("task", run_cfg.task, ("prune", "bottleneck"))
         if run_cfg.task == "bottleneck":
             return bottleneck.run(run_cfg, out)
@@ -118,7 +126,8 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(summary(result))
+    if distributed.is_main():
+        print(summary(result))
     return result
 
 

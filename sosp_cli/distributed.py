@@ -84,6 +84,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: DDP keeps the parameters
+    equal, but each rank's last training forward pass updated its running statistics with its
+    own share of the batch. After this every rank holds the model rank 0 saves."""
+    if active():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
 def shard(items: Sequence) -> list:
     """This rank's share of ``items`` (every ``world_size``-th, from ``rank``)."""
     return list(items)[rank()::world_size()]

@@ -7,9 +7,15 @@ resumes per epoch); an artefact made by a different config is never overwritten 
 stops with an error instead. Pretrained models are shared through a content-addressed cache
 (key: dataset / model / pretrain schedule / seed / sparsity), guarded by a file lock, so a
 sweep over methods and ratios pretrains once.
+
+Under several processes (``torchrun``, :mod:`.distributed`) every rank runs every stage — the
+training data-parallel, the saliency on its share of the batches, summed across ranks — and
+rank 0 alone writes the artefacts; whether a stage's artefact exists is rank 0's answer, so all
+ranks skip or run the same stages.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -19,6 +25,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from . import distributed
 from .checkpoint import build_from_record, load_weights_into, model_record, save_model
 from .config import RunConfig
 from .diagnostics import loss_prediction
@@ -70,8 +77,9 @@ def finetune_key(cfg: RunConfig) -> str:
 
 
 def _load_stage(path: Path, key: str):
-    """Return the artefact at ``path`` if it was made for ``key``; None if absent."""
-    if not path.exists():
+    """Return the artefact at ``path`` if it was made for ``key``; None if absent (rank 0 decides,
+    so that under several processes every rank skips or runs the same stages)."""
+    if not distributed.broadcast_object(path.exists()):
         return None
     record = torch.load(path, map_location="cpu", weights_only=False)
     if record.get("key") != key:
@@ -115,7 +123,8 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out_dir: Path):
         self.cfg, self.out = cfg, Path(out_dir)
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.init_from_env(resolve_device(cfg.device))
+        self.ranks = distributed.active()   # several processes: data-parallel stages (module docstring)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.splits = load_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.download,
@@ -129,22 +138,34 @@ class Run:
                      "input_shape": self.input_shape}
         pin = self.device.type == "cuda"
         workers = cfg.dataset.num_workers
-        self.val_loader = make_loader(s.val, 256, False, num_workers=workers, pin_memory=pin)
-        self.test_loader = make_loader(s.test, 256, False, num_workers=workers, pin_memory=pin)
+        shard = distributed.shard_dataset   # under several processes each rank evaluates its share
+        self.val_loader = make_loader(shard(s.val), 256, False, num_workers=workers, pin_memory=pin)
+        self.test_loader = make_loader(shard(s.test), 256, False, num_workers=workers, pin_memory=pin)
         self.metrics = self.out / "metrics.jsonl"
 
     def train_loader(self, batch_size: int):
         return make_loader(self.splits.train, batch_size, True, seed=self.cfg.seed,
                            num_workers=self.cfg.dataset.num_workers,
-                           pin_memory=self.device.type == "cuda", drop_last=True)
+                           pin_memory=self.device.type == "cuda", drop_last=True,
+                           across_ranks=self.ranks)
 
     def evaluate(self, model) -> dict:
-        return evaluate(model.to(self.device), self.test_loader, self.device, self.cfg.channels_last)
+        return evaluate(model.to(self.device), self.test_loader, self.device, self.cfg.channels_last,
+                        across_ranks=self.ranks)
 
     def fit(self, model, tcfg, stage: str, checkpoint: Path, bn_sparsity: float = 0.0):
         return train(model, self.train_loader(tcfg.batch_size), self.val_loader, tcfg, self.device,
                      stage, self.metrics, checkpoint, self.cfg.seed, self.cfg.amp,
-                     self.cfg.channels_last, bn_sparsity)
+                     self.cfg.channels_last, bn_sparsity, across_ranks=self.ranks)
+
+    def save(self, record, path: Path) -> None:
+        """Write an artefact (rank 0 only; every rank goes on with ``record`` in memory)."""
+        if distributed.is_main():
+            save_torch(record, path)
+
+    def remove(self, path: Path) -> None:
+        if distributed.is_main():
+            path.unlink(missing_ok=True)
 
 
 def stage_pretrain(run: Run) -> torch.nn.Module:
@@ -157,18 +178,24 @@ def stage_pretrain(run: Run) -> torch.nn.Module:
                                  cfg.model.width)
             load_weights_into(model, cfg.pretrain.checkpoint)
             record = model_record(model, run.spec, key=key, source=str(cfg.pretrain.checkpoint))
-            save_torch(record, path)
+            run.save(record, path)
         elif cfg.pretrain.use_cache:
             cache = Path(cfg.pretrain.cache_dir) / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(cache) + ".lock"):
-                if not cache.exists():
+            main = distributed.is_main()
+            if main:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+            # rank 0 holds the lock (against other runs sharing the cache) for all ranks
+            with FileLock(str(cache) + ".lock") if main else contextlib.nullcontext():
+                if not distributed.broadcast_object(cache.exists()):
                     _train_fresh(run, key, cache, cache.with_suffix(".partial.pt"))
-            shutil.copyfile(cache, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
+            if main:
+                shutil.copyfile(cache, path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").replace(path)
+            distributed.barrier()
             record = torch.load(path, map_location="cpu", weights_only=False)
         else:
             _train_fresh(run, key, path, run.out / "pretrain_last.pt")
+            distributed.barrier()
             record = torch.load(path, map_location="cpu", weights_only=False)
     return build_from_record(record)
 
@@ -178,8 +205,9 @@ def _train_fresh(run: Run, key: str, path: Path, partial: Path) -> None:
     seed_everything(cfg.seed)
     model = create_model(cfg.model.name, run.spec["num_classes"], run.spec["in_channels"], cfg.model.width)
     history = run.fit(model, cfg.schedule.pretrain, "pretrain", partial, cfg.method.sparsity)
-    save_model(path, model.cpu(), run.spec, key=key, history_metrics=history)
-    partial.unlink(missing_ok=True)
+    if distributed.is_main():
+        save_model(path, model.cpu(), run.spec, key=key, history_metrics=history)
+    run.remove(partial)
 
 
 def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
@@ -196,7 +224,8 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
     model = saliency_model(model.to(run.device), cfg.saliency.batchnorm, batches)
     with PeakMemory(run.device) as peak:
         t0 = time.perf_counter()
-        sal = criterion.run(SaliencyInput(model, ss, batches, run.device, cfg.seed, cfg.saliency.tf32))
+        sal = criterion.run(SaliencyInput(model, ss, batches, run.device, cfg.seed, cfg.saliency.tf32,
+                                          across_ranks=run.ranks))
         if run.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -205,7 +234,7 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
               "peak_memory_mb": peak.mb, "num_samples": sum(len(y) for _, y in batches),
               "grad": None if sal.grad is None else sal.grad.cpu(),
               "second_order": None if sal.second_order is None else sal.second_order.cpu()}
-    save_torch(record, path)
+    run.save(record, path)
     if record["names"] != ss.names():
         raise SospError(f"{path} names other structures than this model has")
     return record
@@ -220,6 +249,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
     dense_cost = CostModel(model.cpu(), ss, run.example)
     originals = originals_of(dense_cost, ss)
     first_saliency, current, history, record = None, model, [], None
+    diagnostics = None   # of the first step's selection, carried into every later step's record
     for step in range(1, k + 1):
         key = fingerprint(prune_key(cfg), step)
         path = run.out / ("pruned.pt" if step == k else f"pruned_step{step}.pt")
@@ -228,6 +258,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
             first_saliency = stage_saliency(run, current, ss)
         if record is not None:
             current, history = build_from_record(record), record["history"]
+            diagnostics = record.get("diagnostics")
             continue
         if step > 1:
             ss = StructureSet(current.cpu().eval(), run.example)
@@ -237,21 +268,22 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         cost = dense_cost if step == 1 else CostModel(current.cpu(), ss, run.example)
         sel = select(sal["scores"], ss, cost, ratio, p.target,
                      p.scope, p.min_channels, p.max_layer_ratio, p.normalize, originals)
-        if sel.guard_skipped:
+        if sel.guard_skipped and distributed.is_main():
             print(f"[prune] step {step}/{k}: the layer guards (min_channels={p.min_channels}, "
                   f"max_layer_ratio={p.max_layer_ratio}) kept {sel.guard_skipped} structures "
                   "that ranked for removal")
-        diagnostics = _diagnostics(run, current, ss, sel) if p.diagnostics and step == 1 else None
+        if p.diagnostics and step == 1:
+            diagnostics = _diagnostics(run, current, ss, sel)
         pruned, new = remove_structures(current.cpu(), ss, sel.remove, run.example)
         history = history + new
         if step < k and p.step_epochs > 0:
             tcfg = dataclasses.replace(cfg.schedule.finetune, epochs=p.step_epochs)
             run.fit(pruned, tcfg, f"step{step}-finetune", run.out / f"step{step}_last.pt")
-            (run.out / f"step{step}_last.pt").unlink(missing_ok=True)
+            run.remove(run.out / f"step{step}_last.pt")
         record = model_record(pruned.cpu(), run.spec, history, key=key, step=step,
                               selection=dataclasses.asdict(sel), diagnostics=diagnostics,
                               removed_structures=originals.structures - ss.num_structures + len(sel.remove))
-        save_torch(record, path)
+        run.save(record, path)
         current = pruned
     return first_saliency, record
 
@@ -284,17 +316,20 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
         seed_everything(cfg.seed + 1)
         r.fit(pruned, cfg.schedule.finetune, "finetune", out / "finetune_last.pt")
         fine_rec = model_record(pruned.cpu(), r.spec, pruned_rec["history"], key=fkey)
-        save_torch(fine_rec, fpath)
-        (out / "finetune_last.pt").unlink(missing_ok=True)
+        r.save(fine_rec, fpath)
+        r.remove(out / "finetune_last.pt")
     finetuned = build_from_record(fine_rec)
     after_finetune = r.evaluate(finetuned)
 
-    result = _result(r, model, finetuned, dense, after_prune, after_finetune, sal, sel, pruned_rec)
-    if pruned_rec.get("diagnostics") is not None:
-        result["diagnostics"] = pruned_rec["diagnostics"]
-    result["wall_seconds"] = time.time() - t_start
-    save_json(result, result_path)
-    return result
+    result = None
+    if distributed.is_main():   # latency is timed by one process, on a machine the others leave alone
+        result = _result(r, model, finetuned, dense, after_prune, after_finetune, sal, sel, pruned_rec)
+        if pruned_rec.get("diagnostics") is not None:
+            result["diagnostics"] = pruned_rec["diagnostics"]
+        result["wall_seconds"] = time.time() - t_start
+        result["processes"] = distributed.world_size()
+        save_json(result, result_path)
+    return distributed.broadcast_object(result)
 
 
 def _diagnostics(r: Run, model, ss: StructureSet, sel) -> dict:
@@ -305,9 +340,10 @@ def _diagnostics(r: Run, model, ss: StructureSet, sel) -> dict:
     with float32_products(cfg.saliency.tf32):   # the saliency's precision (Criterion.run)
         d = loss_prediction(model, ss, batches, ss.indices_of(sel.remove), r.device,
                             cfg.method.curvature, cfg.prune.diagnostics_samples, cfg.seed)
-    print(f"[diagnostics] loss change of the removed set: predicted {d['predicted_second_order']:.4f} "
-          f"(first order {d['predicted_first_order']:.4f}), real {d['real']:.4f}; single-structure "
-          f"Spearman {d.get('single_spearman', float('nan')):.3f}")
+    if distributed.is_main():
+        print(f"[diagnostics] loss change of the removed set: predicted {d['predicted_second_order']:.4f} "
+              f"(first order {d['predicted_first_order']:.4f}), real {d['real']:.4f}; single-structure "
+              f"Spearman {d.get('single_spearman', float('nan')):.3f}")
     return d
 
 

@@ -150,7 +150,10 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     main = distributed.is_main()
     history, start = [], 0
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
+    resume = checkpoint_path is not None and Path(checkpoint_path).exists()
+    if across_ranks:   # rank 0 writes the checkpoint: its answer holds for every rank
+        resume = distributed.broadcast_object(resume)
+    if resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -180,6 +183,7 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
             bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}")
         if across_ranks:
             loss_sum, correct, n = distributed.all_sum_numbers(loss_sum, correct, n)
+            distributed.broadcast_buffers(model)   # every rank: the model rank 0 evaluates and saves
         val = evaluate(model, val_loader, device, channels_last, across_ranks=across_ranks)
         record = {"stage": stage, "epoch": epoch + 1, "train_loss": loss_sum / max(n, 1),
                   "train_top1": 100.0 * correct / max(n, 1), "val_loss": val["loss"],

@@ -40,17 +40,21 @@ def scores(across_ranks: bool) -> list[torch.Tensor]:
         for name, options in SALIENCIES]
 
 
-def train_setup():
+def train_setup(batchnorm: bool = False):
     torch.manual_seed(5)
-    model = TinyMLP().double()   # no BatchNorm: a DDP step is then exactly the single-process step
-    data = TensorDataset(torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,)))
+    if batchnorm:
+        model = TinyResNet().double()
+        data = TensorDataset(torch.randn(40, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (40,)))
+    else:   # no BatchNorm: a DDP step is then exactly the single-process step
+        model = TinyMLP().double()
+        data = TensorDataset(torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,)))
     cfg = TrainConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=5e-4,
                       scheduler="cosine", warmup_epochs=0)
     return model, data, cfg
 
 
-def trained(tmp) -> dict:
-    model, data, cfg = train_setup()
+def trained(tmp, batchnorm: bool = False) -> dict:
+    model, data, cfg = train_setup(batchnorm)
     ranks = distributed.active()
     loader = make_loader(data, cfg.batch_size, True, seed=7, drop_last=True, across_ranks=ranks)
     held_out = make_loader(distributed.shard_dataset(data), 16, False)
@@ -63,7 +67,7 @@ def trained(tmp) -> dict:
 def _worker(rank: int, store: str, job: str, tmp):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        out = scores(True) if job == "saliency" else trained(tmp)
+        out = scores(True) if job == "saliency" else trained(tmp, batchnorm=job == "train_bn")
         torch.save(out, tmp / f"{job}{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -95,6 +99,16 @@ def test_ddp_training_equals_one_process_on_the_same_global_batches(tmp_path):
     assert (tmp_path / "metrics0.jsonl").exists() and not (tmp_path / "metrics1.jsonl").exists()
 
 
+def test_ddp_training_leaves_every_rank_with_rank_0s_model(tmp_path):
+    """With BatchNorm each rank's last forward pass updates its running statistics with its own
+    share of the batch; after training every rank holds rank 0's (the model rank 0 saves and
+    all ranks evaluate)."""
+    first, second = run_ranks("train_bn", tmp_path)
+    assert first["state"].keys() == second["state"].keys()
+    assert any("running_mean" in k for k in first["state"])
+    assert all(torch.equal(first["state"][k], second["state"][k]) for k in first["state"])
+
+
 def test_global_batch_shards_deal_out_the_single_process_batches():
     """Rank r's k-th batch is share r of the single-process loader's k-th batch, epoch after
     epoch (the trainer reseeds the loader's generator per epoch)."""
@@ -114,3 +128,57 @@ def test_global_batch_shards_deal_out_the_single_process_batches():
         assert [sum((s[k] for s in shares), []) for k in range(len(batches))] == batches
     with pytest.raises(SospError, match="^batch_size=6 is not divisible by the 4 processes"):
         distributed.GlobalBatchShards(23, 6, torch.Generator(), 0, 4)
+
+
+def sosp_run(tmp_path, name: str, processes: int, *overrides):
+    """``sosp-run experiment=smoke`` in one process, or under torchrun with ``processes``."""
+    import subprocess
+    import sys
+    launch = [sys.executable, "-m", "sosp_cli.cli"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+        "-m", "sosp_cli.cli"]
+    out = tmp_path / name
+    done = subprocess.run(launch + ["experiment=smoke", f"hydra.run.dir={out}",
+                                    f"pretrain.cache_dir={tmp_path / 'cache'}", *overrides],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_torchrun_runs_the_pipeline_with_the_single_process_saliency(tmp_path):
+    """``torchrun --nproc_per_node=2 -m sosp_cli.cli``: one run directory written by rank 0,
+    one summary, one metrics line per epoch, and saliencies equal to one process's on the same
+    pretrained model (the cache: pretrained once, by the single-process run)."""
+    import json
+    one, _ = sosp_run(tmp_path, "one", 1, "method=sosp_i")
+    two, stdout = sosp_run(tmp_path, "two", 2, "method=sosp_i")
+    assert stdout.count("top-1 after fine-tuning") == 1
+    a = torch.load(one / "saliency.pt", weights_only=False)
+    b = torch.load(two / "saliency.pt", weights_only=False)
+    assert a["names"] == b["names"] and a["num_samples"] == b["num_samples"] == 64
+    assert torch.allclose(a["scores"], b["scores"], rtol=1e-4, atol=1e-7)
+    result = json.loads((two / "result.json").read_text())
+    assert result["processes"] == 2 and json.loads((one / "result.json").read_text())["processes"] == 1
+    lines = [json.loads(ln) for ln in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in lines] == ["finetune"]   # pretrained by the first run (the cache)
+    assert sorted(p.name for p in two.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in one.iterdir() if not p.name.startswith("."))
+
+
+def test_torchrun_pretrains_prunes_in_steps_and_resumes(tmp_path):
+    """Data-parallel pretraining into the shared cache, two prune steps with fine-tuning between,
+    diagnostics; the same command again finds every artefact and recomputes nothing."""
+    import json
+    args = ("seed=1", "prune.steps=2", "prune.step_epochs=1", "prune.diagnostics=true")
+    out, _ = sosp_run(tmp_path, "two", 2, *args)
+    stages = [json.loads(ln)["stage"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["pretrain", "step1-finetune", "finetune"]   # one line per epoch: rank 0 writes
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    result = json.loads((out / "result.json").read_text())
+    assert result["processes"] == 2 and result["steps"] == 2 and "predicted_second_order" in result["diagnostics"]
+    made = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
+    assert {"pretrained.pt", "saliency.pt", "saliency_step2.pt", "pruned_step1.pt", "pruned.pt",
+            "finetuned.pt"} <= set(made)
+    again, stdout = sosp_run(tmp_path, "two", 2, *args)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")} == made
+    assert json.loads((out / "result.json").read_text())["top1_finetuned"] == result["top1_finetuned"]
