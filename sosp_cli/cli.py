@@ -7,6 +7,7 @@ output directory and rank 0 alone prints the summary and writes the sweep report
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -131,11 +132,30 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     return result
 
 
+def shared_output_dirs(overrides: list[str], environ=os.environ) -> list[str]:
+    """Under torchrun, output directories that every rank names alike: the configured ones carry
+    a timestamp (to the microsecond), which differs between the ranks' clocks, so unless the
+    command sets them, the torchrun run id (``TORCHELASTIC_RUN_ID``, the same on every rank and
+    node) takes the timestamp's place. Returns the overrides to add."""
+    if int(environ.get("WORLD_SIZE", "1")) <= 1 or "TORCHELASTIC_RUN_ID" not in environ:
+        return []
+    given = {a.lstrip("+~").split("=", 1)[0] for a in overrides}
+    run_id = "torchrun-${oc.env:TORCHELASTIC_RUN_ID}"
+    added = []
+    if "hydra.run.dir" not in given:
+        added.append(f"hydra.run.dir=outputs/runs/{run_id}_${{dataset.name}}_${{model.name}}_"
+                     "${method.name}_r${prune.ratio}_s${seed}")
+    if "hydra.sweep.dir" not in given:
+        added.append(f"hydra.sweep.dir=outputs/multirun/{run_id}")
+    return added
+
+
 def main() -> None:
     """Console entry point of ``sosp-run``."""
     try:
         retain_freed_memory()
         precheck(sys.argv[1:])
+        sys.argv += shared_output_dirs(sys.argv[1:])
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -2,7 +2,9 @@
 
 torchrun starts K copies of ``sosp-run`` with ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set;
 :func:`init_from_env` joins them into one process group (NCCL on CUDA, one GPU per process;
-gloo on CPU). Then:
+gloo on CPU). A job of several tasks started by Hydra's submitit launcher
+(``hydra/launcher=submitit_slurm hydra.launcher.tasks_per_node=K``, or ``submitit_local``) gets
+the same variables from submitit (:func:`export_submitit_environment`). Then:
 
 - **training** (pretrain, fine-tune) is data-parallel (``DistributedDataParallel``) with the
   single-process recipe unchanged: every step draws the global batch a single process would
@@ -52,9 +54,25 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def export_submitit_environment() -> None:
+    """Inside a submitit job of several tasks (SLURM or local) and not under torchrun: set
+    torch's ``env://`` variables (rank, world size, local rank, master address and port) from
+    submitit's job environment, all GPUs left visible (the local rank picks one)."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    try:
+        import submitit
+    except ImportError:
+        return
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_from_env(device: torch.device) -> torch.device:
-    """Join the process group torchrun describes in the environment (once per process), and
-    return the device this process uses: ``cuda:LOCAL_RANK`` on CUDA, else ``device``."""
+    """Join the process group torchrun (or submitit) describes in the environment (once per
+    process), and return the device this process uses: ``cuda:LOCAL_RANK`` on CUDA, else
+    ``device``."""
+    export_submitit_environment()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
         return device

@@ -130,28 +130,34 @@ def test_global_batch_shards_deal_out_the_single_process_batches():
         distributed.GlobalBatchShards(23, 6, torch.Generator(), 0, 4)
 
 
-def sosp_run(tmp_path, name: str, processes: int, *overrides):
-    """``sosp-run experiment=smoke`` in one process, or under torchrun with ``processes``."""
+def sosp_run(tmp_path, name: str | None, processes: int, *overrides):
+    """``sosp-run experiment=smoke`` in one process, or under torchrun with ``processes``, in
+    ``tmp_path / name`` (None: the configured directory below ``tmp_path``, which must be the
+    only one there). Returns the run directory and the standard output."""
     import subprocess
     import sys
     launch = [sys.executable, "-m", "sosp_cli.cli"] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
         "-m", "sosp_cli.cli"]
-    out = tmp_path / name
-    done = subprocess.run(launch + ["experiment=smoke", f"hydra.run.dir={out}",
-                                    f"pretrain.cache_dir={tmp_path / 'cache'}", *overrides],
-                          capture_output=True, text=True, timeout=600)
+    where = [] if name is None else [f"hydra.run.dir={tmp_path / name}"]
+    done = subprocess.run(launch + ["experiment=smoke", f"pretrain.cache_dir={tmp_path / 'cache'}", *where,
+                                    *overrides], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    return out, done.stdout
+    if name is None:
+        (out,) = (tmp_path / "outputs" / "runs").iterdir()   # every rank in one directory
+        return out, done.stdout
+    return tmp_path / name, done.stdout
 
 
 def test_torchrun_runs_the_pipeline_with_the_single_process_saliency(tmp_path):
-    """``torchrun --nproc_per_node=2 -m sosp_cli.cli``: one run directory written by rank 0,
+    """``torchrun --nproc_per_node=2 -m sosp_cli.cli``: one run directory (named by the torchrun
+    run id, as no ``hydra.run.dir`` is given) written by rank 0,
     one summary, one metrics line per epoch, and saliencies equal to one process's on the same
     pretrained model (the cache: pretrained once, by the single-process run)."""
     import json
     one, _ = sosp_run(tmp_path, "one", 1, "method=sosp_i")
-    two, stdout = sosp_run(tmp_path, "two", 2, "method=sosp_i")
+    two, stdout = sosp_run(tmp_path, None, 2, "method=sosp_i")
+    assert two.name.startswith("torchrun-")
     assert stdout.count("top-1 after fine-tuning") == 1
     a = torch.load(one / "saliency.pt", weights_only=False)
     b = torch.load(two / "saliency.pt", weights_only=False)
@@ -182,3 +188,31 @@ def test_torchrun_pretrains_prunes_in_steps_and_resumes(tmp_path):
     again, stdout = sosp_run(tmp_path, "two", 2, *args)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")} == made
     assert json.loads((out / "result.json").read_text())["top1_finetuned"] == result["top1_finetuned"]
+
+
+def test_torchrun_output_directories_are_named_alike_on_every_rank():
+    from sosp_cli.cli import shared_output_dirs
+    env = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc"}
+    assert shared_output_dirs(["method=l1"], {}) == [] and shared_output_dirs([], {"WORLD_SIZE": "1"}) == []
+    run, sweep = shared_output_dirs(["method=l1"], env)
+    assert run.startswith("hydra.run.dir=outputs/runs/torchrun-${oc.env:TORCHELASTIC_RUN_ID}_")
+    assert sweep == "hydra.sweep.dir=outputs/multirun/torchrun-${oc.env:TORCHELASTIC_RUN_ID}"
+    assert shared_output_dirs(["hydra.run.dir=x", "hydra.sweep.dir=y"], env) == []
+
+
+def test_submitit_launcher_runs_a_sweep_point_as_a_job_of_two_tasks(tmp_path):
+    """Hydra's submitit launcher (``submitit_local``: what ``submitit_slurm`` does on a cluster,
+    with local processes): a job of two tasks gets torch's environment from submitit
+    (``distributed.export_submitit_environment``) and runs one data-parallel run; the sweep's
+    report follows."""
+    import json
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "sosp_cli.cli", "-m", "hydra/launcher=submitit_local",
+                           "hydra.launcher.tasks_per_node=2", "experiment=smoke", "method=taylor",
+                           f"pretrain.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = (tmp_path / "sweep").glob("*/result.json")
+    assert json.loads(result.read_text())["processes"] == 2
+    assert (tmp_path / "sweep" / "report.csv").exists()
