@@ -11,7 +11,7 @@ from sosp_cli import distributed
 from sosp_cli.config import MethodConfig, TrainConfig
 from sosp_cli.data import make_loader
 from sosp_cli.errors import SospError
-from sosp_cli.pruning import SaliencyInput, get_criterion
+from sosp_cli.pruning import SaliencyInput, get_criterion, saliency_model
 from sosp_cli.structures import StructureSet
 from sosp_cli.train import evaluate, train
 from tiny import TinyMLP, TinyResNet, randomize_batchnorm
@@ -22,6 +22,9 @@ SALIENCIES = [("sosp_h", {}), ("sosp_h", {"combine": "abs_joint"}), ("sosp_h", {
               ("sosp_h", {"stack_batch": "half"}), ("taylor", {}), ("sosp_i", {}),
               ("sosp_i", {"selection": "greedy"}), ("sosp_i", {"curvature": "hessian"}), ("obd", {}),
               ("hrank", {}), ("l1", {})]
+# with BatchNorm on each saliency batch's own statistics (saliency.batchnorm=batch): a batch is
+# never split across ranks, so its statistics are those one process uses
+BATCH_STATISTICS = [("sosp_h", {}), ("taylor", {}), ("sosp_i", {"curvature": "hessian"})]
 
 
 def saliency_setup():
@@ -35,9 +38,11 @@ def saliency_setup():
 
 def scores(across_ranks: bool) -> list[torch.Tensor]:
     model, ss, batches = saliency_setup()
+    batch_model = saliency_model(model, "batch", batches)
     return [get_criterion(MethodConfig(name=name, **options)).run(
-        SaliencyInput(model, ss, batches, torch.device("cpu"), across_ranks=across_ranks)).scores
-        for name, options in SALIENCIES]
+        SaliencyInput(work, ss, batches, torch.device("cpu"), across_ranks=across_ranks)).scores
+        for work, variants in ((model, SALIENCIES), (batch_model, BATCH_STATISTICS))
+        for name, options in variants]
 
 
 def train_setup(batchnorm: bool = False):
@@ -82,7 +87,8 @@ def test_saliencies_across_ranks_equal_one_process(tmp_path):
     alone = scores(False)
     assert all(torch.equal(a, b) for a, b in zip(scores(True), alone))   # without a process group: a no-op
     for ranked in run_ranks("saliency", tmp_path):
-        for (name, options), a, b in zip(SALIENCIES, ranked, alone):
+        assert len(ranked) == len(alone) == len(SALIENCIES) + len(BATCH_STATISTICS)
+        for (name, options), a, b in zip(SALIENCIES + BATCH_STATISTICS, ranked, alone):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (name, options, (a - b).abs().max())
 
 
