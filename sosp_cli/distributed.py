@@ -111,6 +111,34 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(b, src=0)
 
 
+@contextlib.contextmanager
+def file_lock(path: str, poll_seconds: float = 60.0):
+    """``filelock.FileLock(path)`` held by rank 0 for every rank (alone: by this process).
+
+    While another run holds the lock (a sweep's first job pretraining the model the others
+    need, for hours), rank 0 retries every ``poll_seconds`` and tells the other ranks after each
+    try: they wait in a short collective each time rather than in one that outlasts the process
+    group's timeout (torch's default: 10–30 minutes)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path) if is_main() else None
+    while True:
+        held = False
+        if lock is not None:
+            try:
+                lock.acquire(timeout=poll_seconds)
+                held = True
+            except Timeout:
+                pass
+        if broadcast_object(held):
+            break
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def shard(items: Sequence) -> list:
     """This rank's share of ``items`` (every ``world_size``-th, from ``rank``)."""
     return list(items)[rank()::world_size()]

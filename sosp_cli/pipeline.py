@@ -15,7 +15,6 @@ ranks skip or run the same stages.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -23,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
 from . import distributed
 from .checkpoint import build_from_record, load_weights_into, model_record, save_model
@@ -184,8 +182,7 @@ def stage_pretrain(run: Run) -> torch.nn.Module:
             main = distributed.is_main()
             if main:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-            # rank 0 holds the lock (against other runs sharing the cache) for all ranks
-            with FileLock(str(cache) + ".lock") if main else contextlib.nullcontext():
+            with distributed.file_lock(str(cache) + ".lock"):   # against other runs sharing the cache
                 if not distributed.broadcast_object(cache.exists()):
                     _train_fresh(run, key, cache, cache.with_suffix(".partial.pt"))
             if main:

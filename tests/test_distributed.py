@@ -69,10 +69,28 @@ def trained(tmp, batchnorm: bool = False) -> dict:
             "test": evaluate(model, held_out, torch.device("cpu"), across_ranks=ranks)}
 
 
+def waited_for_lock(tmp) -> dict:
+    """Enter ``distributed.file_lock`` while another process holds the lock; count the tries."""
+    import time
+    tries, broadcast = [], distributed.broadcast_object
+    distributed.broadcast_object = lambda obj: tries.append(obj) or broadcast(obj)
+    (tmp / f"trying{distributed.rank()}").touch()   # the holder releases 1.5 s after this
+    t0 = time.monotonic()
+    try:
+        with distributed.file_lock(str(tmp / "cache.lock"), poll_seconds=0.2):
+            entered = time.monotonic() - t0
+    finally:
+        distributed.broadcast_object = broadcast
+    return {"seconds": entered, "tries": len(tries)}
+
+
 def _worker(rank: int, store: str, job: str, tmp):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        out = scores(True) if job == "saliency" else trained(tmp, batchnorm=job == "train_bn")
+        if job == "lock":
+            out = waited_for_lock(tmp)
+        else:
+            out = scores(True) if job == "saliency" else trained(tmp, batchnorm=job == "train_bn")
         torch.save(out, tmp / f"{job}{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -222,3 +240,23 @@ def test_submitit_launcher_runs_a_sweep_point_as_a_job_of_two_tasks(tmp_path):
     (result,) = (tmp_path / "sweep").glob("*/result.json")
     assert json.loads(result.read_text())["processes"] == 2
     assert (tmp_path / "sweep" / "report.csv").exists()
+
+
+def test_every_rank_waits_for_a_lock_another_run_holds_in_short_collectives(tmp_path):
+    """The pretrain-cache lock, held by another run for a while: rank 0 retries and every rank
+    learns the outcome of each try (so no collective lasts longer than one try), and all enter
+    once the other run releases it."""
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, time; from filelock import FileLock\n"
+        f"with FileLock({str(tmp_path / 'cache.lock')!r}):\n"
+        "    print('held', flush=True)\n"
+        f"    while not os.path.exists({str(tmp_path / 'trying0')!r}): time.sleep(0.05)\n"
+        "    time.sleep(1.5)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    ranks = run_ranks("lock", tmp_path)
+    assert holder.wait(timeout=30) == 0
+    for r in ranks:
+        assert r["tries"] >= 3 and r["seconds"] >= 1.0
+    assert ranks[0]["tries"] == ranks[1]["tries"]
