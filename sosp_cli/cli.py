@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,21 @@ from .utils import retain_freed_memory
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def run_stamp(pattern: str, environ=os.environ) -> str:
+    """``${run_stamp:PATTERN}``, the leading part of the output directories' names in
+    configs/config.yaml: the time now in ``PATTERN`` (``strftime``) — except under torchrun with
+    several processes, where the ranks' clocks would name different directories, so the
+    torchrun run id (``TORCHELASTIC_RUN_ID``, the same on every rank and node) names it:
+    ``torchrun-<run id>``. A ``hydra.run.dir`` / ``hydra.sweep.dir`` on the command line wins."""
+    if int(environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in environ:
+        return f"torchrun-{environ['TORCHELASTIC_RUN_ID']}"
+    return datetime.now().strftime(pattern)
+
+
+# cached, as Hydra's ``now``: every use of one pattern in a process gets the same stamp
+OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -132,30 +148,11 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     return result
 
 
-def shared_output_dirs(overrides: list[str], environ=os.environ) -> list[str]:
-    """Under torchrun, output directories that every rank names alike: the configured ones carry
-    a timestamp (to the microsecond), which differs between the ranks' clocks, so unless the
-    command sets them, the torchrun run id (``TORCHELASTIC_RUN_ID``, the same on every rank and
-    node) takes the timestamp's place. Returns the overrides to add."""
-    if int(environ.get("WORLD_SIZE", "1")) <= 1 or "TORCHELASTIC_RUN_ID" not in environ:
-        return []
-    given = {a.lstrip("+~").split("=", 1)[0] for a in overrides}
-    run_id = "torchrun-${oc.env:TORCHELASTIC_RUN_ID}"
-    added = []
-    if "hydra.run.dir" not in given:
-        added.append(f"hydra.run.dir=outputs/runs/{run_id}_${{dataset.name}}_${{model.name}}_"
-                     "${method.name}_r${prune.ratio}_s${seed}")
-    if "hydra.sweep.dir" not in given:
-        added.append(f"hydra.sweep.dir=outputs/multirun/{run_id}")
-    return added
-
-
 def main() -> None:
     """Console entry point of ``sosp-run``."""
     try:
         retain_freed_memory()
         precheck(sys.argv[1:])
-        sys.argv += shared_output_dirs(sys.argv[1:])
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         sys.exit(2)

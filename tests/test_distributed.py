@@ -215,13 +215,20 @@ def test_torchrun_pretrains_prunes_in_steps_and_resumes(tmp_path):
 
 
 def test_torchrun_output_directories_are_named_alike_on_every_rank():
-    from sosp_cli.cli import shared_output_dirs
+    """``${run_stamp:...}`` (configs/config.yaml): the time alone, the torchrun run id under
+    torchrun with several processes; the composed directories carry it."""
+    import re
+    from hydra import compose, initialize_config_dir
+    from sosp_cli.cli import CONFIG_DIR, run_stamp
     env = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc"}
-    assert shared_output_dirs(["method=l1"], {}) == [] and shared_output_dirs([], {"WORLD_SIZE": "1"}) == []
-    run, sweep = shared_output_dirs(["method=l1"], env)
-    assert run.startswith("hydra.run.dir=outputs/runs/torchrun-${oc.env:TORCHELASTIC_RUN_ID}_")
-    assert sweep == "hydra.sweep.dir=outputs/multirun/torchrun-${oc.env:TORCHELASTIC_RUN_ID}"
-    assert shared_output_dirs(["hydra.run.dir=x", "hydra.sweep.dir=y"], env) == []
+    assert run_stamp("%Y", env) == "torchrun-abc"
+    for alone in ({}, {"WORLD_SIZE": "1", "TORCHELASTIC_RUN_ID": "abc"}, {"WORLD_SIZE": "2"}):
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}-\d{6}", run_stamp("%Y-%m-%d_%H-%M-%S-%f", alone))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["method=l1"], return_hydra_config=True)
+    stamp = r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}-\d{6}"
+    assert re.fullmatch(rf"outputs/runs/{stamp}_digits_resnet20_l1_r0.5_s0", cfg.hydra.run.dir)
+    assert re.fullmatch(rf"outputs/multirun/{stamp}", cfg.hydra.sweep.dir)
 
 
 def test_submitit_launcher_runs_a_sweep_point_as_a_job_of_two_tasks(tmp_path):
