@@ -74,11 +74,10 @@ class Criterion:
         :mod:`sosp_cli.distributed`): every rank computes on its share of the batches and the
         sums over samples are summed across ranks, so every rank returns the scores of all
         batches (every rank must call it)."""
-        if inp.across_ranks and distributed.active():
+        sharded = inp.across_ranks and distributed.active()
+        if sharded:
             inp = dataclasses.replace(inp, batches=distributed.shard(inp.batches), across_ranks=False)
-            with distributed.summing(), float32_products(inp.tf32):
-                return self.compute(inp)
-        with float32_products(inp.tf32):
+        with distributed.summing(sharded), float32_products(inp.tf32):
             return self.compute(inp)
 
     def check_batchnorm(self, mode: str) -> None:

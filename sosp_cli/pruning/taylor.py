@@ -18,11 +18,11 @@ class TaylorCriterion(Criterion):
     name = "taylor"
 
     def compute(self, inp: SaliencyInput) -> Saliency:
-        total, count = 0.0, 0   # the sum takes the gradients' dtype (float64 models: float64)
+        # in the gradients' dtype (the model's: float64 models sum in float64)
+        total = torch.zeros(inp.structures.num_structures, device=inp.device, dtype=_dtype(inp.model))
+        count = 0
         for gb in batch_gradients(inp.model, inp.structures, inp.batches, inp.device):
-            total = total + gb.pow(2)
+            total += gb.pow(2)
             count += 1
-        if count == 0:   # no batch here (a rank with no share of the saliency batches)
-            total = torch.zeros(inp.structures.num_structures, device=inp.device, dtype=_dtype(inp.model))
         total, count = summed(total), summed_count(count)   # over all ranks' batches (distributed)
         return Saliency((total / max(count, 1)).cpu())
