@@ -195,6 +195,7 @@ def test_torchrun_runs_the_pipeline_with_the_single_process_saliency(tmp_path):
         p.name for p in one.iterdir() if not p.name.startswith("."))
 
 
+@pytest.mark.slow   # ~30 s; `pytest -m slow`
 def test_torchrun_pretrains_prunes_in_steps_and_resumes(tmp_path):
     """Data-parallel pretraining into the shared cache, two prune steps with fine-tuning between,
     diagnostics; the same command again finds every artefact and recomputes nothing."""
@@ -231,6 +232,7 @@ def test_torchrun_output_directories_are_named_alike_on_every_rank():
     assert re.fullmatch(rf"outputs/multirun/{stamp}", cfg.hydra.sweep.dir)
 
 
+@pytest.mark.slow   # ~30 s; `pytest -m slow`
 def test_submitit_launcher_runs_a_sweep_point_as_a_job_of_two_tasks(tmp_path):
     """Hydra's submitit launcher (``submitit_local``: what ``submitit_slurm`` does on a cluster,
     with local processes): a job of two tasks gets torch's environment from submitit

@@ -164,7 +164,8 @@ def test_report_on_empty_dir_is_an_error(tmp_path):
 
 def test_iterative_pruning_in_three_steps(tmp_path):
     cfg = compose_run(["experiment=smoke", "method=sosp_h", "prune.steps=3", "prune.step_epochs=1",
-                       "prune.target=flops", "prune.ratio=0.45"], tmp_path)
+                       "prune.target=flops", "prune.ratio=0.45", "prune.diagnostics=true",
+                       "prune.diagnostics_samples=4"], tmp_path)
     out = tmp_path / "run"
     r = run(cfg, out)
     for step in (1, 2):
@@ -173,6 +174,9 @@ def test_iterative_pruning_in_three_steps(tmp_path):
     assert r["steps"] == 3 and r["macs_reduction"] >= 0.45
     assert r["achieved_flops_ratio"] == pytest.approx(r["macs_reduction"], abs=1e-9)
     assert (out / "metrics.jsonl").read_text().count("step1-finetune") == 1
+    # the diagnostics of the first step's removed set reach result.json
+    step1 = torch.load(out / "pruned_step1.pt", weights_only=False)
+    assert r["diagnostics"] == step1["diagnostics"] and r["diagnostics"]["removed"] == len(step1["selection"]["remove"])
     from sosp_cli.checkpoint import load_model
     model, record = load_model(out / "finetuned.pt")  # three rounds of history replay
     assert sum(p.numel() for p in model.parameters()) == r["params_after"]
