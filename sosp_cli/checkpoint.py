@@ -49,9 +49,25 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     return build_from_record(record), record
 
 
+# key prefixes of wrapped models: DataParallel / DistributedDataParallel, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _without_wrapper_prefixes(state: dict) -> dict:
+    """The state dict of the wrapped model: a prefix that every key carries is removed."""
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(str(k).startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def load_weights_into(model: nn.Module, path: str | Path) -> None:
     """Load a user-supplied checkpoint (a sosp checkpoint of an unpruned model, a dict with a
-    ``state_dict``/``model`` entry, or a bare state dict) into ``model``, strictly."""
+    ``state_dict``/``model`` entry, or a bare state dict such as torchvision's weight files)
+    into ``model``, strictly; keys saved from a DDP / DataParallel or ``torch.compile`` wrapper
+    (``module.`` / ``_orig_mod.`` on every key) are read without the prefix."""
     path = Path(path)
     if not path.is_file():
         raise SospError(f"pretrain.checkpoint={path} does not exist")
@@ -69,6 +85,7 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
                 break
     if not isinstance(state, dict):
         raise SospError(f"pretrain.checkpoint={path} holds no state dict")
+    state = _without_wrapper_prefixes(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -101,3 +101,30 @@ def test_pruned_model_reloads_in_fresh_process(tmp_path):
     assert int(out.stdout.split()[-1]) == sum(p.numel() for p in pruned.parameters())
     reloaded, _ = load_model(tmp_path / "pruned.pt")
     assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("wrapper", ["", "module.", "module._orig_mod."])
+def test_torchvision_weights_load_through_pretrain_checkpoint(tmp_path, wrapper):
+    """A bare torchvision state dict (what its weight files hold), also as saved from a DDP /
+    torch.compile wrapper, loads into the registry's ``resnet18`` with identical logits."""
+    from torchvision.models import resnet18 as tv_resnet18
+    from sosp_cli.checkpoint import load_weights_into
+    from sosp_cli.models import create_model
+    source = tv_resnet18(num_classes=10).eval()
+    torch.save({wrapper + k: v for k, v in source.state_dict().items()}, tmp_path / "tv.pth")
+    ours = create_model("resnet18", num_classes=10, in_channels=3, width=1.0).eval()
+    load_weights_into(ours, tmp_path / "tv.pth")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), source(x))
+
+
+def test_checkpoint_keys_that_do_not_all_share_a_wrapper_prefix_are_a_mismatch(tmp_path):
+    from sosp_cli.checkpoint import load_weights_into
+    from sosp_cli.errors import SospError
+    from sosp_cli.models import create_model
+    model = create_model("resnet20", num_classes=10, in_channels=3, width=0.5)
+    state = {("module." if i else "") + k: v for i, (k, v) in enumerate(model.state_dict().items())}
+    torch.save(state, tmp_path / "mixed.pt")
+    with pytest.raises(SospError, match="does not match the model"):
+        load_weights_into(model, tmp_path / "mixed.pt")
