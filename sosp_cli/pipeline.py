@@ -299,6 +299,10 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     result_path = out / "result.json"
     r = Run(cfg, out)
     t_start = time.time()
+    criterion = get_criterion(cfg.method)
+    if criterion.structure_limited:   # refuse before pretraining, on the dense model's S
+        fresh = create_model(cfg.model.name, r.spec["num_classes"], r.spec["in_channels"], cfg.model.width)
+        criterion.check_structures(StructureSet(fresh.eval(), r.example).num_structures)
 
     model = stage_pretrain(r)
     dense = r.evaluate(model)

@@ -67,6 +67,14 @@ def test_pretrain_checkpoint_is_used_and_mismatch_is_one_clear_error(tmp_path):
             tmp_path / "c")
 
 
+def test_sosp_i_beyond_max_structures_is_refused_before_pretraining(tmp_path):
+    cfg = compose_run(["experiment=smoke", "method=sosp_i", "method.max_structures=100"], tmp_path)
+    with pytest.raises(SospError, match=r"S=\d+ structures \(> method.max_structures=100.*use method=sosp_h"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "pretrained.pt").exists()
+    assert not list((tmp_path / "cache").glob("*.pt"))
+
+
 def test_sosp_methods_run_end_to_end(tmp_path):
     for method in ("sosp_h", "sosp_i", "taylor", "obd", "bn_scale", "slimming", "fpgm", "none"):
         extra = ["prune.diagnostics=true", "prune.diagnostics_samples=4"] if method == "sosp_h" else []

@@ -64,8 +64,15 @@ class Criterion:
         if self.curvatures:
             check_choice(f"method.curvature for {self.name}", cfg.curvature, self.curvatures)
 
+    # compute() refuses models with too many structures (check_structures): the pipeline
+    # checks the dense model before it pretrains, so a refused run costs no training
+    structure_limited: ClassVar[bool] = False
+
     def compute(self, inp: SaliencyInput) -> Saliency:
         raise NotImplementedError
+
+    def check_structures(self, num_structures: int) -> None:
+        """One-line error when this criterion cannot score a model of ``num_structures``."""
 
     def run(self, inp: SaliencyInput) -> Saliency:
         """:meth:`compute` with float32 convolutions and matrix products in IEEE float32 on CUDA,

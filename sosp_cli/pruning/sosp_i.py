@@ -48,13 +48,18 @@ class SospI(Criterion):
         super().__init__(cfg)
         check_choice("method.selection", cfg.selection, ("score", "greedy"))
 
-    def compute(self, inp: SaliencyInput) -> Saliency:
-        S = inp.structures.num_structures
+    structure_limited = True
+
+    def check_structures(self, num_structures: int) -> None:
+        S = num_structures
         if S > self.cfg.max_structures:
             raise SospError(f"sosp_i needs an S×S matrix but this model has S={S} structures "
                             f"(> method.max_structures={self.cfg.max_structures}, "
                             f"{S * S * 4 / 2**30:.1f} GiB); use method=sosp_h, which scales "
                             "like a first-order method")
+
+    def compute(self, inp: SaliencyInput) -> Saliency:
+        self.check_structures(inp.structures.num_structures)
         gen = torch.Generator().manual_seed(inp.seed)
         g, q = curvature_matrix(inp.model, inp.structures, inp.batches, inp.device,
                                 self.cfg.curvature, self.cfg.chunk_size, gen)
