@@ -115,7 +115,7 @@ def _cli(args, cwd):
                           capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("args,needle", [
+BAD_INPUTS = [
     (["method=nosuch"], "nosuch"),
     (["model=nosuch"], "nosuch"),
     (["dataset=nosuch"], "nosuch"),
@@ -139,14 +139,36 @@ def _cli(args, cwd):
     (["method=sosp_h", "method.stack_batch=half", "saliency.batchnorm=batch"],
      "method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch has other "
      "BatchNorm statistics than the batch; use method.stack_batch=auto or whole"),
-])
-def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, args, needle):
-    proc = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"] + args, tmp_path)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(request, tmp_path_factory):
+    """The selected cases of BAD_INPUTS through the CLI, two processes at a time (each is
+    mostly start-up: importing torch, composing the config): {case: (process, run directory)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = sorted({item.callspec.params["case"] for item in request.session.items
+                    if getattr(item, "originalname", None) == "test_bad_input_is_one_clear_line_and_nonzero_exit"})
+
+    def one(i):
+        cwd = tmp_path_factory.mktemp(f"bad{i}")
+        args, _ = BAD_INPUTS[i]
+        return _cli(["experiment=smoke", f"hydra.run.dir={cwd / 'run'}"] + args, cwd), cwd / "run"
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(cases, pool.map(one, cases)))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=lambda i: " ".join(BAD_INPUTS[i][0]))
+def test_bad_input_is_one_clear_line_and_nonzero_exit(bad_input_runs, case):
+    proc, out = bad_input_runs[case]
+    needle = BAD_INPUTS[case][1]
     assert proc.returncode != 0
     assert needle in proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln and "warnings.warn" not in ln]
     assert len(lines) == 1 and lines[0].startswith("sosp-run: error:"), proc.stderr
-    assert not (tmp_path / "run" / "result.json").exists()
+    assert not (out / "result.json").exists()
 
 
 def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path):
