@@ -40,8 +40,16 @@ def run_stamp(pattern: str, environ=os.environ) -> str:
     return datetime.now().strftime(pattern)
 
 
+def run_label(task: str, prune_ratio, seed) -> str:
+    """``${run_label:${task},${prune.ratio},${seed}}``, the end of the output directories' names:
+    ``r<ratio>_s<seed>`` for a pruning run; ``bottleneck`` for the expand-prune task, whose
+    ratios and seeds are ``bottleneck.ratios`` / ``bottleneck.seeds``, not these two."""
+    return "bottleneck" if task == "bottleneck" else f"r{prune_ratio}_s{seed}"
+
+
 # cached, as Hydra's ``now``: every use of one pattern in a process gets the same stamp
 OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("run_label", run_label, replace=True)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

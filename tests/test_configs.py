@@ -35,3 +35,18 @@ def test_documented_schedule_numbers():
     p, f = cfg.schedule.pretrain, cfg.schedule.finetune
     assert (p.epochs, p.lr, p.batch_size, p.momentum, p.nesterov, p.weight_decay) == (200, 0.1, 128, 0.9, True, 5e-4)
     assert (f.epochs, f.lr) == (40, 0.01)
+
+
+@pytest.mark.parametrize("overrides,label", [
+    (["method=l1", "prune.ratio=0.3", "seed=2"], "l1_r0.3_s2"),
+    (["experiment=paper_bottleneck_digits"], "sosp_h_bottleneck"),   # its ratios/seeds are bottleneck.*
+    (["task=bottleneck", "method=taylor"], "taylor_bottleneck"),
+])
+def test_output_directories_name_what_the_run_varies(overrides, label):
+    import re
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    assert re.fullmatch(rf"outputs/runs/[\d_-]+_digits_resnet20_{label}", cfg.hydra.run.dir)
+    cfg.hydra.job.num = 7   # set by the launcher for each sweep point
+    assert cfg.hydra.sweep.subdir == f"7_{label}"
