@@ -42,11 +42,13 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     (row,) = data["rows"]
     assert data["device_name"] and row["S"] > 0
     assert row["sosp_h_s"] > 0 and row["taylor_s"] > 0
-    # SOSP-H's exact Gauss-Newton product is two first-order passes' convolutions, not one more
-    assert row["sosp_h/taylor_flops"] == 2.0 and row["taylor_gflops"] > 0
+    # SOSP-H's exact Gauss-Newton product is at most two first-order passes' convolutions, less
+    # the layers without a tangent (exact count: tests/test_stacked.py)
+    assert 1.9 < row["sosp_h/taylor_flops"] < 2.0 and row["taylor_gflops"] > 0
     assert row["sosp_h_ops"] > row["taylor_ops"] > 0
     if halves:   # the same arithmetic in twice the passes: more operations, not more FLOPs
-        assert row["sosp_h_half/taylor_flops"] == 2.0 and row["sosp_h_half_ops"] > row["sosp_h_ops"]
+        assert row["sosp_h_half/taylor_flops"] == pytest.approx(row["sosp_h/taylor_flops"], rel=1e-12)
+        assert row["sosp_h_half_ops"] > row["sosp_h_ops"]
         # ... and passes of half the rows: they hold fewer tensor bytes at a time
         assert 0 < row["sosp_h_half_tensor_mb"] < row["sosp_h_tensor_mb"]
         assert row["taylor_tensor_mb"] > 0 and all(row[f"{m}_peak_mb"] >= 0 for m in ("taylor", "sosp_h"))

@@ -139,7 +139,7 @@ def test_auto_takes_halves_after_a_whole_pass_runs_out_of_memory(batchnorm, monk
 
 
 class TwoLayer(nn.Module):
-    """fc2(middle(fc1(x))): ``middle`` is what the stacked rules must refuse."""
+    """fc2(middle(fc1(x))): ``middle`` runs before the first gate sites (fc2's inputs)."""
 
     def __init__(self, middle):
         super().__init__()
@@ -149,6 +149,18 @@ class TwoLayer(nn.Module):
         return self.fc2(self.middle(self.fc1(x)))
 
 
+class ThreeLayer(TwoLayer):
+    """fc3(middle(fc2(relu(fc1(x))))): ``middle`` acts on the stacked rows (after the gate
+    sites of fc2's inputs), where the stacked rules must refuse it."""
+
+    def __init__(self, middle):
+        super().__init__(middle)
+        self.fc3 = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc3(self.middle(self.fc2(torch.relu(self.fc1(x)))))
+
+
 UNSUPPORTED = {
     "squared": lambda h: h * h,                                    # product of two activations
     "centred": lambda h: torch.relu(h) - torch.relu(h).mean(0, keepdim=True),  # mixes the rows
@@ -156,9 +168,24 @@ UNSUPPORTED = {
 
 
 @pytest.mark.parametrize("middle", UNSUPPORTED)
-def test_unsupported_functions_fall_back_to_forward_mode(middle):
+def test_functions_without_a_rule_before_the_first_gate_keep_the_stacked_path(middle):
+    """Before the first gate site nothing carries a tangent: the stacked pass runs the B rows
+    through any function as it is, and stays exact."""
     torch.manual_seed(0)
     model = TwoLayer(UNSUPPORTED[middle]).double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures, dtype=torch.float64)
+    ref = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="forward_ad")
+    got = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked")
+    assert stackable(model)
+    assert rel_err(got[0], ref[0]) <= 1e-12 and rel_err(got[1], ref[1]) <= 1e-12
+
+
+@pytest.mark.parametrize("middle", UNSUPPORTED)
+def test_unsupported_functions_fall_back_to_forward_mode(middle):
+    torch.manual_seed(0)
+    model = ThreeLayer(UNSUPPORTED[middle]).double().eval()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     ss = StructureSet(model, x[:1])
     ones = torch.ones(ss.num_structures)
@@ -167,7 +194,7 @@ def test_unsupported_functions_fall_back_to_forward_mode(middle):
         curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked")
     assert torch.equal(model(x), before) and all(p.requires_grad for p in model.parameters())
     ref = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="forward_ad")
-    with pytest.warns(UserWarning, match="TwoLayer calls .* no stacked-dual rule: .* forward-mode AD"):
+    with pytest.warns(UserWarning, match="ThreeLayer calls .* no stacked-dual rule: .* forward-mode AD"):
         auto = curvature_product(model, ss, [(x, y)], ones, "cpu")   # falls back, stays exact
     assert not stackable(model)
     assert rel_err(auto[0], ref[0]) <= 1e-12 and rel_err(auto[1], ref[1]) <= 1e-12
@@ -233,7 +260,7 @@ def test_bad_dual_mode_is_one_line_error():
 def test_attribute_reads_that_move_values_are_unsupported():
     torch.manual_seed(0)
     # reads ``h.T`` (rows become columns): no stacked rule, even though it is an attribute
-    model = TwoLayer(lambda h: torch.relu(h).T.T).double().eval()
+    model = ThreeLayer(lambda h: torch.relu(h).T.T).double().eval()
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     ss = StructureSet(model, x[:1])
     with pytest.raises(SospError, match="dual='stacked'.*Tensor.T "):
@@ -341,3 +368,38 @@ def test_a_relu_output_changed_in_place_is_not_read_from_its_saved_copy():
         out.append(curvature_product(model, ss, [(x, y)], torch.ones(ss.num_structures), "cpu",
                                      dual="stacked"))
     assert rel_err(out[1][0], out[0][0]) <= 1e-12 and rel_err(out[1][1], out[0][1]) <= 1e-12
+
+
+@pytest.mark.parametrize("name, untangled", [
+    ("resnet20", ["conv1", "layer1.0.conv1"]),      # the stem; the first block's gated input
+    ("vgg16", ["features.0", "features.3"]),        # the first convolution; the second's gated input
+])
+def test_stacked_pass_skips_the_work_without_a_tangent(name, untangled):
+    """FLOPs of one SOSP-H pass = 2 × a first-order pass's, less one B-row forward of the
+    layers that see no tangent: those before the first gate sites, and the first gated layers
+    with d = 1, whose tangent L(d·x₀) is their primal output (pruning/stacked.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from sosp_cli.pruning.derivatives import gradient
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    model = api.create_model(name, num_classes=10, width=0.25).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures)
+    inputs = {}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0]))
+               for n in untangled]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    skipped = sum(flops(lambda n=n: modules[n](inputs[n])) for n in untangled)
+    first_order = flops(lambda: gradient(model, ss, [(x, y)], "cpu"))
+    stacked_pass = flops(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked"))
+    assert skipped > 0 and stacked_pass == 2 * first_order - skipped

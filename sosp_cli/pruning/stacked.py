@@ -25,6 +25,16 @@ linearisation at the primal rows:
   (SOSP-H's direction), L(x₁ + x₀) = L(x₁) + L(x₀): the layer adds its own primal output
   (without bias) to its tangent rows, one in-place addition instead of a copied, injected input.
 
+Before the first gate site the tangent is zero, so the pass starts on the B rows of x alone:
+every function runs unchanged on a B-row activation (it has no tangent to carry, and nothing
+before a gate site depends on the gates), a gate site reading one makes the stacked rows
+``[x₀; d·x₀]``, and a B-row activation that meets a stacked one in a row-wise linear function
+(a residual addition, a concatenation) joins it as ``[x₀; 0]``. A convolution or linear layer L
+at such a site with d = 1 computes L(x₀) once for both row blocks (:class:`_FirstInjectingConv`):
+the layers before the first gate sites and the tangent of the first gated layers cost nothing
+(SOSP-H's pass: a first-order pass's arithmetic on the primal rows, and less than that on the
+tangent rows; ``tests/test_bench.py`` checks the FLOPs).
+
 The backward pass needs the primal rows only (ReLU masks, gate inputs, batch-statistics
 BatchNorm inputs): ReLU keeps a copy of its output's primal rows, which the gate site reading
 that output shares, BatchNorm a copy of its input's (:func:`_primal_rows`), so the 2B stacked rows
@@ -97,8 +107,68 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x0,) = ctx.saved_tensors
-        dims = (1,) + tuple(range(3, grad.dim() + 1))
-        return grad, torch.mul(_split(grad), x0).sum(dims), None
+        return grad, _gate_gradients(grad, x0), None
+
+
+class _FirstGate(torch.autograd.Function):
+    """Gate site reading an activation x₀ of B rows (no tangent yet, module docstring):
+    out = [c·x₀; d·x₀] = [x₀; d·x₀] at c = 1. Backward as :class:`_Gate`'s:
+    c̄_k = Σ ḡ_k·x₀ per row block, x̄ = ḡ₀ (the primal block: x₀ has no tangent rows)."""
+
+    @staticmethod
+    def forward(ctx, x, gates2, direction):
+        ctx.save_for_backward(x.detach().clone())   # the model may still change x in place
+        return torch.cat([x, x * direction.view((-1,) + (1,) * (x.dim() - 2))])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x0,) = ctx.saved_tensors
+        return _primal(grad), _gate_gradients(grad, x0), None
+
+
+def _gate_gradients(grad: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """c̄_k = Σ_{rows, positions} ḡ_k·x₀ for both row blocks k of the stacked cotangent ``grad``
+    at a gate site's output: [2, C], the primal vector-Jacobian product for each block."""
+    dims = (1,) + tuple(range(3, grad.dim() + 1))
+    return torch.mul(_split(grad), x0).sum(dims)
+
+
+class _FirstInjectingConv(torch.autograd.Function):
+    """Gate site with d = 1 on every input channel of a bias-free convolution L whose input x₀
+    has B rows (no tangent yet): primal L(c·x₀) = L(x₀), tangent L(d·x₀) = L(x₀) at c = 1 —
+    one convolution of B rows, output ``[L(x₀); L(x₀)]``. Backward: x̄_k = Lᵀ(ḡ_k) for both row
+    blocks (:class:`.lean.FrozenConv`'s input gradient) and c̄_k = Σ x̄_k·x₀; x₀'s own
+    gradient is the primal block's, as at :class:`_FirstGate`."""
+
+    @staticmethod
+    def forward(ctx, x, gates, weight, stride, padding, dilation, groups):
+        y = FrozenConv.forward(ctx, x, weight, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(x.detach().clone())
+        return torch.cat([y, y])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x0,) = ctx.saved_tensors
+        gx = FrozenConv.backward(ctx, grad)[0]
+        return (_primal(gx), _gate_gradients(gx, x0)) + (None,) * 5
+
+
+class _FirstInjectingLinear(torch.autograd.Function):
+    """:class:`_FirstInjectingConv` for a bias-free linear layer: output ``[x₀Wᵀ; x₀Wᵀ]``,
+    backward x̄_k = ḡ_k W, c̄_k = Σ_rows x̄_k·x₀."""
+
+    @staticmethod
+    def forward(ctx, x, gates, weight):
+        ctx.weight = weight
+        ctx.save_for_backward(x.detach().clone())
+        y = F.linear(x, weight)
+        return torch.cat([y, y])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x0,) = ctx.saved_tensors
+        gx = grad @ ctx.weight
+        return _primal(gx), _gate_gradients(gx, x0), None
 
 
 def _add_primal_to_tangent(y: torch.Tensor) -> torch.Tensor:
@@ -260,7 +330,9 @@ _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tens
 
 
 class _StackedMode(TorchFunctionMode):
-    """Dispatches the model's functional calls to their stacked-dual rules (module docstring)."""
+    """Dispatches the model's functional calls to their stacked-dual rules (module docstring):
+    ``rows`` = 2B rows make a stacked activation; a call on none runs as it is (B-row
+    activations before the first gate site, constants)."""
 
     def __init__(self, rows: int):
         super().__init__()
@@ -271,16 +343,30 @@ class _StackedMode(TorchFunctionMode):
             raise Unsupported("an element-wise function applied to a tensor that is not an activation")
         return x
 
+    def stacked(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.rows
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _METADATA or getattr(func, "__self__", None) in _ATTRIBUTES:
+            return func(*args, **kwargs)
+        if not (args and self.stacked(args[0])) and \
+                not any(self.stacked(a) for a in _flat(args) + _flat(list(kwargs.values()))):
+            # no tangent yet: the function as it is; it must not make a tensor of 2B rows,
+            # which later calls would read as stacked
+            out = func(*args, **kwargs)
+            if any(self.stacked(t) for t in _flat([out])):
+                raise Unsupported(f"{_name(func)} making {self.rows} rows from a batch of {self.rows // 2}")
+            return out
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(self, *args, **kwargs)
-        if func in _METADATA or getattr(func, "__self__", None) in _ATTRIBUTES:
-            return func(*args, **kwargs)
         if func is F.dropout and not kwargs.get("training", args[2] if len(args) > 2 else True):
             return args[0]
         if func in _ROWWISE_LINEAR:
+            if func is torch.Tensor.add_ and not self.stacked(args[0]):
+                raise Unsupported("Tensor.add_ of a stacked activation into one without a tangent")
+            args, kwargs = self.joined(args), self.joined(kwargs)
             tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
             out = func(*args, **kwargs)
             if not tensors or (func in _ADD and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors) or \
@@ -288,6 +374,18 @@ class _StackedMode(TorchFunctionMode):
                 raise Unsupported(f"{_name(func)} with a constant or across the batch")
             return out
         raise Unsupported(_name(func))
+
+
+    def joined(self, items):
+        """``items`` (args or kwargs, nested) with every B-row tensor — no tangent — as the
+        stacked ``[x₀; 0]``, to meet stacked activations in a row-wise linear function."""
+        if isinstance(items, dict):
+            return {k: self.joined(v) for k, v in items.items()}
+        if isinstance(items, (list, tuple)):
+            return type(items)(self.joined(v) for v in items)
+        if isinstance(items, torch.Tensor) and items.dim() > 0 and 2 * items.shape[0] == self.rows:
+            return torch.cat([items, torch.zeros_like(items)])
+        return items
 
 
 def _flat(items) -> list:
@@ -323,32 +421,46 @@ def _channel_shaped(values: torch.Tensor, ndim: int, channel_dim: int) -> torch.
     return values.detach().view(shape)
 
 
-def _with_bias(forward, bias, channel_dim: int):
-    """Stacked affine layer: the bias-free (linear) map on all rows, the bias on primal rows."""
+def _with_bias(module: nn.Module, state: dict, forward, first, bias, channel_dim: int):
+    """Stacked affine layer: the bias-free (linear) map on all rows, the bias on primal rows.
+    On an input of B rows (no tangent yet): ``first(x, gates)`` when a gate site with d = 1
+    left this layer its gates (:func:`_gate_hooks`), else the layer as it is (``module``'s own
+    forward, through the frozen weights)."""
     def stacked(x):
         with torch._C.DisableTorchFunction():
-            y = forward(x)
+            if 2 * x.shape[0] == state["rows"]:
+                gates = state["pending"].pop(module, None)
+                if gates is None:
+                    return type(module).forward(module, x)
+                y = first(x, gates)
+            else:
+                y = forward(x)
             return y if bias is None else _add_to_primal_rows(y, _channel_shaped(bias, y.dim(), channel_dim))
     return stacked
 
 
-def _conv_forward(module: nn.Conv2d, inject: bool = False):
+def _conv_forward(module: nn.Conv2d, state: dict, inject: bool = False):
     conv = _InjectingConv if inject else FrozenConv
-    return _with_bias(lambda x: conv.apply(x, module.weight, None, module.stride,
-                                           module.padding, module.dilation, module.groups),
+    args = (module.stride, module.padding, module.dilation, module.groups)
+    return _with_bias(module, state, lambda x: conv.apply(x, module.weight, None, *args),
+                      lambda x, gates: _FirstInjectingConv.apply(x, gates, module.weight, *args),
                       module.bias, 1)
 
 
-def _linear_forward(module: nn.Linear, inject: bool = False):
+def _linear_forward(module: nn.Linear, state: dict, inject: bool = False):
     linear = _InjectingLinear if inject else FrozenLinear
-    return _with_bias(lambda x: linear.apply(x, module.weight, None), module.bias, -1)
+    return _with_bias(module, state, lambda x: linear.apply(x, module.weight, None),
+                      lambda x, gates: _FirstInjectingLinear.apply(x, gates, module.weight),
+                      module.bias, -1)
 
 
-def _bn_forward(module: nn.BatchNorm2d):
+def _bn_forward(module: nn.BatchNorm2d, state: dict):
     scale, shift = (_channel_shaped(v, 4, 1) for v in bn_affine(module))
 
     def forward(x):
         with torch._C.DisableTorchFunction():
+            if 2 * x.shape[0] == state["rows"]:   # no tangent yet: the affine map itself
+                return (x * scale.to(x.dtype)).add_(shift.to(x.dtype))
             return _add_to_primal_rows(x * scale.to(x.dtype), shift)
     return forward
 
@@ -389,15 +501,13 @@ def _bn_jacobian(v, x0, weight, mean, invstd, eps):
                                                      eps, [True, False, False])[0]
 
 
-def _bn_batch_forward(module: nn.BatchNorm2d):
+def _bn_batch_forward(module: nn.BatchNorm2d, state: dict):
     def forward(x):   # γ, β are frozen by ``swapped_forwards``, like the convolutions' weights
         with torch._C.DisableTorchFunction():
+            if 2 * x.shape[0] == state["rows"]:   # no tangent yet: BatchNorm itself
+                return type(module).forward(module, x)
             return _BatchStatNorm.apply(x, module.weight, module.bias, module.eps)
     return forward
-
-
-_BUILDERS = {"conv": _conv_forward, "linear": _linear_forward, "bn": _bn_forward,
-             "bn_batch": _bn_batch_forward}
 
 
 @contextlib.contextmanager
@@ -416,16 +526,26 @@ def _gate_hooks(model: nn.Module, ss: StructureSet, current: dict, direction: to
             d = None
 
         def hook(module, args):
+            x = args[0]
             with torch._C.DisableTorchFunction():
-                return (_Gate.apply(args[0], current["ext"][:, lookup], d),) + args[1:]
+                gates = current["ext"][:, lookup]
+                if 2 * x.shape[0] != current["rows"]:
+                    return (_Gate.apply(x, gates, d),) + args[1:]
+                if d is None:    # the layer gates its B-row input itself (_FirstInjectingConv)
+                    current["pending"][module] = gates
+                    return None
+                return (_FirstGate.apply(x, gates, d),) + args[1:]
         return hook
     with ss.site_hooks(model, make_hook, direction.device):
         yield injecting
 
 
-def _injecting(builder, injecting: set):
-    """The stacked layer builder, adding the tangent injection for the layers in ``injecting``."""
-    return lambda module: builder(module, inject=module in injecting)
+def _builders(state: dict, injecting: set) -> dict:
+    """The stacked layer builders for :func:`.lean.swapped_forwards`, reading the pass's
+    ``state``; convolutions and linear layers in ``injecting`` add the tangent injection."""
+    return {"conv": lambda m: _conv_forward(m, state, inject=m in injecting),
+            "linear": lambda m: _linear_forward(m, state, inject=m in injecting),
+            "bn": lambda m: _bn_forward(m, state), "bn_batch": lambda m: _bn_batch_forward(m, state)}
 
 
 @contextlib.contextmanager
@@ -441,16 +561,17 @@ def stacked_dual(model: nn.Module, ss: StructureSet, direction: torch.Tensor, dt
     current = {}
     direction = direction.to(dtype)
     with _gate_hooks(model, ss, current, direction) as injecting, \
-            swapped_forwards(model, {**_BUILDERS, **{kind: _injecting(_BUILDERS[kind], injecting)
-                                                   for kind in ("conv", "linear")}}):
+            swapped_forwards(model, _builders(current, injecting)):
 
         def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             gates2 = torch.ones(2, ss.num_structures, device=x.device, dtype=dtype, requires_grad=True)
             current["ext"] = torch.cat([gates2, gates2.new_ones(2, 1)], dim=1)
-            stacked = torch.cat([x, torch.zeros_like(x)])
-            with _StackedMode(stacked.shape[0]):
-                z2 = model(stacked)
-            if not isinstance(z2, torch.Tensor) or z2.dim() != 2 or z2.shape[0] != stacked.shape[0]:
-                raise Unsupported("model output is not one logits tensor")
+            current["rows"], current["pending"] = 2 * x.shape[0], {}
+            with _StackedMode(current["rows"]):
+                z2 = model(x)          # B rows: the tangent starts at the first gate site
+            if current["pending"]:
+                raise Unsupported("a gated layer did not run the stacked forward")
+            if not isinstance(z2, torch.Tensor) or z2.dim() != 2 or z2.shape[0] != current["rows"]:
+                raise Unsupported("model output is not one logits tensor of the stacked rows")
             return z2, gates2
         yield forward
