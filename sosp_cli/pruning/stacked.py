@@ -155,19 +155,18 @@ class _FirstInjectingConv(torch.autograd.Function):
 
 class _FirstInjectingLinear(torch.autograd.Function):
     """:class:`_FirstInjectingConv` for a bias-free linear layer: output ``[x₀Wᵀ; x₀Wᵀ]``,
-    backward x̄_k = ḡ_k W, c̄_k = Σ_rows x̄_k·x₀."""
+    backward x̄_k = ḡ_k W (:class:`.lean.FrozenLinear`'s input gradient), c̄_k = Σ_rows x̄_k·x₀."""
 
     @staticmethod
     def forward(ctx, x, gates, weight):
-        ctx.weight = weight
+        y = FrozenLinear.forward(ctx, x, weight, None)
         ctx.save_for_backward(x.detach().clone())
-        y = F.linear(x, weight)
         return torch.cat([y, y])
 
     @staticmethod
     def backward(ctx, grad):
         (x0,) = ctx.saved_tensors
-        gx = grad @ ctx.weight
+        gx = FrozenLinear.backward(ctx, grad)[0]
         return _primal(gx), _gate_gradients(gx, x0), None
 
 
@@ -338,13 +337,24 @@ class _StackedMode(TorchFunctionMode):
         super().__init__()
         self.rows = rows
 
+    def stacked(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.rows
+
     def check(self, x):
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != self.rows:
+        if not self.stacked(x):
             raise Unsupported("an element-wise function applied to a tensor that is not an activation")
         return x
 
-    def stacked(self, t) -> bool:
-        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.rows
+    def joined(self, items):
+        """``items`` (args or kwargs, nested) with every B-row tensor — no tangent — as the
+        stacked ``[x₀; 0]``, to meet stacked activations in a row-wise linear function."""
+        if isinstance(items, dict):
+            return {k: self.joined(v) for k, v in items.items()}
+        if isinstance(items, (list, tuple)):
+            return type(items)(self.joined(v) for v in items)
+        if isinstance(items, torch.Tensor) and items.dim() > 0 and 2 * items.shape[0] == self.rows:
+            return torch.cat([items, torch.zeros_like(items)])
+        return items
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -374,18 +384,6 @@ class _StackedMode(TorchFunctionMode):
                 raise Unsupported(f"{_name(func)} with a constant or across the batch")
             return out
         raise Unsupported(_name(func))
-
-
-    def joined(self, items):
-        """``items`` (args or kwargs, nested) with every B-row tensor — no tangent — as the
-        stacked ``[x₀; 0]``, to meet stacked activations in a row-wise linear function."""
-        if isinstance(items, dict):
-            return {k: self.joined(v) for k, v in items.items()}
-        if isinstance(items, (list, tuple)):
-            return type(items)(self.joined(v) for v in items)
-        if isinstance(items, torch.Tensor) and items.dim() > 0 and 2 * items.shape[0] == self.rows:
-            return torch.cat([items, torch.zeros_like(items)])
-        return items
 
 
 def _flat(items) -> list:
