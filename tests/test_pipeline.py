@@ -201,13 +201,24 @@ def test_iterative_pruning_in_three_steps(tmp_path):
     for step in (1, 2):
         assert (out / f"pruned_step{step}.pt").exists()
     assert (out / "saliency_step2.pt").exists() and (out / "saliency_step3.pt").exists()
-    assert r["steps"] == 3 and r["macs_reduction"] >= 0.45
+    assert r["steps"] == 3
     assert r["achieved_flops_ratio"] == pytest.approx(r["macs_reduction"], abs=1e-9)
+    # the last step's cut lands within half a structure's MACs of the target, on either side
+    # (selection.py: it stops short when that is closer), counted against the dense model
+    from sosp_cli.budget import CostModel
+    from sosp_cli.checkpoint import load_model
+    from sosp_cli.structures import StructureSet
+    before_last, _ = load_model(out / "pruned_step2.pt")
+    x = torch.zeros(1, 1, 16, 16)
+    ss = StructureSet(before_last.eval(), x)
+    cost = CostModel(before_last, ss, x)
+    largest = max(cost.removal_cost(s)[1] for s in range(ss.num_structures))
+    assert 0 < largest < 0.05 * r["macs_before"]
+    assert abs(r["macs_reduction"] - 0.45) <= 0.5 * largest / r["macs_before"]
     assert (out / "metrics.jsonl").read_text().count("step1-finetune") == 1
     # the diagnostics of the first step's removed set reach result.json
     step1 = torch.load(out / "pruned_step1.pt", weights_only=False)
     assert r["diagnostics"] == step1["diagnostics"] and r["diagnostics"]["removed"] == len(step1["selection"]["remove"])
-    from sosp_cli.checkpoint import load_model
     model, record = load_model(out / "finetuned.pt")  # three rounds of history replay
     assert sum(p.numel() for p in model.parameters()) == r["params_after"]
 
