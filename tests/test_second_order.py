@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from sosp_cli import api
 from sosp_cli.config import MethodConfig
+from sosp_cli.measure import peak_tensor_mb
 from sosp_cli.pruning import SaliencyInput, get_criterion, saliency_model
 from sosp_cli.pruning import derivatives
 from sosp_cli.pruning.derivatives import (batch_gradients, curvature_matrix, curvature_product, gradient,
@@ -77,6 +78,36 @@ def test_gradient_and_curvature_products_match_brute_force(case):
     assert rel_err(Hfull, H) <= 1e-4
     _, diag = curvature_matrix(model, ss, batches, "cpu", "gn", diagonal_only=True)
     assert rel_err(diag, Q.diagonal()) <= 1e-4
+    _, hdiag = curvature_matrix(model, ss, batches, "cpu", "hessian", chunk_size=3, diagonal_only=True)
+    assert rel_err(hdiag, H.diagonal()) <= 1e-4
+
+
+@pytest.mark.parametrize("diagonal_only", [False, True], ids=["sosp_i", "obd"])
+def test_gauss_newton_memory_does_not_grow_with_the_number_of_classes(diagonal_only):
+    """Q is summed one chunk of factor rows at a time (memory O(S² + chunk_size·B·S)): with 8×
+    the classes, a batch's C·B factor rows grow by 16 MiB here, the peak by less than 1.6."""
+    peaks, rows = [], []
+    for classes in (16, 128):
+        torch.manual_seed(0)
+        model = TinyMLP(d_in=6, hidden=300, classes=classes).double().eval()
+        x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, classes, (32,))
+        ss = StructureSet(model, x[:1])
+        rows.append(classes * len(y) * ss.num_structures * 8 / 2**20)
+        peaks.append(peak_tensor_mb(lambda: curvature_matrix(
+            model, ss, [(x, y)], "cpu", "gn", chunk_size=4, diagonal_only=diagonal_only)))
+    assert rows[1] - rows[0] > 16
+    assert 0 < peaks[1] - peaks[0] < 0.1 * (rows[1] - rows[0])
+
+
+def test_hessian_diagonal_holds_no_s_by_s_matrix():
+    """obd with curvature=hessian keeps the diagonal of each chunk of Hessian rows only."""
+    torch.manual_seed(0)
+    model = TinyMLP(d_in=6, hidden=300, classes=8).double().eval()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 8, (32,))
+    ss = StructureSet(model, x[:1])
+    square = ss.num_structures ** 2 * 8 / 2**20
+    assert peak_tensor_mb(lambda: curvature_matrix(model, ss, [(x, y)], "cpu", "hessian", chunk_size=4,
+                                                   diagonal_only=True)) < square
 
 
 @pytest.mark.parametrize("case", CASES)

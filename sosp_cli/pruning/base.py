@@ -18,7 +18,7 @@ from .. import distributed
 from ..config import MethodConfig
 from ..errors import SospError, check_choice
 from ..structures import StructureSet
-from .derivatives import HALF_WITH_BATCH_STATISTICS, STACK_BATCH
+from .derivatives import HALF_WITH_BATCH_STATISTICS, STACK_BATCH, check_chunk_size
 from .lean import batch_statistics
 from ..utils import float32_products
 
@@ -61,6 +61,7 @@ class Criterion:
         self.cfg = cfg
         check_choice("method.combine", cfg.combine, COMBINE)
         check_choice("method.stack_batch", cfg.stack_batch, STACK_BATCH)
+        check_chunk_size(cfg.chunk_size)
         if self.curvatures:
             check_choice(f"method.curvature for {self.name}", cfg.curvature, self.curvatures)
 

@@ -263,14 +263,18 @@ def _forward_ad_joint(model, ss: StructureSet, x, y, d, n: int, dt) -> torch.Ten
 
 def jacobian_factors(model: nn.Module, ss: StructureSet, batches, device, curvature: str = "gn",
                      chunk_size: int = 16, generator: torch.Generator | None = None
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (g_batch, F) per batch with Q = Σ_batches FᵀF (rows of F are factor rows).
+                     ) -> Iterator[tuple[torch.Tensor, Iterator[torch.Tensor]]]:
+    """Yield (g_batch, blocks) per batch with Q = Σ_batches Σ_blocks FᵀF (the rows of a block F
+    are factor rows); consume ``blocks`` before the next batch.
 
     Per-sample gates c ∈ R^{B×S} make one backward return per-sample gate gradients
     J_nᵀ u_n. ``gn``: R_n = A_n A_nᵀ with A_n = diag(√p_n) − p_n √p_nᵀ, so with cotangent
-    column k of A_n, Σ_k (J_nᵀ a_k)(J_nᵀ a_k)ᵀ = J_nᵀ R_n J_n: C backward passes per batch
-    (``chunk_size`` classes per vmapped backward). ``fisher_mc``: one label ŷ_n ~ p_n per
-    sample, u_n = p_n − e_ŷ, E[u uᵀ] = R_n: one backward.
+    column k of A_n, Σ_k (J_nᵀ a_k)(J_nᵀ a_k)ᵀ = J_nᵀ R_n J_n: C backward passes per batch,
+    ``chunk_size`` classes per vmapped backward, each chunk one block of chunk_size·B rows — so
+    a batch never holds its C·B factor rows at once (memory O(S² + chunk_size·B·S), not
+    O(C·B·S): with ImageNet's C = 1000 that would be ~60× Q's size for a batch of 64).
+    ``fisher_mc``: one label ŷ_n ~ p_n per sample, u_n = p_n − e_ŷ, E[u uᵀ] = R_n: one backward,
+    one block of B rows.
     """
     if uses_batch_statistics(model):
         raise SospError("per-sample gate Jacobians are undefined when BatchNorm normalises with "
@@ -283,12 +287,20 @@ def jacobian_factors(model: nn.Module, ss: StructureSet, batches, device, curvat
                                      chunk_size, generator)
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    """One-line error unless ``method.chunk_size`` (classes or directions per backward) is >= 1."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise SospError(f"method.chunk_size={chunk_size!r}: expected an integer >= 1 (classes or "
+                        "Hessian directions per vmapped backward pass; fewer use less memory)")
+
+
 def _jacobian_factor_batch(model, ss: StructureSet, x, y, n: int, dt, curvature: str,
                            chunk_size: int, generator):
-    """(g_batch, F) of one batch (:func:`jacobian_factors`)."""
-    device, S, B = x.device, ss.num_structures, len(y)
+    """(g_batch, blocks) of one batch (:func:`jacobian_factors`); ``blocks`` computes each
+    block when it is asked for, on the batch's retained graph."""
+    device, S = x.device, ss.num_structures
     scale = 1.0 / math.sqrt(n)
-    c = torch.ones(B, S, device=device, dtype=dt, requires_grad=True)
+    c = torch.ones(len(y), S, device=device, dtype=dt, requires_grad=True)
     z = _logits(model, ss, c, x, unit=True)
     p = torch.softmax(z.detach().to(dt), dim=1)
     onehot = F.one_hot(y, p.shape[1]).to(p.dtype)
@@ -296,57 +308,71 @@ def _jacobian_factor_batch(model, ss: StructureSet, x, y, n: int, dt, curvature:
     if curvature == "fisher_mc":
         sampled = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(device)
         u = p - F.one_hot(sampled, p.shape[1]).to(p.dtype)
-        return g, torch.autograd.grad(z, c, u.to(z.dtype))[0] * scale
+        return g, iter([torch.autograd.grad(z, c, u.to(z.dtype))[0] * scale])
+    return g, _gauss_newton_blocks(z, c, p, chunk_size, scale)
+
+
+def _gauss_newton_blocks(z, c, p, chunk_size: int, scale: float) -> Iterator[torch.Tensor]:
+    """Factor rows J_nᵀ a_k (a_k column k of A_n), ``chunk_size`` classes k per vmapped backward."""
     sqrt_p = p.sqrt()
-    C = p.shape[1]
-    blocks = []
+    C, S = p.shape[1], c.shape[1]
     for start in range(0, C, chunk_size):
-        ks = torch.arange(start, min(C, start + chunk_size), device=device)
+        ks = torch.arange(start, min(C, start + chunk_size), device=p.device)
         # cotangent k for sample n: column k of A_n = √p_nk e_k − p_n √p_nk
         eye = F.one_hot(ks, C).to(p.dtype)                               # [K, C]
         cot = sqrt_p[:, ks].T[:, :, None] * (eye[:, None, :] - p[None])  # [K, B, C]
         last = start + chunk_size >= C
         rows = torch.autograd.grad(z, c, cot.to(z.dtype), is_grads_batched=True,
                                    retain_graph=not last)[0]
-        blocks.append(rows.reshape(-1, S))
-    return g, torch.cat(blocks) * scale
+        yield rows.reshape(-1, S).mul_(scale)
 
 
 def curvature_matrix(model: nn.Module, ss: StructureSet, batches, device, curvature: str = "gn",
                      chunk_size: int = 16, generator: torch.Generator | None = None,
                      diagonal_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (g, Q) with Q the full S×S curvature (or its diagonal when ``diagonal_only``)."""
+    """Return (g, Q) with Q the full S×S curvature (or its diagonal when ``diagonal_only``),
+    summed block by block in place: besides Q, one block of factor rows (or of Hessian rows) at
+    a time."""
+    check_chunk_size(chunk_size)
     dt = _dtype(model)
     S = ss.num_structures
     if curvature == "hessian":
         return _hessian_matrix(model, ss, batches, device, chunk_size, diagonal_only)
     g = torch.zeros(S, device=device, dtype=dt)
     q = torch.zeros(S if diagonal_only else (S, S), device=device, dtype=dt)
-    for gb, rows in jacobian_factors(model, ss, batches, device, curvature, chunk_size, generator):
+    for gb, blocks in jacobian_factors(model, ss, batches, device, curvature, chunk_size, generator):
         g += gb
-        q += (rows * rows).sum(0) if diagonal_only else rows.T @ rows
+        for rows in blocks:
+            if diagonal_only:
+                q += rows.square().sum(0)
+            else:
+                q.addmm_(rows.T, rows)   # Q += FᵀF without an S×S temporary
     return _summed(g, q)
 
 
-def _hessian_rows_batch(model, ss: StructureSet, x, y, n: int, dt, eye, chunk_size: int, h):
-    """Add one batch's Hessian to ``h`` (``chunk_size`` rows per double backward); return its g."""
+def _hessian_rows_batch(model, ss: StructureSet, x, y, n: int, dt, chunk_size: int, h,
+                        diagonal_only: bool):
+    """Add one batch's Hessian (or its diagonal) to ``h``, ``chunk_size`` Hessian-vector products
+    H e_i per double backward (rows i of H, H symmetric); return the batch's g."""
     c, gb = _differentiable_gradient(model, ss, x, y, n, dt)
-    for start in range(0, ss.num_structures, chunk_size):
-        block = eye[start:start + chunk_size]
-        h[start:start + len(block)] += torch.autograd.grad(
-            gb, c, block, is_grads_batched=True, retain_graph=True)[0]
+    S = ss.num_structures
+    for start in range(0, S, chunk_size):
+        idx = torch.arange(start, min(S, start + chunk_size), device=x.device)
+        rows = torch.autograd.grad(gb, c, F.one_hot(idx, S).to(dt), is_grads_batched=True,
+                                   retain_graph=True)[0]
+        block = slice(start, start + len(idx))
+        h[block] += rows.diagonal(start) if diagonal_only else rows   # H_ii: rows[k, start + k]
     return gb.detach()
 
 
 def _hessian_matrix(model, ss: StructureSet, batches, device, chunk_size: int, diagonal_only: bool):
-    """Exact gate Hessian, ``chunk_size`` Hessian-vector products per double backward."""
+    """Exact gate Hessian (S×S, symmetrised) or its diagonal (O(chunk_size·S) besides it)."""
     dt = _dtype(model)
     n, S = _count(batches), ss.num_structures
     g = torch.zeros(S, device=device, dtype=dt)
-    h = torch.zeros(S, S, device=device, dtype=dt)
-    eye = torch.eye(S, device=device, dtype=dt)
+    h = torch.zeros(S if diagonal_only else (S, S), device=device, dtype=dt)
     for x, y in batches:
-        g += _hessian_rows_batch(model, ss, x.to(device), y.to(device), n, dt, eye, chunk_size, h)
+        g += _hessian_rows_batch(model, ss, x.to(device), y.to(device), n, dt, chunk_size, h,
+                                 diagonal_only)
     g, h = _summed(g, h)
-    h = 0.5 * (h + h.T)
-    return g, (h.diagonal().clone() if diagonal_only else h)
+    return g, (h if diagonal_only else (h + h.T).mul_(0.5))

@@ -4,9 +4,10 @@
     λ_s = |g_s| + ½ Q_ss               (combine=abs_sum; abs_joint: |−g_s + ½ Q_ss|)
 
 Q_ss is exact, not estimated: the diagonal of the Gauss–Newton matrix from per-sample gate
-Jacobians (C backward passes per batch, O(S) memory), of the Monte-Carlo Fisher
-(``curvature=fisher_mc``) or of the exact Hessian (``curvature=hessian``, S Hessian-vector
-products — small models only). Correlations between structures are ignored.
+Jacobians (C backward passes per batch; O(chunk_size·B·S) memory: each chunk's factor rows are
+squared and summed before the next), of the Monte-Carlo Fisher (``curvature=fisher_mc``) or of
+the exact Hessian (``curvature=hessian``, S Hessian-vector products — small models only — of
+which only each chunk's diagonal is kept). Correlations between structures are ignored.
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@
 
 with the full S×S curvature Q: exact Gauss–Newton from per-sample gate Jacobians (C backward
 passes per batch, R_n = A_n A_nᵀ; ``curvature=gn``), the Monte-Carlo Fisher with one sampled
-label per example (``fisher_mc``), or the exact Hessian (``hessian``). Memory O(S²).
+label per example (``fisher_mc``), or the exact Hessian (``hessian``). Memory O(S² +
+chunk_size·B·S): Q is summed one chunk of ``method.chunk_size`` classes' factor rows at a time
+(:func:`.derivatives.curvature_matrix`).
 
 ``method.selection=greedy`` uses every correlation exactly: it grows the removed set M one
 structure at a time, each step taking the s that least increases the quadratic model
