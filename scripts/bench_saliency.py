@@ -1,5 +1,9 @@
 """Saliency cost side by side: taylor vs sosp_h vs sosp_i on CIFAR ResNet-56 at several widths.
 
+``--classes`` sweeps the number of classes C as well (the model's output dimension; ResNet-56's
+FLOPs barely change): SOSP-I's exact Gauss–Newton matrix takes C backward passes per batch and
+SOSP-H a fixed two passes' work, so their ratio to Taylor shows which grows with C.
+
 Every method runs in the same process on the same batches, alternating, ``--repeats`` times; the
 median time is reported with the ratio to ``taylor`` (one forward + one backward per batch), and
 the ratio of the fastest runs (``_min``, less sensitive to a noisy host), and the median of the
@@ -14,7 +18,12 @@ since ``reset_peak_memory_stats`` makes that count per method) and, on CPU, ``_t
 by tensors (``sosp_cli.measure.peak_tensor_mb``: what CUDA's number counts, without the
 allocator's fragmentation and retained pages).
 
+The randomly initialised model's BatchNorm running statistics are first estimated on random
+inputs (:func:`calibrate_batchnorm`), as a trained network has them; ``--uncalibrated`` keeps
+the initial mean 0 / variance 1, whose saturated logits fill the gradients with denormal floats.
+
     python scripts/bench_saliency.py --widths 1 2 4 --batches 4 --batch-size 64
+    python scripts/bench_saliency.py --widths 1 --classes 10 100 --methods taylor sosp_h sosp_i
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 
 from sosp_cli.config import MethodConfig
 from sosp_cli.errors import SospError, check_choice
@@ -61,14 +71,37 @@ def positive(kind):
     return parse
 
 
+def calibrate_batchnorm(model: nn.Module, batch_size: int, batches: int = 4) -> nn.Module:
+    """Every BatchNorm's running statistics as the average over ``batches`` random batches (the
+    benchmark's input distribution), in eval mode after. With the initial mean 0 / variance 1 a
+    deep residual network's activations grow block by block (ResNet-56 ×1: logits up to ±2400),
+    the softmax saturates and 0.1–2 % of the gradients' entries are denormal floats, which
+    Intel CPUs compute many times slower: Taylor's pass took 2.1× as long, SOSP-H's 2.6×
+    (README, "Saliency benchmark") — a benchmark of denormal arithmetic, not of the methods."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None   # cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch_size, 3, 32, 32))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
 def setup(model_name: str, width: float, batches: int, batch_size: int, device: torch.device,
-          batchnorm: str = "running"):
+          batchnorm: str = "running", classes: int = 10, calibrate: bool = True):
     torch.manual_seed(0)
-    model = create_model(model_name, 10, 3, width).eval()
+    model = create_model(model_name, classes, 3, width).eval()
+    if calibrate:
+        calibrate_batchnorm(model, batch_size)
     x = torch.zeros(1, 3, 32, 32)
     ss = StructureSet(model, x)
     macs = count_macs(model, x)
-    data = [(torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,)))
+    data = [(torch.randn(batch_size, 3, 32, 32), torch.randint(0, classes, (batch_size,)))
             for _ in range(batches)]
     data = [(a.to(device), b.to(device)) for a, b in data]
     return saliency_model(model, batchnorm, data).to(device), ss, data, macs
@@ -146,20 +179,20 @@ def memory_child(args) -> None:
     in a fresh process (see :class:`sosp_cli.measure.PeakMemory`)."""
     device = torch.device("cpu")
     model, ss, data, _ = setup(args.model, args.child_width, args.batches, args.batch_size, device,
-                               args.batchnorm)
+                               args.batchnorm, args.classes[0], not args.uncalibrated)
     with PeakMemory(device) as peak:
         run_method(args.child_method, model, ss, data, device)
     tensors = peak_tensor_mb(lambda: run_method(args.child_method, model, ss, data, device))
     print(json.dumps({"peak_mb": peak.mb, "tensor_mb": tensors}))
 
 
-def cpu_peak(args, width: float, method: str) -> dict:
+def cpu_peak(args, width: float, classes: int, method: str) -> dict:
     """Peak memory of ``method`` on CPU, from :func:`memory_child` in a fresh process (a
     process's resident set never drops)."""
     cmd = [sys.executable, __file__, "--child-method", method, "--child-width", str(width),
            "--model", args.model, "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-           "--batchnorm", args.batchnorm] + (["--threads", str(args.threads)] if args.threads else []) + \
-        (["--system-malloc"] if args.system_malloc else [])
+           "--batchnorm", args.batchnorm, "--classes", str(classes)] + (["--threads", str(args.threads)] if args.threads else []) + \
+        (["--system-malloc"] if args.system_malloc else []) + (["--uncalibrated"] if args.uncalibrated else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -177,6 +210,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--widths", type=positive(float), nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--classes", type=positive(int), nargs="+", default=[10],
+                        help="numbers of classes C (the model's outputs); every width is run with each")
     parser.add_argument("--batches", type=positive(int), default=4)
     parser.add_argument("--batch-size", type=positive(int), default=64)
     parser.add_argument("--repeats", type=positive(int), default=3)
@@ -195,6 +230,9 @@ def main() -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="CUDA: cuDNN autotuning (torch.backends.cudnn.benchmark), as sosp-run sets it; "
                              "the warm-up runs then pick the algorithms")
+    parser.add_argument("--uncalibrated", action="store_true",
+                        help="keep the initial BatchNorm statistics (mean 0, variance 1) instead of "
+                             "estimating them on random inputs (calibrate_batchnorm)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child-method", default=None, help=argparse.SUPPRESS)
@@ -206,6 +244,8 @@ def main() -> None:
             check_batchnorm(m, args.batchnorm)
     except SospError as exc:
         parser.error(f"--methods: {exc}")
+    if min(args.classes) < 2:
+        parser.error(f"argument --classes: {min(args.classes)} must be >= 2 (a 1-class loss has no gradient)")
     if args.threads:
         torch.set_num_threads(args.threads)
     retained = False if args.system_malloc else retain_freed_memory()
@@ -216,14 +256,15 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     print(f"# {args.model}, {args.batches} batches × {args.batch_size}, BatchNorm on {args.batchnorm} "
           f"statistics, device {device} ({name}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, BatchNorm statistics "
+          f"{'initial' if args.uncalibrated else 'calibrated'}, "
           f"freed memory {'retained' if retained else 'returned to the OS (system malloc)'}"
           + (f", float32 products in {'TF32' if args.tf32 else 'IEEE float32'}, cuDNN autotuning "
              f"{'on' if args.cudnn_benchmark else 'off'}" if device.type == "cuda" else ""))
     rows = []
-    for width in args.widths:
+    for classes, width in ((c, w) for c in args.classes for w in args.widths):
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device,
-                                      args.batchnorm)
+                                      args.batchnorm, classes, not args.uncalibrated)
         methods = tuple(args.methods or DEFAULT_METHODS)
         if not args.methods:   # the default list leaves out what this BatchNorm mode refuses
             methods = tuple(m for m in methods if _accepts(m, args.batchnorm))
@@ -236,7 +277,7 @@ def main() -> None:
             for m in methods:
                 times[m].append(timed(lambda: run_method(m, model, ss, data, device, args.tf32), device))
         med = {m: statistics.median(t) for m, t in times.items()}
-        row = {"width": width, "S": ss.num_structures, "MMACs": macs / 1e6,
+        row = {"classes": classes, "width": width, "S": ss.num_structures, "MMACs": macs / 1e6,
                **{f"{m}_s": med[m] for m in methods},
                **{f"{m}_gflops": work[m][0] / 1e9 for m in methods},
                **{f"{m}_ops": work[m][1] for m in methods}}
@@ -251,7 +292,7 @@ def main() -> None:
                 row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
         if not args.no_memory:
             for m in (m for m in METHODS + ("sosp_h_half",) if m in methods):
-                peak = cpu_peak(args, width, m) if device.type != "cuda" else \
+                peak = cpu_peak(args, width, classes, m) if device.type != "cuda" else \
                     cuda_peak(lambda: run_method(m, model, ss, data, device, args.tf32), device)
                 row[f"{m}_peak_mb"] = peak["peak_mb"]
                 if peak["tensor_mb"] is not None:   # CPU: the bytes tensors hold (CUDA's peak is that)
@@ -264,7 +305,8 @@ def main() -> None:
         print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": str(device), "device_name": name, "batchnorm": args.batchnorm, "threads": torch.get_num_threads(),
+            json.dump({"device": str(device), "device_name": name, "batchnorm": args.batchnorm,
+                       "batchnorm_calibrated": not args.uncalibrated, "threads": torch.get_num_threads(),
                        "retain_freed_memory": retained, "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark, "rows": rows}, fh, indent=2)
 
 

@@ -58,8 +58,46 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     assert lo <= round(row["sosp_h/taylor_paired"], 2) + 0.01 and round(row["sosp_h/taylor_paired"], 2) - 0.01 <= hi
 
 
+def _subnormal_entries(t: torch.Tensor) -> int:
+    return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+
+def test_benchmark_model_has_calibrated_batchnorm_and_no_denormal_gradients():
+    """The timed model is like a trained one: logits of order 1, no denormal floats in the
+    gradients (which the initial BatchNorm statistics produce, and which Intel CPUs compute many
+    times slower: the benchmark would time them instead of the methods)."""
+    bench = _bench()
+    found = {}
+    for calibrate in (True, False):
+        model, ss, data, _ = bench.setup("resnet56", 1.0, 1, 64, torch.device("cpu"), calibrate=calibrate)
+        subnormal = []   # in the gradient of every convolution's output
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_full_backward_hook(lambda m, gin, gout: subnormal.append(_subnormal_entries(gout[0])))
+        x, y = data[0]
+        z = model(x.requires_grad_(True))
+        torch.autograd.grad(torch.nn.functional.cross_entropy(z, y), x)
+        found[calibrate] = (z.detach().abs().max().item(), sum(subnormal))
+    assert found[True][0] < 20 and found[True][1] == 0
+    assert found[False][0] > 100 and found[False][1] > 0   # what the calibration prevents
+
+
+def test_benchmark_classes_sweep_shows_sosp_i_growing_with_c(tmp_path):
+    """SOSP-I's exact GN takes C backward passes per batch, SOSP-H a fixed two passes' work: with
+    4× the classes SOSP-I's FLOPs ratio to Taylor grows > 2×, SOSP-H's stays (host-independent)."""
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--classes", "3", "12", "--batches", "1",
+                    "--batch-size", "8", "--repeats", "1", "--methods", "taylor", "sosp_h", "sosp_i",
+                    "--no-memory", "--device", "cpu", "--json", str(out)], check=True, capture_output=True, text=True)
+    few, many = json.loads(out.read_text())["rows"]
+    assert (few["classes"], many["classes"]) == (3, 12) and few["S"] == many["S"]
+    assert many["sosp_i/taylor_flops"] > 2 * few["sosp_i/taylor_flops"] > 2 * 2
+    assert many["sosp_h/taylor_flops"] == pytest.approx(few["sosp_h/taylor_flops"], rel=0.01)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--repeats", "0"], "argument --repeats: 0 must be > 0"),
+    (["--classes", "10", "1"], "argument --classes: 1 must be >= 2 (a 1-class loss has no gradient)"),
     (["--widths", "1", "-2"], "argument --widths: -2 must be > 0"),
     (["--batch-size", "x"], "argument --batch-size: 'x' is not an integer"),
     (["--methods", "taylor", "sosp"], None),
