@@ -99,6 +99,16 @@ def test_gauss_newton_memory_does_not_grow_with_the_number_of_classes(diagonal_o
     assert 0 < peaks[1] - peaks[0] < 0.1 * (rows[1] - rows[0])
 
 
+def test_gauss_newton_accumulation_is_counted_in_flops():
+    """Q += FᵀF is a counted matrix product (the benchmark's FLOPs column): the full matrix costs
+    exactly 2·S²·(C·B) FLOPs more than its diagonal, which uses the same backward passes."""
+    from sosp_cli.measure import count_work
+    model, ss, x, y, batches = setup("mlp")
+    full, _ = count_work(lambda: curvature_matrix(model, ss, batches, "cpu", "gn", chunk_size=2))
+    diag, _ = count_work(lambda: curvature_matrix(model, ss, batches, "cpu", "gn", chunk_size=2, diagonal_only=True))
+    assert full - diag == 2 * ss.num_structures ** 2 * CASES["mlp"][2] * len(y)
+
+
 def test_hessian_diagonal_holds_no_s_by_s_matrix():
     """obd with curvature=hessian keeps the diagonal of each chunk of Hessian rows only."""
     torch.manual_seed(0)

@@ -346,7 +346,9 @@ def curvature_matrix(model: nn.Module, ss: StructureSet, batches, device, curvat
             if diagonal_only:
                 q += rows.square().sum(0)
             else:
-                q.addmm_(rows.T, rows)   # Q += FᵀF without an S×S temporary
+                # Q += FᵀF without an S×S temporary (``out=``, not ``addmm_``, which
+                # torch.utils.flop_counter does not count)
+                torch.addmm(q, rows.T, rows, out=q)
     return _summed(g, q)
 
 
