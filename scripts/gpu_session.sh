@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one call (see README "Saliency benchmark" and "GPU").
-# Usage on the device: bash scripts/gpu_session.sh "$OUT"   (about 7 minutes on an H100: give it 10)
+# Usage on the device: bash scripts/gpu_session.sh "$OUT"   (about 8 minutes on an H100: give it 10)
 # Every step has its own time limit and writes as it goes, so a step that fails or runs out of
 # time leaves the others' results; everything printed also goes to "$out/log.txt".
 set -uo pipefail
@@ -23,5 +23,8 @@ step timeout 100 python3 scripts/bench_saliency.py --device cuda --widths 1 2 4 
 # 3b. x4 at batch 512 with cuDNN autotuning (as sosp-run): is `whole` still slower than `half` there?
 step timeout 60 python3 scripts/bench_saliency.py --device cuda --widths 4 --batches 2 --batch-size 512 \
   --repeats 5 --methods taylor sosp_h sosp_h_half --cudnn-benchmark --no-memory --json "$out/bench_saliency_gpu_b512_autotune.json"
+# 3c. SOSP-I against SOSP-H as the number of classes grows (README: "SOSP-I grows with the number of classes")
+step timeout 60 python3 scripts/bench_saliency.py --device cuda --widths 1 --classes 10 100 --batches 2 --batch-size 128 \
+  --repeats 3 --methods taylor sosp_h sosp_i --no-memory --json "$out/bench_saliency_gpu_classes.json"
 # 4. the whole pipeline on CUDA with AMP and channels_last (sosp_h and sosp_i)
 step timeout 120 python3 scripts/gpu_check.py /tmp/gpu_runs
