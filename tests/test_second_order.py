@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sosp_cli import api
 from sosp_cli.config import MethodConfig
-from sosp_cli.measure import peak_tensor_mb
+from sosp_cli.measure import count_work, peak_tensor_mb
 from sosp_cli.pruning import SaliencyInput, get_criterion, saliency_model
 from sosp_cli.pruning import derivatives
 from sosp_cli.pruning.derivatives import (batch_gradients, curvature_matrix, curvature_product, gradient,
@@ -102,7 +102,6 @@ def test_gauss_newton_memory_does_not_grow_with_the_number_of_classes(diagonal_o
 def test_gauss_newton_accumulation_is_counted_in_flops():
     """Q += FᵀF is a counted matrix product (the benchmark's FLOPs column): the full matrix costs
     exactly 2·S²·(C·B) FLOPs more than its diagonal, which uses the same backward passes."""
-    from sosp_cli.measure import count_work
     model, ss, x, y, batches = setup("mlp")
     full, _ = count_work(lambda: curvature_matrix(model, ss, batches, "cpu", "gn", chunk_size=2))
     diag, _ = count_work(lambda: curvature_matrix(model, ss, batches, "cpu", "gn", chunk_size=2, diagonal_only=True))
