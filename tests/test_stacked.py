@@ -403,3 +403,26 @@ def test_stacked_pass_skips_the_work_without_a_tangent(name, untangled):
     first_order = flops(lambda: gradient(model, ss, [(x, y)], "cpu"))
     stacked_pass = flops(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked"))
     assert skipped > 0 and stacked_pass == 2 * first_order - skipped
+
+
+def test_residual_gradients_accumulate_in_place():
+    """At a residual branch point autograd adds the two 2B-row gradients in place (into the
+    one it may reuse), as in a first-order pass — not into a third tensor: the stacked ReLU
+    returns its input gradient as a tensor of its own, not as a view (:class:`stacked._Relu`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def backward_adds(fn):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+        return {k: sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                       if e.key == k and len(e.input_shapes[0]) == 4) for k in ("aten::add", "aten::add_")}
+
+    torch.manual_seed(0)
+    model = api.create_model("resnet20", num_classes=5, width=0.25).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    ss = StructureSet(model, x[:1])
+    with stacked.stacked_dual(model, ss, torch.ones(ss.num_structures), torch.float32) as forward:
+        z2, gates2 = forward(x)
+        adds = backward_adds(lambda: torch.autograd.grad(z2, gates2, torch.randn_like(z2)))
+    # ResNet-20: 9 residual blocks, the first one's input (the stem's) without a tangent yet
+    assert adds["aten::add"] == 0 and adds["aten::add_"] >= 8

@@ -224,19 +224,41 @@ def _clamp_backward(grad, x, lo, hi, out):
     torch.ops.aten.hardtanh_backward.grad_input(grad, x, lo, hi, grad_input=out)
 
 
+class _Relu(torch.autograd.Function):
+    """ReLU (:class:`_Clamp`'s rule with lo = 0 and no hi). ``threshold_backward(v, y₀, 0)`` is
+    v where y₀ > 0, else 0; with y₀ = relu(x₀) (y₀ > 0 exactly where x₀ > 0), applied to both row
+    blocks v = [x₀; x₁] (y₀ broadcast) it gives the primal relu(x₀) and the tangent x₁·1[x₀ > 0]
+    in one kernel, and the backward ḡ_k·1[x₀ > 0] of both row blocks in one more. Each result is
+    written into a tensor of its own: ATen's node for ``threshold_backward`` on the [2, B, ...]
+    view would return its input gradient as a view, which autograd cannot accumulate into in
+    place, so at every residual branch point the two 2B-row gradients were added into a third
+    tensor (8 of the 9 per stage in ResNet-56). The backward keeps y₀ only, B rows in a storage
+    of their own, which a gate site reading this output keeps too (:func:`_primal_rows`): the
+    stacked rows are freed as soon as the forward pass is done with them, so a stacked pass
+    holds what a first-order pass on its primal rows holds."""
+
+    @staticmethod
+    def forward(ctx, x, y0):   # y0 = relu(x₀), computed by the caller, which keeps it too
+        out = torch.empty_like(x)
+        torch.ops.aten.threshold_backward.grad_input(_split(x), y0, 0.0, grad_input=_split(out))
+        ctx.save_for_backward(y0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y0,) = ctx.saved_tensors
+        out = torch.empty_like(grad)   # not a view: autograd can accumulate into it in place
+        torch.ops.aten.threshold_backward.grad_input(_split(grad), y0, 0.0, grad_input=_split(out))
+        return out, None
+
+
 def _relu(mode, x, inplace=False):
-    """ReLU without a custom autograd Function: ``threshold_backward(v, y₀, 0)`` is v where
-    y₀ > 0, else 0; with y₀ = relu(x₀) (y₀ > 0 exactly where x₀ > 0), applied to both row blocks
-    v = [x₀; x₁] (y₀ broadcast) it gives the primal relu(x₀) and the tangent x₁·1[x₀ > 0] in
-    one kernel, and its derivative with respect to v (y₀ is a constant here) is the same mask for
-    both blocks — :class:`_Clamp`'s rule, with a native backward node. The backward keeps y₀
-    only, B rows in a storage of their own, which a gate site reading this output keeps too
-    (:func:`_primal_rows`): the stacked rows are freed as soon as the forward pass is done
-    with them, so a stacked pass holds what a first-order pass on its primal rows holds."""
-    xs = _split(mode.check(x))
+    """ReLU on stacked rows (:class:`_Relu`); the output remembers its primal rows for a gate
+    site that reads it (:func:`_primal_rows`)."""
+    x = mode.check(x)
     with torch.no_grad():
-        y0 = torch.relu(xs[0])
-    out = torch.ops.aten.threshold_backward(xs, y0, 0.0).flatten(0, 1)
+        y0 = torch.relu(_primal(x))
+    out = _Relu.apply(x, y0)
     out._sosp_primal = (y0, out._version)
     return out
 
