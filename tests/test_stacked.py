@@ -341,6 +341,36 @@ def test_a_whole_stacked_pass_keeps_what_a_first_order_pass_keeps(batchnorm):
     assert whole == pytest.approx(first_order, rel=1e-3)
 
 
+def _stacked_rows_saved(fn, rows: int) -> list:
+    """Shapes of the tensors saved for a backward pass during ``fn()`` whose storage holds
+    ``rows`` rows of them (a view of fewer rows keeps its whole storage)."""
+    kept = []
+
+    def pack(t):
+        row_bytes = t[0].numel() * t.element_size() if t.dim() >= 3 else 0
+        if row_bytes and t.untyped_storage().nbytes() == rows * row_bytes:
+            kept.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return kept
+
+
+@pytest.mark.parametrize("name", api.list_models())
+def test_no_stacked_activation_is_kept_for_the_backward_pass(name):
+    """On every registered model, nothing the stacked pass saves for its backward is (or views)
+    an activation of 2B rows (ReLU / ReLU6 / smooth functions keep their primal rows or f'(x₀),
+    max pooling its argmax, average pooling nothing; gate sites B-row copies): the stacked rows
+    are freed as the forward pass moves on. Only the logits and the gates are 2-D."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
+    model = api.create_model(name, num_classes=5, width=WIDTH.get(name, 0.25)).eval()
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures)
+    assert _stacked_rows_saved(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked",
+                                                         stack_batch="whole"), 2 * len(y)) == []
+
+
 class Doubled(nn.Module):
     """fc2(r) with r = relu(fc1 x) doubled, in place or not (same function)."""
 
@@ -426,3 +456,53 @@ def test_residual_gradients_accumulate_in_place():
         adds = backward_adds(lambda: torch.autograd.grad(z2, gates2, torch.randn_like(z2)))
     # ResNet-20: 9 residual blocks, the first one's input (the stem's) without a tangent yet
     assert adds["aten::add"] == 0 and adds["aten::add_"] >= 8
+
+
+STACKED_FUNCTIONS = {
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "gelu": F.gelu,
+    "softplus": F.softplus, "elu": F.elu, "leaky_relu": lambda t: F.leaky_relu(t, 0.1),
+    "hardswish": F.hardswish, "mish": F.mish, "hardtanh": lambda t: F.hardtanh(t, -0.5, 0.5),
+    "relu6": F.relu6, "relu": F.relu,
+    # overlapping windows (their gradients add up), padding, a partial window
+    "max_pool2d": lambda t: F.max_pool2d(t, 3, 2, 1, ceil_mode=True),
+    "avg_pool2d": lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+    "adaptive_avg_pool2d": lambda t: F.adaptive_avg_pool2d(t, 3),
+}
+
+
+class WithFunction(nn.Module):
+    """conv → ReLU → conv → f → conv, with a residual addition around f when shapes allow: the
+    second convolution's input is a gate site, so ``f`` runs on stacked rows."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.conv0, self.conv1 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.conv2, self.fc = nn.Conv2d(6, 5, 3, padding=1), nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = F.relu(self.conv1(F.relu(self.conv0(x))))
+        a = self.f(h)
+        if a.shape == h.shape:
+            a = a + h
+        return self.fc(F.adaptive_avg_pool2d(self.conv2(a), 1).flatten(1))
+
+
+@pytest.mark.parametrize("name", sorted(STACKED_FUNCTIONS))
+def test_every_stacked_rule_equals_forward_mode_and_keeps_no_stacked_rows(name):
+    """Each element-wise / pooling rule (pruning/stacked.py) gives forward mode's g and Q·d in
+    float64, and saves nothing of 2B rows for the backward pass."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 3, 9, 9, dtype=torch.float64), torch.tensor([0, 3, 1])
+    model = WithFunction(STACKED_FUNCTIONS[name]).double().eval()
+    ss = StructureSet(model, x[:1])
+    d = torch.rand(ss.num_structures, dtype=torch.float64)
+    g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
+    out = []
+    kept = _stacked_rows_saved(lambda: out.extend(curvature_product(model, ss, [(x, y)], d, "cpu",
+                                                                    dual="stacked")), 2 * len(y))
+    g2, q2 = out
+    assert q1.abs().max() > 0
+    assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10
+    assert kept == []
+    assert stackable(model)

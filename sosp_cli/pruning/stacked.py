@@ -197,26 +197,28 @@ class _InjectingLinear(FrozenLinear):
 
 
 class _Clamp(torch.autograd.Function):
-    """Hardtanh / ReLU6 (ReLU: :func:`_relu`, same rule with lo = 0 and no hi): primal
-    clamp(x₀, lo, hi); tangent x₁·1[lo < x₀ < hi];
-    backward ḡ_k·1[lo < x₀ < hi] for both row blocks."""
+    """Hardtanh / ReLU6 (ReLU: :class:`_Relu`, the same rule with lo = 0 and no hi): primal
+    y₀ = clamp(x₀, lo, hi), tangent x₁·1[lo < x₀ < hi], backward ḡ_k·1[lo < x₀ < hi] for both
+    row blocks. lo < y₀ < hi exactly where lo < x₀ < hi, so the mask is read from y₀, which the
+    caller computes and keeps (B rows of their own, shared with a gate site reading the output,
+    :func:`_primal_rows`): the backward keeps no stacked rows."""
 
     @staticmethod
-    def forward(ctx, x, lo, hi):
-        ctx.save_for_backward(x)
-        ctx.range = (lo, hi)
+    def forward(ctx, x, y0, lo, hi):
         xs, out = _split(x), torch.empty_like(x)
         outs = _split(out)
-        torch.clamp(xs[0], lo, hi, out=outs[0])
-        _clamp_backward(xs[1], xs[0], lo, hi, out=outs[1])
+        outs[0].copy_(y0)
+        _clamp_backward(xs[1], y0, lo, hi, out=outs[1])
+        ctx.save_for_backward(y0)
+        ctx.range = (lo, hi)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
+        (y0,) = ctx.saved_tensors
         out = torch.empty_like(grad)   # not a view: autograd can accumulate into it in place
-        _clamp_backward(_split(grad), _primal(x), *ctx.range, out=_split(out))
-        return out, None, None
+        _clamp_backward(_split(grad), y0, *ctx.range, out=_split(out))
+        return out, None, None, None
 
 
 def _clamp_backward(grad, x, lo, hi, out):
@@ -258,9 +260,7 @@ def _relu(mode, x, inplace=False):
     x = mode.check(x)
     with torch.no_grad():
         y0 = torch.relu(_primal(x))
-    out = _Relu.apply(x, y0)
-    out._sosp_primal = (y0, out._version)
-    return out
+    return _kept_primal(_Relu.apply(x, y0), y0)
 
 
 def _primal_rows(x: torch.Tensor) -> torch.Tensor:
@@ -273,37 +273,131 @@ def _primal_rows(x: torch.Tensor) -> torch.Tensor:
     return _primal(x).detach().clone()
 
 
+def _kept_primal(out: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    """``out`` remembers its primal rows ``y0`` (a tensor of their own) for a gate site reading
+    it (:func:`_primal_rows`), as long as ``out`` is not changed in place."""
+    out._sosp_primal = (y0, out._version)
+    return out
+
+
+def _clamped(mode, x, lo: float, hi: float):
+    x = mode.check(x)
+    with torch.no_grad():
+        y0 = torch.clamp(_primal(x), lo, hi)
+    return _kept_primal(_Clamp.apply(x, y0, lo, hi), y0)
+
+
 def _hardtanh(mode, x, min_val=-1.0, max_val=1.0, inplace=False):
-    return _Clamp.apply(mode.check(x), float(min_val), float(max_val))
+    return _clamped(mode, x, float(min_val), float(max_val))
 
 
 def _relu6(mode, x, inplace=False):
-    return _Clamp.apply(mode.check(x), 0.0, 6.0)
+    return _clamped(mode, x, 0.0, 6.0)
+
+
+class _MaxPool(torch.autograd.Function):
+    """Max pooling: primal y₀ = maxpool(x₀) with its argmax i (flat positions in each input
+    plane), tangent x₁ gathered at i; backward: each row block's ḡ_k scattered to i and summed
+    (overlapping windows add up, as in ATen's backward). Keeps i only — not the input, which
+    ATen's max-pool node would keep, and which here is the 2B stacked rows."""
+
+    @staticmethod
+    def forward(ctx, x, args, kwargs):
+        xs = _split(x)
+        y0, idx = F.max_pool2d(xs[0], *args, **kwargs, return_indices=True)
+        y1 = xs[1].flatten(2).gather(2, idx.flatten(2)).view_as(y0)
+        ctx.save_for_backward(idx)
+        ctx.in_shape = x.shape
+        return torch.cat([y0, y1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.in_shape)   # a tensor of its own (accumulated in place)
+        index = idx.flatten(2).expand((2,) + idx.flatten(2).shape)
+        _split(out).flatten(3).scatter_add_(3, index, _split(grad).flatten(3))
+        return out, None, None
 
 
 def _max_pool2d(mode, x, *args, **kwargs):
     if kwargs.pop("return_indices", False) or (len(args) > 5 and args[5]):
         raise Unsupported("max_pool2d(return_indices=True)")
-    xs = _split(mode.check(x))
-    y0, idx = F.max_pool2d(xs[0], *args[:5], **kwargs, return_indices=True)
-    y1 = xs[1].flatten(2).gather(2, idx.flatten(2)).view_as(y0)
-    return torch.cat([y0, y1])
+    return _MaxPool.apply(mode.check(x), args[:5], kwargs)
+
+
+def _avg_pool2d_backward(grad, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                         count_include_pad=True, divisor_override=None):
+    """Input gradient of ``F.avg_pool2d(x, ...)`` (same arguments), by ATen's kernel."""
+    return torch.ops.aten.avg_pool2d_backward(grad, x, kernel_size, [] if stride is None else stride,
+                                              padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def _adaptive_avg_pool2d_backward(grad, x, output_size):
+    """Input gradient of ``F.adaptive_avg_pool2d(x, output_size)``, by ATen's kernel."""
+    return torch.ops.aten._adaptive_avg_pool2d_backward(grad, x)
+
+
+class _AvgPool(torch.autograd.Function):
+    """Average pooling, a linear map applied row by row: both row blocks as they are. ATen's
+    nodes keep their input — here the 2B stacked rows — only for its shape, so the backward
+    runs ATen's backward kernel on an uninitialised tensor of that shape (the input gradient
+    of a linear map does not depend on the point), keeping no activation."""
+
+    @staticmethod
+    def forward(ctx, x, func, backward, args, kwargs):
+        ctx.spec = (backward, args, kwargs, x.shape, x.is_contiguous(memory_format=torch.channels_last))
+        return func(x, *args, **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        backward, args, kwargs, shape, channels_last = ctx.spec
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        dummy = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
+        return backward(grad, dummy, *args, **kwargs), \
+            None, None, None, None
+
+
+def _pooled(func, backward):
+    def handler(mode, x, *args, **kwargs):
+        return _AvgPool.apply(mode.check(x), func, backward, args, kwargs)
+    return handler
+
+
+class _Scaled(torch.autograd.Function):
+    """Smooth element-wise f (:func:`_elementwise`): primal y₀ = f(x₀) (given), tangent
+    f′(x₀)·x₁, backward f′(x₀)·ḡ_k for both row blocks (the primal Jacobian, diagonal). Keeps
+    f′(x₀) only, B rows."""
+
+    @staticmethod
+    def forward(ctx, x, y0, slope):
+        xs, out = _split(x), torch.empty_like(x)
+        outs = _split(out)
+        outs[0].copy_(y0)
+        torch.mul(xs[1], slope, out=outs[1])
+        ctx.save_for_backward(slope)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slope,) = ctx.saved_tensors
+        out = torch.empty_like(grad)   # not a view: autograd can accumulate into it in place
+        torch.mul(_split(grad), slope, out=_split(out))
+        return out, None, None
 
 
 def _elementwise(func):
-    """Smooth element-wise f: primal f(x₀), tangent f'(x₀)·x₁ (f' by autograd of f at x₀)."""
+    """Smooth element-wise f: y₀ = f(x₀) and f′(x₀) by forward-mode AD of f at x₀
+    (:class:`_Scaled`)."""
 
     def handler(mode, x, *args, **kwargs):
         kwargs.pop("inplace", None)               # results are new tensors here
         if args and isinstance(args[-1], bool):   # positional ``inplace`` (hardswish, elu, ...)
             args = args[:-1]
-        xs = _split(mode.check(x))
-        with torch.enable_grad():
-            x0 = xs[0].detach().requires_grad_(True)
-            y0 = func(x0, *args, **kwargs)
-            (slope,) = torch.autograd.grad(y0, x0, torch.ones_like(y0))
-        y0 = func(xs[0], *args, **kwargs)
-        return torch.cat([y0, xs[1] * slope])
+        x = mode.check(x)
+        x0 = _primal(x).detach()
+        # f(x₀) and f′(x₀) = f′(x₀)·1 in one forward-mode evaluation: nothing saved, no backward
+        y0, slope = torch.func.jvp(lambda t: func(t, *args, **kwargs), (x0,), (torch.ones_like(x0),))
+        return _Scaled.apply(x, y0, slope)
     return handler
 
 
@@ -327,6 +421,8 @@ _ELEMENTWISE = [torch.tanh, torch.Tensor.tanh, torch.sigmoid, torch.Tensor.sigmo
 _HANDLERS = {F.relu: _relu, torch.relu: _relu, torch.Tensor.relu: _relu, F.relu_: _relu,
              torch.relu_: _relu, torch.Tensor.relu_: _relu, F.hardtanh: _hardtanh,
              F.hardtanh_: _hardtanh, F.relu6: _relu6, F.max_pool2d: _max_pool2d,
+             F.avg_pool2d: _pooled(F.avg_pool2d, _avg_pool2d_backward),
+             F.adaptive_avg_pool2d: _pooled(F.adaptive_avg_pool2d, _adaptive_avg_pool2d_backward),
              torch.Tensor.register_hook: _register_hook,
              **{f: _elementwise(f) for f in _ELEMENTWISE}}
 
@@ -336,8 +432,8 @@ _ROWWISE_LINEAR = {
     torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
     torch.Tensor.__iadd__, torch.cat, torch.concat, torch.flatten, torch.Tensor.flatten,
     torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous,
-    torch.Tensor.mean, torch.mean, torch.Tensor.sum, torch.sum, F.adaptive_avg_pool2d,
-    F.avg_pool2d, torch.Tensor.squeeze, torch.Tensor.unsqueeze,
+    torch.Tensor.mean, torch.mean, torch.Tensor.sum, torch.sum, torch.Tensor.squeeze,
+    torch.Tensor.unsqueeze,
 }
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
         torch.Tensor.__radd__, torch.Tensor.__iadd__}
