@@ -36,10 +36,12 @@ the layers before the first gate sites and the tangent of the first gated layers
 tangent rows; ``tests/test_bench.py`` checks the FLOPs).
 
 The backward pass needs the primal rows only (ReLU masks, gate inputs, batch-statistics
-BatchNorm inputs): ReLU keeps a copy of its output's primal rows, which the gate site reading
-that output shares, BatchNorm a copy of its input's (:func:`_primal_rows`), so the 2B stacked rows
-are freed during the forward pass and a stacked pass keeps what a first-order pass on its
-primal rows keeps.
+BatchNorm inputs): ReLU / ReLU6 / Hardtanh keep their output's primal rows, which the gate site
+reading that output shares, BatchNorm a copy of its input's (:func:`_primal_rows`), smooth
+element-wise functions f'(x₀), max pooling its argmax, average pooling nothing; each rule's
+backward returns a tensor of its own (autograd then sums gradients in place). So the 2B stacked
+rows are freed during the forward pass and a stacked pass keeps what a first-order pass on its
+primal rows keeps (``tests/test_stacked.py`` checks that nothing saved holds 2B rows).
 
 The custom gate function's backward sends each row block's cotangent to its own row of a
 [2, S] gate tensor through the primal Jacobian only (the ``d·x₀`` term is the direction, not a
