@@ -342,21 +342,19 @@ def _adaptive_avg_pool2d_backward(grad, x, output_size):
 class _AvgPool(torch.autograd.Function):
     """Average pooling, a linear map applied row by row: both row blocks as they are. ATen's
     nodes keep their input — here the 2B stacked rows — only for its shape, so the backward
-    runs ATen's backward kernel on an uninitialised tensor of that shape (the input gradient
+    runs ATen's backward kernel on an uninitialised tensor of that shape and layout (the input gradient
     of a linear map does not depend on the point), keeping no activation."""
 
     @staticmethod
     def forward(ctx, x, func, backward, args, kwargs):
-        ctx.spec = (backward, args, kwargs, x.shape, x.is_contiguous(memory_format=torch.channels_last))
+        ctx.spec = (backward, args, kwargs, x.shape, x.stride())
         return func(x, *args, **kwargs)
 
     @staticmethod
     def backward(ctx, grad):
-        backward, args, kwargs, shape, channels_last = ctx.spec
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        dummy = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
-        return backward(grad, dummy, *args, **kwargs), \
-            None, None, None, None
+        backward, args, kwargs, shape, stride = ctx.spec
+        like_x = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device)
+        return backward(grad, like_x, *args, **kwargs), None, None, None, None
 
 
 def _pooled(func, backward):
