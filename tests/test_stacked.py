@@ -438,7 +438,7 @@ def test_stacked_pass_skips_the_work_without_a_tangent(name, untangled):
 def test_residual_gradients_accumulate_in_place():
     """At a residual branch point autograd adds the two 2B-row gradients in place (into the
     one it may reuse), as in a first-order pass — not into a third tensor: the stacked ReLU
-    returns its input gradient as a tensor of its own, not as a view (:class:`stacked._Relu`)."""
+    returns its input gradient as a tensor of its own, not as a view (:class:`stacked._Diagonal`)."""
     from torch.profiler import ProfilerActivity, profile
 
     def backward_adds(fn):

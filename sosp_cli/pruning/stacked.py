@@ -198,71 +198,67 @@ class _InjectingLinear(FrozenLinear):
         return _add_primal_to_tangent(FrozenLinear.forward(ctx, x, weight, None))
 
 
-class _Clamp(torch.autograd.Function):
-    """Hardtanh / ReLU6 (ReLU: :class:`_Relu`, the same rule with lo = 0 and no hi): primal
-    y₀ = clamp(x₀, lo, hi), tangent x₁·1[lo < x₀ < hi], backward ḡ_k·1[lo < x₀ < hi] for both
-    row blocks. lo < y₀ < hi exactly where lo < x₀ < hi, so the mask is read from y₀, which the
-    caller computes and keeps (B rows of their own, shared with a gate site reading the output,
-    :func:`_primal_rows`): the backward keeps no stacked rows."""
+class _Diagonal(torch.autograd.Function):
+    """An element-wise function f on stacked rows: its Jacobian at the primal rows is a
+    diagonal D = diag(f′(x₀)). Primal y₀ = f(x₀) (computed by the caller), tangent D·x₁, backward
+    D·ḡ_k for both row blocks. ``apply_d(v, saved, out)`` writes D·v into ``out`` from ``saved``,
+    one B-row tensor of the caller's (broadcast over the row blocks), the only thing kept for
+    the backward pass: the stacked rows are freed as soon as the forward pass is done with them,
+    so a stacked pass holds what a first-order pass on its primal rows holds. ``y0`` None: D·x₀
+    is the primal (ReLU), so one call of ``apply_d`` on both row blocks gives primal and tangent.
+
+    Each result is written into a tensor of its own: ATen's node for ``threshold_backward`` on
+    the [2, B, ...] view (the earlier ReLU rule) returned its input gradient as a view, which
+    autograd cannot accumulate into in place, so at every residual branch point the two 2B-row
+    gradients were added into a third tensor (8 of the 9 per stage in ResNet-56)."""
 
     @staticmethod
-    def forward(ctx, x, y0, lo, hi):
+    def forward(ctx, x, y0, saved, apply_d):
         xs, out = _split(x), torch.empty_like(x)
         outs = _split(out)
-        outs[0].copy_(y0)
-        _clamp_backward(xs[1], y0, lo, hi, out=outs[1])
-        ctx.save_for_backward(y0)
-        ctx.range = (lo, hi)
+        if y0 is None:
+            apply_d(xs, saved, outs)
+        else:
+            outs[0].copy_(y0)
+            apply_d(xs[1], saved, outs[1])
+        ctx.save_for_backward(saved)
+        ctx.apply_d = apply_d
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (y0,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
         out = torch.empty_like(grad)   # not a view: autograd can accumulate into it in place
-        _clamp_backward(_split(grad), y0, *ctx.range, out=_split(out))
+        ctx.apply_d(_split(grad), saved, _split(out))
         return out, None, None, None
 
 
-def _clamp_backward(grad, x, lo, hi, out):
-    """out = grad where lo < x < hi, else 0: one fused ATen kernel."""
-    torch.ops.aten.hardtanh_backward.grad_input(grad, x, lo, hi, grad_input=out)
+def _relu_mask(v, y0, out):
+    """v·1[x₀ > 0] = ``threshold_backward(v, y₀, 0)`` with y₀ = relu(x₀) (y₀ > 0 exactly where
+    x₀ > 0): one fused ATen kernel; for v = x₀ it is relu(x₀) itself."""
+    torch.ops.aten.threshold_backward.grad_input(v, y0, 0.0, grad_input=out)
 
 
-class _Relu(torch.autograd.Function):
-    """ReLU (:class:`_Clamp`'s rule with lo = 0 and no hi). ``threshold_backward(v, y₀, 0)`` is
-    v where y₀ > 0, else 0; with y₀ = relu(x₀) (y₀ > 0 exactly where x₀ > 0), applied to both row
-    blocks v = [x₀; x₁] (y₀ broadcast) it gives the primal relu(x₀) and the tangent x₁·1[x₀ > 0]
-    in one kernel, and the backward ḡ_k·1[x₀ > 0] of both row blocks in one more. Each result is
-    written into a tensor of its own: ATen's node for ``threshold_backward`` on the [2, B, ...]
-    view would return its input gradient as a view, which autograd cannot accumulate into in
-    place, so at every residual branch point the two 2B-row gradients were added into a third
-    tensor (8 of the 9 per stage in ResNet-56). The backward keeps y₀ only, B rows in a storage
-    of their own, which a gate site reading this output keeps too (:func:`_primal_rows`): the
-    stacked rows are freed as soon as the forward pass is done with them, so a stacked pass
-    holds what a first-order pass on its primal rows holds."""
+def _clamp_mask(lo: float, hi: float):
+    """v·1[lo < x₀ < hi] from y₀ = clamp(x₀, lo, hi) (lo < y₀ < hi exactly where lo < x₀ < hi):
+    ``hardtanh_backward``, one fused ATen kernel."""
+    def apply_d(v, y0, out):
+        torch.ops.aten.hardtanh_backward.grad_input(v, y0, lo, hi, grad_input=out)
+    return apply_d
 
-    @staticmethod
-    def forward(ctx, x, y0):   # y0 = relu(x₀), computed by the caller, which keeps it too
-        out = torch.empty_like(x)
-        torch.ops.aten.threshold_backward.grad_input(_split(x), y0, 0.0, grad_input=_split(out))
-        ctx.save_for_backward(y0)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        (y0,) = ctx.saved_tensors
-        out = torch.empty_like(grad)   # not a view: autograd can accumulate into it in place
-        torch.ops.aten.threshold_backward.grad_input(_split(grad), y0, 0.0, grad_input=_split(out))
-        return out, None
+def _slope(v, slope, out):
+    """v·f′(x₀), f′(x₀) given."""
+    torch.mul(v, slope, out=out)
 
 
 def _relu(mode, x, inplace=False):
-    """ReLU on stacked rows (:class:`_Relu`); the output remembers its primal rows for a gate
-    site that reads it (:func:`_primal_rows`)."""
+    """ReLU on stacked rows (:class:`_Diagonal` with D = 1[x₀ > 0]); it keeps y₀ = relu(x₀), B
+    rows of their own, which the output remembers for a gate site reading it (:func:`_primal_rows`)."""
     x = mode.check(x)
     with torch.no_grad():
         y0 = torch.relu(_primal(x))
-    return _kept_primal(_Relu.apply(x, y0), y0)
+    return _kept_primal(_Diagonal.apply(x, None, y0, _relu_mask), y0)
 
 
 def _primal_rows(x: torch.Tensor) -> torch.Tensor:
@@ -283,10 +279,12 @@ def _kept_primal(out: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
 
 
 def _clamped(mode, x, lo: float, hi: float):
+    """Hardtanh / ReLU6 (:class:`_Diagonal` with D = 1[lo < x₀ < hi]): ReLU's rule with an
+    upper bound; it keeps y₀ = clamp(x₀, lo, hi), shared with a gate site reading the output."""
     x = mode.check(x)
     with torch.no_grad():
         y0 = torch.clamp(_primal(x), lo, hi)
-    return _kept_primal(_Clamp.apply(x, y0, lo, hi), y0)
+    return _kept_primal(_Diagonal.apply(x, y0, y0, _clamp_mask(lo, hi)), y0)
 
 
 def _hardtanh(mode, x, min_val=-1.0, max_val=1.0, inplace=False):
@@ -363,31 +361,9 @@ def _pooled(func, backward):
     return handler
 
 
-class _Scaled(torch.autograd.Function):
-    """Smooth element-wise f (:func:`_elementwise`): primal y₀ = f(x₀) (given), tangent
-    f′(x₀)·x₁, backward f′(x₀)·ḡ_k for both row blocks (the primal Jacobian, diagonal). Keeps
-    f′(x₀) only, B rows."""
-
-    @staticmethod
-    def forward(ctx, x, y0, slope):
-        xs, out = _split(x), torch.empty_like(x)
-        outs = _split(out)
-        outs[0].copy_(y0)
-        torch.mul(xs[1], slope, out=outs[1])
-        ctx.save_for_backward(slope)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (slope,) = ctx.saved_tensors
-        out = torch.empty_like(grad)   # not a view: autograd can accumulate into it in place
-        torch.mul(_split(grad), slope, out=_split(out))
-        return out, None, None
-
-
 def _elementwise(func):
     """Smooth element-wise f: y₀ = f(x₀) and f′(x₀) by forward-mode AD of f at x₀
-    (:class:`_Scaled`)."""
+    (:class:`_Diagonal` with D = diag(f′(x₀)), which it keeps)."""
 
     def handler(mode, x, *args, **kwargs):
         kwargs.pop("inplace", None)               # results are new tensors here
@@ -397,7 +373,7 @@ def _elementwise(func):
         x0 = _primal(x).detach()
         # f(x₀) and f′(x₀) = f′(x₀)·1 in one forward-mode evaluation: nothing saved, no backward
         y0, slope = torch.func.jvp(lambda t: func(t, *args, **kwargs), (x0,), (torch.ones_like(x0),))
-        return _Scaled.apply(x, y0, slope)
+        return _Diagonal.apply(x, y0, slope, _slope)
     return handler
 
 
