@@ -52,7 +52,9 @@ from sosp_cli.utils import float32_products, retain_freed_memory
 METHODS = ("taylor", "sosp_h", "sosp_i")
 # timed variants of a registered criterion: name -> (criterion, MethodConfig options)
 VARIANTS = {"sosp_h_joint": ("sosp_h", {"combine": "abs_joint"}),
-            "sosp_h_half": ("sosp_h", {"stack_batch": "half"})}   # two stacked passes of B rows per batch
+            "sosp_h_half": ("sosp_h", {"stack_batch": "half"}),   # two stacked passes of B rows per batch
+            "sosp_h_pair": ("sosp_h", {"stack_batch": "pair"}),   # one pass, primal and tangent as two tensors
+            "sosp_h_whole": ("sosp_h", {"stack_batch": "whole"})}
 EXTRA = ("gradient", "sosp_h_fwad", *VARIANTS)   # timed besides the criteria (see run_method)
 DEFAULT_METHODS = ("gradient", *METHODS, "sosp_h_joint", "sosp_h_fwad", "sosp_h_half")
 

@@ -107,7 +107,7 @@ def test_benchmark_classes_sweep_shows_sosp_i_growing_with_c(tmp_path):
      "use saliency.batchnorm=running, or method.curvature=hessian"),
     (["--batchnorm", "batch", "--methods", "taylor", "sosp_h_half"],
      "--methods: method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch "
-     "has other BatchNorm statistics than the batch; use method.stack_batch=auto or whole"),
+     "has other BatchNorm statistics than the batch; use method.stack_batch=auto, pair or whole"),
 ])
 def test_benchmark_script_rejects_bad_input_in_one_line(args, message, monkeypatch, capsys):
     bench = _bench()

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -135,11 +134,11 @@ BAD_INPUTS = [
     (["method=sosp_i", "saliency.batchnorm=batch"], "saliency.batchnorm=batch is not accepted for sosp_i"),
     (["saliency.batchnorm=batch", "saliency.num_samples=65"],
      "saliency.num_samples=65 in batches of saliency.batch_size=32 leaves a batch of 1 sample"),
-    (["method.stack_batch=halves"], "unknown method.stack_batch 'halves'; accepted: auto, half, whole"),
+    (["method.stack_batch=halves"], "unknown method.stack_batch 'halves'; accepted: auto, half, pair, whole"),
     (["method=sosp_i", "method.chunk_size=0"], "method.chunk_size=0: expected an integer >= 1"),
     (["method=sosp_h", "method.stack_batch=half", "saliency.batchnorm=batch"],
      "method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch has other "
-     "BatchNorm statistics than the batch; use method.stack_batch=auto or whole"),
+     "BatchNorm statistics than the batch; use method.stack_batch=auto, pair or whole"),
 ]
 
 

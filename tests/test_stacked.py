@@ -7,12 +7,13 @@ import torch.nn.functional as F
 
 from sosp_cli import api
 from sosp_cli.errors import SospError
-from sosp_cli.pruning import BATCHNORM, derivatives, saliency_model, stacked
+from sosp_cli.pruning import BATCHNORM, derivatives, paired, saliency_model, stacked
 from sosp_cli.pruning.derivatives import curvature_product, joint_product, stackable
 from sosp_cli.structures import StructureSet, classifier_name
 from tiny import randomize_batchnorm
 
 WIDTH = {"mobilenet_v2": 0.25, "resnet50": 0.125, "resnet18": 0.125}
+LAYOUTS = ("whole", "pair")   # the two representations of a dual activation (stack_batch)
 
 
 def rel_err(a, b):
@@ -32,16 +33,28 @@ def float64_model(model, x):
     return model
 
 
+def count_injections(monkeypatch, layout: str) -> list:
+    """A list that grows by one whenever a layer adds the tangent injection to its output."""
+    injections = []
+    if layout == "pair":
+        forward = paired._Injecting.forward
+        monkeypatch.setattr(paired._Injecting, "forward", staticmethod(lambda *a: injections.append(1) or forward(*a)))
+    else:
+        add = stacked._add_primal_to_tangent
+        monkeypatch.setattr(stacked, "_add_primal_to_tangent", lambda y: injections.append(1) or add(y))
+    return injections
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batchnorm", BATCHNORM)
 @pytest.mark.parametrize("direction", ["ones", "random"])
 @pytest.mark.parametrize("name", api.list_models())
-def test_stacked_equals_forward_mode_on_every_model(name, direction, batchnorm, monkeypatch):
+def test_stacked_equals_forward_mode_on_every_model(name, direction, batchnorm, layout, monkeypatch):
     """d = 1 (SOSP-H): convolutions and linear layers at gate sites add the tangent injection to
     their outputs; a random d: the gates inject it on their inputs. Both must equal forward mode,
-    with BatchNorm on running statistics and on the batch's own (``saliency.batchnorm``)."""
-    injections = []
-    add = stacked._add_primal_to_tangent
-    monkeypatch.setattr(stacked, "_add_primal_to_tangent", lambda y: injections.append(1) or add(y))
+    with BatchNorm on running statistics and on the batch's own (``saliency.batchnorm``), with
+    the stacked rows (``whole``) and with primal and tangent as two tensors (``pair``)."""
+    injections = count_injections(monkeypatch, layout)
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     model = float64_model(api.create_model(name, num_classes=5, width=WIDTH.get(name, 0.25)), x)
@@ -52,7 +65,7 @@ def test_stacked_equals_forward_mode_on_every_model(name, direction, batchnorm, 
         torch.ones(ss.num_structures, dtype=torch.float64)
     before = model(x)
     g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
-    g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked")
+    g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout)
     assert stackable(model)
     assert q1.abs().max() > 0
     # batch statistics over as few as 3 values per channel (1×1 maps of the last stages) are
@@ -67,10 +80,12 @@ def test_stacked_equals_forward_mode_on_every_model(name, direction, batchnorm, 
 @pytest.mark.parametrize("batchnorm", BATCHNORM)
 def test_stack_batch_changes_the_passes_not_the_result(batchnorm, monkeypatch):
     """``method.stack_batch``: ``half`` runs two stacked passes per batch, ``whole`` one of 2B
-    rows, and so does ``auto``. All equal forward mode."""
+    rows, ``pair`` one paired pass, and so does ``auto`` on a CPU. All equal forward mode."""
     passes = []
-    run_pass = derivatives._stacked_pass
-    monkeypatch.setattr(derivatives, "_stacked_pass", lambda f, x, *a: passes.append(len(x)) or run_pass(f, x, *a))
+    for name in ("_stacked_pass", "_paired_pass"):
+        run_pass = getattr(derivatives, name)
+        monkeypatch.setattr(derivatives, name, lambda f, x, *a, run=run_pass, kind=name[1]:
+                            passes.append((kind, len(x))) or run(f, x, *a))
     torch.manual_seed(0)
     x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 3, 1, 4, 2, 0])
     batches = [(x[:4], y[:4]), (x[4:], y[4:])]
@@ -79,8 +94,9 @@ def test_stack_batch_changes_the_passes_not_the_result(batchnorm, monkeypatch):
     model = saliency_model(model, batchnorm, batches)
     ones = torch.ones(ss.num_structures, dtype=torch.float64)
     ref = curvature_product(model, ss, batches, ones, "cpu", dual="forward_ad")
-    expected = {"whole": [4, 2], "half": [2, 2, 1, 1], "auto": [4, 2]}
-    for mode in ("auto", "half", "whole") if batchnorm == "running" else ("auto", "whole"):
+    expected = {"whole": [("s", 4), ("s", 2)], "half": [("s", 2), ("s", 2), ("s", 1), ("s", 1)],
+                "auto": [("p", 4), ("p", 2)], "pair": [("p", 4), ("p", 2)]}   # auto on a CPU: pair
+    for mode in ("auto", "half", "whole", "pair") if batchnorm == "running" else ("auto", "whole", "pair"):
         passes.clear()
         got = curvature_product(model, ss, batches, ones, "cpu", stack_batch=mode)
         assert passes == expected[mode], mode
@@ -91,20 +107,22 @@ def test_stack_batch_changes_the_passes_not_the_result(batchnorm, monkeypatch):
     if batchnorm == "batch":
         with pytest.raises(SospError, match=r"^method.stack_batch=half is not accepted with saliency.batchnorm=batch"):
             curvature_product(model, ss, batches, ones, "cpu", stack_batch="half")
-    with pytest.raises(SospError, match=r"^unknown method.stack_batch 'halves'; accepted: auto, half, whole$"):
+    with pytest.raises(SospError, match=r"^unknown method.stack_batch 'halves'; accepted: auto, half, pair, whole$"):
         curvature_product(model, ss, batches, ones, "cpu", stack_batch="halves")
-    scores = {mode: api.saliency(model, batches, "sosp_h", stack_batch=mode) for mode in ("auto", "whole")}
-    assert scores["auto"].keys() == scores["whole"].keys()
-    assert max(abs(scores["auto"][k] - scores["whole"][k]) for k in scores["auto"]) <= \
-        1e-8 * max(abs(v) for v in scores["whole"].values())
+    scores = {mode: api.saliency(model, batches, "sosp_h", stack_batch=mode) for mode in ("auto", "whole", "pair")}
+    for mode in ("auto", "pair"):
+        assert scores[mode].keys() == scores["whole"].keys()
+        assert max(abs(scores[mode][k] - scores["whole"][k]) for k in scores[mode]) <= \
+            1e-8 * max(abs(v) for v in scores["whole"].values())
 
 
 @pytest.mark.parametrize("batchnorm", BATCHNORM)
 def test_auto_takes_halves_after_a_whole_pass_runs_out_of_memory(batchnorm, monkeypatch):
-    """``stack_batch=auto``: a whole pass that raises ``torch.cuda.OutOfMemoryError`` (a GPU's) is
-    redone in halves, and so is the rest of the call, with one warning; the result is still
-    exact. ``whole``, and ``auto`` with batch statistics (where halves would change them),
-    raise the error."""
+    """``stack_batch=auto`` on a GPU (whole passes; here on the CPU with a GPU's choice): a whole
+    pass that raises ``torch.cuda.OutOfMemoryError`` is redone in halves, and so is the rest of
+    the call, with one warning; the result is still exact. ``whole``, and ``auto`` with batch
+    statistics (where halves would change them), raise the error."""
+    monkeypatch.setattr(derivatives, "AUTO_LAYOUT", {})
     passes = []
     run_pass = derivatives._stacked_pass
 
@@ -167,8 +185,9 @@ UNSUPPORTED = {
 }
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("middle", UNSUPPORTED)
-def test_functions_without_a_rule_before_the_first_gate_keep_the_stacked_path(middle):
+def test_functions_without_a_rule_before_the_first_gate_keep_the_stacked_path(middle, layout):
     """Before the first gate site nothing carries a tangent: the stacked pass runs the B rows
     through any function as it is, and stays exact."""
     torch.manual_seed(0)
@@ -177,7 +196,7 @@ def test_functions_without_a_rule_before_the_first_gate_keep_the_stacked_path(mi
     ss = StructureSet(model, x[:1])
     ones = torch.ones(ss.num_structures, dtype=torch.float64)
     ref = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="forward_ad")
-    got = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked")
+    got = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked", stack_batch=layout)
     assert stackable(model)
     assert rel_err(got[0], ref[0]) <= 1e-12 and rel_err(got[1], ref[1]) <= 1e-12
 
@@ -190,9 +209,10 @@ def test_unsupported_functions_fall_back_to_forward_mode(middle):
     ss = StructureSet(model, x[:1])
     ones = torch.ones(ss.num_structures)
     before = model(x)
-    with pytest.raises(SospError, match="dual='stacked'"):
-        curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked")
-    assert torch.equal(model(x), before) and all(p.requires_grad for p in model.parameters())
+    for layout in LAYOUTS:
+        with pytest.raises(SospError, match="dual='stacked'"):
+            curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked", stack_batch=layout)
+        assert torch.equal(model(x), before) and all(p.requires_grad for p in model.parameters())
     ref = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="forward_ad")
     with pytest.warns(UserWarning, match="ThreeLayer calls .* no stacked-dual rule: .* forward-mode AD"):
         auto = curvature_product(model, ss, [(x, y)], ones, "cpu")   # falls back, stays exact
@@ -217,7 +237,8 @@ class Hooked(nn.Module):
         return self.fc3(torch.relu(h))
 
 
-def test_gradient_hooks_see_each_row_block_like_forward_mode():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradient_hooks_see_each_row_block_like_forward_mode(layout):
     torch.manual_seed(0)
     model = Hooked().double().eval()
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
@@ -225,7 +246,7 @@ def test_gradient_hooks_see_each_row_block_like_forward_mode():
     ss = StructureSet(model, x[:1])
     ones = torch.ones(ss.num_structures, dtype=torch.float64)
     ref = curvature_product(model, ss, batches, ones, "cpu", dual="forward_ad")
-    got = curvature_product(model, ss, batches, ones, "cpu", dual="stacked")
+    got = curvature_product(model, ss, batches, ones, "cpu", dual="stacked", stack_batch=layout)
     assert stackable(model)
     assert rel_err(got[0], ref[0]) <= 1e-12 and rel_err(got[1], ref[1]) <= 1e-12
 
@@ -263,8 +284,10 @@ def test_attribute_reads_that_move_values_are_unsupported():
     model = ThreeLayer(lambda h: torch.relu(h).T.T).double().eval()
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     ss = StructureSet(model, x[:1])
-    with pytest.raises(SospError, match="dual='stacked'.*Tensor.T "):
-        curvature_product(model, ss, [(x, y)], torch.ones(ss.num_structures), "cpu", dual="stacked")
+    for layout in LAYOUTS:
+        with pytest.raises(SospError, match="dual='stacked'.*Tensor.T "):
+            curvature_product(model, ss, [(x, y)], torch.ones(ss.num_structures), "cpu", dual="stacked",
+                              stack_batch=layout)
 
 
 def test_nested_layer_swaps_unwind_in_order():
@@ -324,12 +347,14 @@ def _saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batchnorm", BATCHNORM)
-def test_a_whole_stacked_pass_keeps_what_a_first_order_pass_keeps(batchnorm):
+def test_a_whole_stacked_pass_keeps_what_a_first_order_pass_keeps(batchnorm, layout):
     """ReLU and gate sites keep only the primal rows, in one copy they share (batch-statistics
     BatchNorm only the primal rows of its input): the stacked rows
     (2B) are freed during the forward pass, so ``stack_batch=whole`` saves for its backward
-    the bytes Taylor's first-order pass saves, up to a few small tensors (logits, gates)."""
+    the bytes Taylor's first-order pass saves, up to a few small tensors (logits, gates); so
+    does ``pair``, whose primal tensors are those of a first-order pass."""
     torch.manual_seed(0)
     model = api.create_model("resnet20", num_classes=5, width=0.25).eval()
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
@@ -337,8 +362,8 @@ def test_a_whole_stacked_pass_keeps_what_a_first_order_pass_keeps(batchnorm):
     model = saliency_model(model, batchnorm, [(x, y)])
     ones = torch.ones(ss.num_structures)
     first_order = _saved_bytes(lambda: derivatives.gradient(model, ss, [(x, y)], "cpu"))
-    whole = _saved_bytes(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", stack_batch="whole"))
-    assert whole == pytest.approx(first_order, rel=1e-3)
+    dual = _saved_bytes(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", stack_batch=layout))
+    assert dual == pytest.approx(first_order, rel=1e-3)
 
 
 def _stacked_rows_saved(fn, rows: int) -> list:
@@ -371,6 +396,37 @@ def test_no_stacked_activation_is_kept_for_the_backward_pass(name):
                                                          stack_batch="whole"), 2 * len(y)) == []
 
 
+def _tangents_saved(fn, monkeypatch) -> list:
+    """Shapes of the tensors saved for a backward pass during ``fn()`` (a paired pass) that share
+    storage with a tangent (every tangent attached is kept alive until the end, so that no
+    other tensor can reuse its memory)."""
+    tangents, kept = [], []
+    dual = paired._dual
+    monkeypatch.setattr(paired, "_dual", lambda y0, y1, injection=False: tangents.append(y1) or dual(y0, y1, injection))
+
+    def pack(t):
+        if any(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for u in tangents):
+            kept.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    assert tangents
+    return kept
+
+
+@pytest.mark.parametrize("name", api.list_models())
+def test_no_tangent_is_kept_for_the_backward_pass(name, monkeypatch):
+    """``stack_batch=pair``: on every registered model, nothing saved for the backward pass is
+    (or views) a tangent; what is saved are primal tensors, as in a first-order pass."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
+    model = api.create_model(name, num_classes=5, width=WIDTH.get(name, 0.25)).eval()
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures)
+    assert _tangents_saved(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked",
+                                                     stack_batch="pair"), monkeypatch) == []
+
+
 class Doubled(nn.Module):
     """fc2(r) with r = relu(fc1 x) doubled, in place or not (same function)."""
 
@@ -387,7 +443,10 @@ class Doubled(nn.Module):
         return self.fc2(r + torch.relu(h))
 
 
-def test_a_relu_output_changed_in_place_is_not_read_from_its_saved_copy():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_relu_output_changed_in_place_is_not_read_from_its_saved_copy(layout):
+    """``r += relu(h)`` on a ReLU output: the stacked ReLU's kept copy is not read for the
+    changed output; the paired rules compute ``+=`` out of place (Python rebinds ``r``)."""
     torch.manual_seed(0)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     out = []
@@ -396,7 +455,7 @@ def test_a_relu_output_changed_in_place_is_not_read_from_its_saved_copy():
         model = Doubled(inplace).double().eval()
         ss = StructureSet(model, x[:1])
         out.append(curvature_product(model, ss, [(x, y)], torch.ones(ss.num_structures), "cpu",
-                                     dual="stacked"))
+                                     dual="stacked", stack_batch=layout))
     assert rel_err(out[1][0], out[0][0]) <= 1e-12 and rel_err(out[1][1], out[0][1]) <= 1e-12
 
 
@@ -432,7 +491,8 @@ def test_stacked_pass_skips_the_work_without_a_tangent(name, untangled):
     skipped = sum(flops(lambda n=n: modules[n](inputs[n])) for n in untangled)
     first_order = flops(lambda: gradient(model, ss, [(x, y)], "cpu"))
     stacked_pass = flops(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked"))
-    assert skipped > 0 and stacked_pass == 2 * first_order - skipped
+    paired_pass = flops(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", stack_batch="pair"))
+    assert skipped > 0 and stacked_pass == paired_pass == 2 * first_order - skipped
 
 
 def test_residual_gradients_accumulate_in_place():
@@ -449,13 +509,17 @@ def test_residual_gradients_accumulate_in_place():
 
     torch.manual_seed(0)
     model = api.create_model("resnet20", num_classes=5, width=0.25).eval()
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    x = torch.randn(4, 3, 32, 32)
     ss = StructureSet(model, x[:1])
     with stacked.stacked_dual(model, ss, torch.ones(ss.num_structures), torch.float32) as forward:
         z2, gates2 = forward(x)
         adds = backward_adds(lambda: torch.autograd.grad(z2, gates2, torch.randn_like(z2)))
     # ResNet-20: 9 residual blocks, the first one's input (the stem's) without a tangent yet
     assert adds["aten::add"] == 0 and adds["aten::add_"] >= 8
+    with paired.paired_dual(model, ss, torch.ones(ss.num_structures), torch.float32) as forward:
+        z, jd, gates2 = forward(x)
+        adds = backward_adds(lambda: torch.autograd.grad((z, jd), gates2, (torch.randn_like(z), torch.randn_like(jd))))
+    assert adds["aten::add"] == 0 and adds["aten::add_"] >= 16   # both tensors' gradients
 
 
 STACKED_FUNCTIONS = {
@@ -488,10 +552,12 @@ class WithFunction(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.conv2(a), 1).flatten(1))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", sorted(STACKED_FUNCTIONS))
-def test_every_stacked_rule_equals_forward_mode_and_keeps_no_stacked_rows(name):
-    """Each element-wise / pooling rule (pruning/stacked.py) gives forward mode's g and Q·d in
-    float64, and saves nothing of 2B rows for the backward pass."""
+def test_every_stacked_rule_equals_forward_mode_and_keeps_no_stacked_rows(name, layout, monkeypatch):
+    """Each element-wise / pooling rule (pruning/stacked.py, pruning/paired.py) gives forward
+    mode's g and Q·d in float64, and saves nothing of 2B rows (``whole``), no tangent (``pair``),
+    for the backward pass."""
     torch.manual_seed(0)
     x, y = torch.randn(3, 3, 9, 9, dtype=torch.float64), torch.tensor([0, 3, 1])
     model = WithFunction(STACKED_FUNCTIONS[name]).double().eval()
@@ -499,8 +565,10 @@ def test_every_stacked_rule_equals_forward_mode_and_keeps_no_stacked_rows(name):
     d = torch.rand(ss.num_structures, dtype=torch.float64)
     g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
     out = []
-    kept = _stacked_rows_saved(lambda: out.extend(curvature_product(model, ss, [(x, y)], d, "cpu",
-                                                                    dual="stacked")), 2 * len(y))
+
+    def run():
+        out.extend(curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout))
+    kept = _tangents_saved(run, monkeypatch) if layout == "pair" else _stacked_rows_saved(run, 2 * len(y))
     g2, q2 = out
     assert q1.abs().max() > 0
     assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10

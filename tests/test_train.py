@@ -1,5 +1,4 @@
 """Training: resume after an interruption gives exactly the uninterrupted run."""
-import dataclasses
 
 import torch
 

@@ -27,6 +27,7 @@ from ..distributed import summed, summed_count
 from ..errors import SospError, check_choice
 from ..structures import StructureSet
 from .lean import lean_layers, uses_batch_statistics
+from .paired import paired_dual
 from .stacked import Unsupported, stacked_dual
 
 
@@ -89,11 +90,12 @@ def _cotangents(z, jd, y, n: int, dt):
 _NOT_STACKABLE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 DUAL_MODES = ("auto", "stacked", "forward_ad")
 # rows of one stacked pass (``method.stack_batch``): each batch whole (2B rows) or in two halves
-# of B rows; ``auto``: whole, in halves from the batch on where a whole pass ran out of GPU memory
-STACK_BATCH = ("auto", "half", "whole")
+# of B rows, or one paired pass (primal and tangent as two tensors of B rows); ``auto``: paired
+# on CPU, else whole, in halves from the batch on where a whole pass ran out of GPU memory
+STACK_BATCH = ("auto", "half", "pair", "whole")
 HALF_WITH_BATCH_STATISTICS = (
     "method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch has "
-    "other BatchNorm statistics than the batch; use method.stack_batch=auto or whole")
+    "other BatchNorm statistics than the batch; use method.stack_batch=auto, pair or whole")
 
 
 def _check_stack_batch(model: nn.Module, stack_batch: str) -> None:
@@ -107,20 +109,38 @@ def stackable(model: nn.Module) -> bool:
     return model not in _NOT_STACKABLE
 
 
+# ``method.stack_batch=auto`` by device type: ``pair`` where passes are bound by arithmetic and
+# memory traffic (CPU: README, "Saliency benchmark"); elsewhere (CUDA, where a CIFAR pass is
+# bound by kernel launches, which ``pair`` doubles) ``whole``, in halves after an out-of-memory
+AUTO_LAYOUT = {"cpu": "pair"}
+
+
 def _stacked_products(model, ss: StructureSet, batches, d, n: int, dt, device, stack_batch: str):
     """(g, Q·d) from stacked passes (:mod:`.stacked`): per pass one forward over [x; 0] and one
-    backward with the cotangent [(p − y)/N; R J d/N].
+    backward with the cotangent [(p − y)/N; R J d/N]; or paired ones (:mod:`.paired`).
 
     ``stack_batch='whole'``: one pass of 2B rows per batch — one pass's kernel launches and fixed
     cost per batch, twice a first-order pass's transient activations. ``'half'``: each batch in
     two halves, so a stacked pass has exactly the tensor shapes (and activation memory) of a
-    first-order pass on the batch: the same arithmetic in twice the passes. ``'auto'``
-    (default): whole; when a whole pass runs out of GPU memory, that batch and the rest of the
-    call are taken in halves (a warning says so) — except with BatchNorm on batch statistics
-    (``saliency.batchnorm=batch``), where a half batch would have other statistics. Raises
-    :class:`.stacked.Unsupported` (before any result) when the model needs forward-mode AD."""
+    first-order pass on the batch: the same arithmetic in twice the passes. ``'pair'``: one pass
+    per batch with primal and tangent as two tensors of B rows — every kernel twice, with a
+    first-order pass's shapes, and nothing copied. ``'auto'`` (default): :data:`AUTO_LAYOUT`'s
+    choice for the device, else whole; when a whole pass runs out of GPU memory, that batch and
+    the rest of the call are taken in halves (a warning says so) — except with BatchNorm on
+    batch statistics (``saliency.batchnorm=batch``), where a half batch would have other
+    statistics. Raises :class:`.stacked.Unsupported` (before any result) when the model needs
+    forward-mode AD."""
     g = torch.zeros(ss.num_structures, device=device, dtype=dt)
     qd = torch.zeros_like(g)
+    if stack_batch == "auto":
+        stack_batch = AUTO_LAYOUT.get(torch.device(device).type, "auto")
+    if stack_batch == "pair":
+        with paired_dual(model, ss, d, dt) as forward:
+            for x, y in batches:
+                both = _paired_pass(forward, x.to(device), y.to(device), n, dt)
+                g += both[0]
+                qd += both[1]
+        return g, qd
     whole = stack_batch != "half"
     fallback = stack_batch == "auto" and not uses_batch_statistics(model)
     with stacked_dual(model, ss, d, dt) as forward:
@@ -151,6 +171,13 @@ def _stacked_pass(forward, x, y, n: int, dt) -> torch.Tensor:
     z2, gates2 = forward(x)
     cot_g, cot_q = _cotangents(z2[:len(y)], z2[len(y):], y, n, dt)
     return torch.autograd.grad(z2, gates2, torch.cat([cot_g, cot_q]))[0]
+
+
+def _paired_pass(forward, x, y, n: int, dt) -> torch.Tensor:
+    """[g_b; (Q·d)_b] of one paired pass (:mod:`.paired`)."""
+    z, jd, gates2 = forward(x)
+    cot_g, cot_q = _cotangents(z, jd, y, n, dt)
+    return torch.autograd.grad((z, jd), gates2, (cot_g, cot_q))[0]
 
 
 def _forward_ad_pass(model, ss: StructureSet, x, y, d, n: int, dt):

@@ -394,13 +394,23 @@ def _register_hook(mode, x, hook):
 _ELEMENTWISE = [torch.tanh, torch.Tensor.tanh, torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid,
                 F.tanh, F.softplus, F.silu, F.gelu, F.elu, F.leaky_relu, F.hardswish,
                 F.hardsigmoid, F.mish]
-_HANDLERS = {F.relu: _relu, torch.relu: _relu, torch.Tensor.relu: _relu, F.relu_: _relu,
-             torch.relu_: _relu, torch.Tensor.relu_: _relu, F.hardtanh: _hardtanh,
-             F.hardtanh_: _hardtanh, F.relu6: _relu6, F.max_pool2d: _max_pool2d,
-             F.avg_pool2d: _pooled(F.avg_pool2d, _avg_pool2d_backward),
-             F.adaptive_avg_pool2d: _pooled(F.adaptive_avg_pool2d, _adaptive_avg_pool2d_backward),
-             torch.Tensor.register_hook: _register_hook,
-             **{f: _elementwise(f) for f in _ELEMENTWISE}}
+
+
+def handler_table(relu, hardtanh, relu6, max_pool2d, pooled, register_hook, elementwise) -> dict:
+    """PyTorch function → rule ``handler(mode, x, *args, **kwargs)`` of a representation of the
+    dual activations (the stacked rows here; :mod:`.paired`), from its rules: ``pooled(func,
+    backward)`` and ``elementwise(func)`` make the handlers of average pooling and of the smooth
+    functions :data:`_ELEMENTWISE`."""
+    return {F.relu: relu, torch.relu: relu, torch.Tensor.relu: relu, F.relu_: relu,
+            torch.relu_: relu, torch.Tensor.relu_: relu, F.hardtanh: hardtanh,
+            F.hardtanh_: hardtanh, F.relu6: relu6, F.max_pool2d: max_pool2d,
+            F.avg_pool2d: pooled(F.avg_pool2d, _avg_pool2d_backward),
+            F.adaptive_avg_pool2d: pooled(F.adaptive_avg_pool2d, _adaptive_avg_pool2d_backward),
+            torch.Tensor.register_hook: register_hook,
+            **{f: elementwise(f) for f in _ELEMENTWISE}}
+
+
+_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise)
 
 # functions that act row by row and linearly on activations: valid on the stacked rows as they
 # are, provided every tensor argument is an activation and the result keeps the row count
@@ -462,22 +472,34 @@ class _StackedMode(TorchFunctionMode):
             if any(self.stacked(t) for t in _flat([out])):
                 raise Unsupported(f"{_name(func)} making {self.rows} rows from a batch of {self.rows // 2}")
             return out
-        handler = _HANDLERS.get(func)
-        if handler is not None:
-            return handler(self, *args, **kwargs)
-        if func is F.dropout and not kwargs.get("training", args[2] if len(args) > 2 else True):
-            return args[0]
-        if func in _ROWWISE_LINEAR:
-            if func is torch.Tensor.add_ and not self.stacked(args[0]):
-                raise Unsupported("Tensor.add_ of a stacked activation into one without a tangent")
-            args, kwargs = self.joined(args), self.joined(kwargs)
-            tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
-            out = func(*args, **kwargs)
-            if not tensors or (func in _ADD and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors) or \
-                    not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != self.rows:
-                raise Unsupported(f"{_name(func)} with a constant or across the batch")
-            return out
-        raise Unsupported(_name(func))
+        return dispatch(self, _HANDLERS, func, args, kwargs)
+
+    def linear(self, func, args, kwargs):
+        """A function linear in the activations, on the stacked rows as they are."""
+        if func is torch.Tensor.add_ and not self.stacked(args[0]):
+            raise Unsupported("Tensor.add_ of a stacked activation into one without a tangent")
+        args, kwargs = self.joined(args), self.joined(kwargs)
+        tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
+        out = func(*args, **kwargs)
+        if not tensors or (func in _ADD and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors) or \
+                not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != self.rows:
+            raise Unsupported(f"{_name(func)} with a constant or across the batch")
+        return out
+
+
+def dispatch(mode, handlers: dict, func, args, kwargs):
+    """The rule of ``func`` on dual activations, in ``mode`` (a representation's TorchFunctionMode):
+    its handler, eval-mode dropout (the identity), ``mode.linear(func, args, kwargs)`` for the
+    functions that act row by row and linearly (:data:`_ROWWISE_LINEAR`); anything else raises
+    :class:`Unsupported`."""
+    handler = handlers.get(func)
+    if handler is not None:
+        return handler(mode, *args, **kwargs)
+    if func is F.dropout and not kwargs.get("training", args[2] if len(args) > 2 else True):
+        return args[0]
+    if func in _ROWWISE_LINEAR:
+        return mode.linear(func, args, kwargs)
+    raise Unsupported(_name(func))
 
 
 def _flat(items) -> list:
@@ -603,11 +625,16 @@ def _bn_batch_forward(module: nn.BatchNorm2d, state: dict):
 
 
 @contextlib.contextmanager
-def _gate_hooks(model: nn.Module, ss: StructureSet, current: dict, direction: torch.Tensor):
+def _gate_hooks(model: nn.Module, ss: StructureSet, current: dict, direction: torch.Tensor,
+                has_tangent=None, gate=None, first_gate=None):
     """Every gate site runs :class:`_Gate` on its input, with the gates ``current["ext"]`` of the
-    pass being run. Yields the set of sites whose tangent injection their own layer adds to its
-    output (:func:`_add_primal_to_tangent`): convolutions and linear layers with d = 1 on every
-    input channel (SOSP-H's d = 1 on all structures)."""
+    pass being run (:class:`_FirstGate` on an input without a tangent). Yields the set of sites
+    whose tangent injection their own layer adds to its output (:func:`_add_primal_to_tangent`):
+    convolutions and linear layers with d = 1 on every input channel (SOSP-H's d = 1 on all
+    structures). ``has_tangent(x)``, ``gate(x, gates, d)``, ``first_gate(x, gates, d)``: another
+    representation's (:mod:`.paired`); by default the stacked rows'."""
+    has_tangent = has_tangent or (lambda x: 2 * x.shape[0] != current["rows"])
+    gate, first_gate = gate or _Gate.apply, first_gate or _FirstGate.apply
     dext = torch.cat([direction, direction.new_zeros(1)])           # slot S: channels of no structure
     injecting = set()
 
@@ -621,12 +648,12 @@ def _gate_hooks(model: nn.Module, ss: StructureSet, current: dict, direction: to
             x = args[0]
             with torch._C.DisableTorchFunction():
                 gates = current["ext"][:, lookup]
-                if 2 * x.shape[0] != current["rows"]:
-                    return (_Gate.apply(x, gates, d),) + args[1:]
-                if d is None:    # the layer gates its B-row input itself (_FirstInjectingConv)
+                if has_tangent(x):
+                    return (gate(x, gates, d),) + args[1:]
+                if d is None:    # the layer gates its input itself (_FirstInjectingConv)
                     current["pending"][module] = gates
                     return None
-                return (_FirstGate.apply(x, gates, d),) + args[1:]
+                return (first_gate(x, gates, d),) + args[1:]
         return hook
     with ss.site_hooks(model, make_hook, direction.device):
         yield injecting

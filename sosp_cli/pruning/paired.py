@@ -1,0 +1,510 @@
+"""Paired dual evaluation: the rules of :mod:`.stacked`, with primal and tangent as two tensors.
+
+The stacked pass carries an activation as one tensor of 2B rows ``[x₀; x₁]``, so that each
+layer is one kernel on twice a first-order pass's rows. Here (``method.stack_batch=pair``) the
+model holds the primal x₀ itself — B rows, the tensor a first-order pass holds — and its tangent
+x₁ rides along as an attribute of it; every rule of :mod:`.stacked` (DESIGN §3: the tangent is the
+linearisation at the primal rows, gate site c·x₀ / c·x₁ + d·x₀, the tangent injection L(x₀) added
+by the layer at a gate site with d = 1, nothing before the first gate site) is applied to the
+two tensors in turn, with the same kernels. The arithmetic is the stacked pass's; what differs:
+
+- no kernel runs on 2B rows: each has a first-order pass's shapes (on this host's CPU a 2B-row
+  convolution or element-wise kernel is not always twice as fast per row as a B-row one);
+- a ReLU's primal output is a tensor of its own, which its backward and the gate site reading
+  it keep as it is — the stacked pass copies the primal rows out of its 2B output, so that the
+  2B rows can be freed; here nothing is copied, and nothing kept for the backward pass is a
+  tangent (``tests/test_stacked.py`` checks it on every model);
+- twice the kernel launches of ``whole`` (those of ``half``): where a pass is launch-bound (a
+  GPU at CIFAR sizes) ``whole`` is the faster one.
+
+The backward pass is, as in the stacked pass, the primal vector-Jacobian product for each of
+the two cotangents — each rule's backward maps ḡ₀ and ḡ₁ through the Jacobian at the primal
+rows; linear functions of the activations (additions, concatenation, views, pooling by
+averages, frozen convolutions) are applied to each tensor with autograd, which gives exactly
+that; the gate sites send ḡ₀, ḡ₁ to the rows 0, 1 of a [2, S] gate tensor. So one backward pass
+from (z, J·d) with the cotangents ((p − y)/N, R J d/N) returns g and Q·d.
+
+Tangents are attached with :func:`_dual` and read with :func:`tangent`; an activation changed in
+place by anything but a rule here has a stale tangent, which :func:`tangent` refuses. Saved
+tensors are detached aliases (:func:`_kept`): the Python object of a saved tensor would
+otherwise stay alive, and with it the tangent attached to it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..structures import StructureSet
+from .lean import FrozenConv, FrozenLinear, bn_affine, swapped_forwards
+from .stacked import (_ADD, _ATTRIBUTES, _METADATA, Unsupported, _AvgPool, _bn_jacobian,
+                      _channel_shaped, _clamp_mask, _flat, _gate_hooks, _name, _relu_mask, _slope,
+                      dispatch, handler_table)
+
+
+def tangent(x) -> torch.Tensor | None:
+    """The tangent of the activation ``x``; None if it has none (before the first gate site, or
+    not an activation). Raises :class:`Unsupported` if ``x`` was changed in place since its
+    tangent was attached (by a function without a rule here)."""
+    entry = _entry(x)
+    if entry is None:
+        return None
+    if entry[2]:   # the injection L(x₀) the layer left to its reader: y₁ += y₀ (in place, untracked)
+        with torch.no_grad():
+            entry[0].add_(x)
+        x._sosp_tangent = (entry[0], x._version, False)
+    return entry[0]
+
+
+def _entry(x):
+    """(tangent, version, injection pending) of ``x``, or None (:func:`tangent`)."""
+    entry = getattr(x, "_sosp_tangent", None) if isinstance(x, torch.Tensor) else None
+    if entry is not None and entry[1] != x._version:
+        raise Unsupported("an in-place change of an activation by a function without a paired rule")
+    return entry
+
+
+def _dual(y0: torch.Tensor, y1: torch.Tensor, injection: bool = False) -> torch.Tensor:
+    """``y0`` with the tangent ``y1`` attached (as of ``y0``'s current version). ``injection``:
+    the true tangent is y₁ + y₀ — a bias-free layer at a gate site with d = 1 leaves the addition
+    to the tensor's reader, which eval-mode BatchNorm makes part of its own (:func:`_bn_forward`)."""
+    y0._sosp_tangent = (y1, y0._version, injection)
+    return y0
+
+
+def _kept(t: torch.Tensor) -> torch.Tensor:
+    """A detached alias of ``t`` to save for the backward pass: same storage and version counter
+    (an in-place change is still detected), no attached tangent kept alive. ``t`` is marked, so
+    that an in-place addition into it is refused (:meth:`_PairedMode.linear`)."""
+    t._sosp_saved = True
+    return t.detach()
+
+
+def _gate_gradients(g0, g1, x0) -> torch.Tensor:
+    """c̄_k = Σ_{rows, positions} ḡ_k·x₀ for both cotangents: [2, C] (:func:`.stacked._gate_gradients`)."""
+    dims = (0,) + tuple(range(2, x0.dim()))
+    return torch.stack([torch.mul(g0, x0).sum(dims), torch.mul(g1, x0).sum(dims)])
+
+
+def _shaped(direction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return direction.view((-1,) + (1,) * (x.dim() - 2))
+
+
+class _Gate(torch.autograd.Function):
+    """Gate site at c = 1 (:class:`.stacked._Gate`): out₀ = x₀, out₁ = x₁ + d·x₀ (x₁ itself with
+    ``direction`` None: the consuming layer adds the injection); backward x̄_k = ḡ_k,
+    c̄_k = Σ ḡ_k·x₀."""
+
+    @staticmethod
+    def forward(ctx, x0, x1, gates2, direction):
+        ctx.save_for_backward(_kept(x0))
+        if direction is None:
+            return x0.view_as(x0), x1.view_as(x1)
+        return x0.view_as(x0), torch.addcmul(x1, x0, _shaped(direction, x0))
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        (x0,) = ctx.saved_tensors
+        return g0, g1, _gate_gradients(g0, g1, x0), None
+
+
+class _FirstGate(torch.autograd.Function):
+    """Gate site reading an activation without a tangent (:class:`.stacked._FirstGate`):
+    out = (x₀, d·x₀); backward x̄ = ḡ₀, c̄_k = Σ ḡ_k·x₀."""
+
+    @staticmethod
+    def forward(ctx, x, gates2, direction):
+        ctx.save_for_backward(x.detach().clone())   # the model may still change x in place
+        return x.view_as(x), x * _shaped(direction, x)
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        (x0,) = ctx.saved_tensors
+        return g0, _gate_gradients(g0, g1, x0), None
+
+
+def _frozen(ctx, layer, x, weight, rest):
+    """``layer``'s forward (:class:`.lean.FrozenConv` / ``FrozenLinear``, bias-free) in the
+    Function of ``ctx``, whose backward then receives both cotangents as tensors (zeros where
+    one is unused)."""
+    y = layer.forward(ctx, x, weight, None, *rest)
+    ctx.set_materialize_grads(True)
+    ctx.layer, ctx.rest = layer, len(rest)
+    return y
+
+
+def _input_gradients(ctx, *grads):
+    """The layer's input gradient (its transposed map) of each of ``grads``."""
+    return [ctx.layer.backward(ctx, g)[0] for g in grads]
+
+
+class _Injecting(torch.autograd.Function):
+    """Bias-free convolution or linear layer L (``layer``: :class:`.lean.FrozenConv` /
+    ``FrozenLinear``, with its arguments after the weight) at a gate site with d = 1
+    (:class:`.stacked._InjectingConv`): (L x₀, L x₁), to which the injection L x₀ is added
+    outside, untracked (:func:`_affine`); backward Lᵀ ḡ_k for each."""
+
+    @staticmethod
+    def forward(ctx, x0, x1, layer, weight, *rest):
+        return _frozen(ctx, layer, x0, weight, rest), _frozen(ctx, layer, x1, weight, rest)
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        return (*_input_gradients(ctx, g0, g1), None, None) + (None,) * ctx.rest
+
+
+class _FirstInjecting(torch.autograd.Function):
+    """Gate site with d = 1 on every input channel of a bias-free convolution or linear layer L
+    whose input x₀ has no tangent (:class:`.stacked._FirstInjectingConv`): (L x₀, L x₀), one
+    evaluation of L; backward x̄_k = Lᵀ ḡ_k, c̄_k = Σ x̄_k·x₀, x₀'s own gradient x̄₀."""
+
+    @staticmethod
+    def forward(ctx, x, gates, layer, weight, *rest):
+        y = _frozen(ctx, layer, x, weight, rest)
+        ctx.save_for_backward(x.detach().clone())   # the model may still change x in place
+        return y, y.clone()
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        (x0,) = ctx.saved_tensors
+        gx0, gx1 = _input_gradients(ctx, g0, g1)
+        return (gx0, _gate_gradients(gx0, gx1, x0), None, None) + (None,) * ctx.rest
+
+
+class _Diagonal(torch.autograd.Function):
+    """Element-wise f with Jacobian D = diag(f′(x₀)) at the primal (:class:`.stacked._Diagonal`):
+    ``primal(x₀)`` returns y₀ = f(x₀) and the one tensor ``apply_d(v, saved, out)`` needs to
+    write D·v; tangent D·x₁, backward D·ḡ_k. For ReLU / clamps ``saved`` is y₀ itself."""
+
+    @staticmethod
+    def forward(ctx, x0, x1, primal, apply_d):
+        y0, saved = primal(x0)
+        y1 = torch.empty_like(x1)
+        apply_d(x1, saved, y1)
+        ctx.save_for_backward(_kept(saved))
+        ctx.apply_d = apply_d
+        return y0, y1
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        (saved,) = ctx.saved_tensors
+        out = [torch.empty_like(g0), torch.empty_like(g1)]   # tensors of their own (accumulated in place)
+        ctx.apply_d(g0, saved, out[0])
+        ctx.apply_d(g1, saved, out[1])
+        return out[0], out[1], None, None
+
+
+def _diagonal(mode, x, primal, apply_d):
+    return _dual(*_Diagonal.apply(x, mode.tangent(x), primal, apply_d))
+
+
+def _relu(mode, x, inplace=False):
+    def primal(x0):
+        y0 = torch.relu(x0)
+        return y0, y0
+    return _diagonal(mode, x, primal, _relu_mask)
+
+
+def _clamped(mode, x, lo: float, hi: float):
+    def primal(x0):
+        y0 = torch.clamp(x0, lo, hi)
+        return y0, y0
+    return _diagonal(mode, x, primal, _clamp_mask(lo, hi))
+
+
+def _hardtanh(mode, x, min_val=-1.0, max_val=1.0, inplace=False):
+    return _clamped(mode, x, float(min_val), float(max_val))
+
+
+def _relu6(mode, x, inplace=False):
+    return _clamped(mode, x, 0.0, 6.0)
+
+
+def _elementwise(func):
+    """Smooth element-wise f: y₀ = f(x₀) and f′(x₀) by one forward-mode evaluation at x₀."""
+
+    def handler(mode, x, *args, **kwargs):
+        kwargs.pop("inplace", None)
+        if args and isinstance(args[-1], bool):
+            args = args[:-1]
+
+        def primal(x0):
+            return torch.func.jvp(lambda t: func(t, *args, **kwargs), (x0,), (torch.ones_like(x0),))
+        return _diagonal(mode, x, primal, _slope)
+    return handler
+
+
+class _MaxPool(torch.autograd.Function):
+    """Max pooling (:class:`.stacked._MaxPool`): y₀ with its argmax i, tangent x₁ gathered at i;
+    backward: each ḡ_k scattered to i. Keeps i only."""
+
+    @staticmethod
+    def forward(ctx, x0, x1, args, kwargs):
+        y0, idx = F.max_pool2d(x0, *args, **kwargs, return_indices=True)
+        y1 = x1.flatten(2).gather(2, idx.flatten(2)).view_as(y0)
+        ctx.save_for_backward(idx)
+        ctx.in_shape = x0.shape
+        return y0, y1
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        (idx,) = ctx.saved_tensors
+        index = idx.flatten(2)
+        return tuple(g.new_zeros(ctx.in_shape).flatten(2).scatter_add_(2, index, g.flatten(2)).view(ctx.in_shape)
+                     for g in (g0, g1)) + (None, None)
+
+
+def _max_pool2d(mode, x, *args, **kwargs):
+    if kwargs.pop("return_indices", False) or (len(args) > 5 and args[5]):
+        raise Unsupported("max_pool2d(return_indices=True)")
+    return _dual(*_MaxPool.apply(x, mode.tangent(x), args[:5], kwargs))
+
+
+def _pooled(func, backward):
+    """Average pooling, linear: :class:`.stacked._AvgPool` (keeps nothing) on each tensor."""
+    def handler(mode, x, *args, **kwargs):
+        x1 = mode.tangent(x)
+        return _dual(*(_AvgPool.apply(t, func, backward, args, kwargs) for t in (x, x1)))
+    return handler
+
+
+class _Handles:
+    """The removable handles of the hooks on both tensors of an activation, as one."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _register_hook(mode, x, hook):
+    """A gradient hook on an activation is called on each tensor's gradient (the two backward
+    passes' of forward-mode AD). (The tangent's gradient does not depend on a pending injection,
+    which is added untracked: the hook is registered without adding it.)"""
+    x1 = _entry(x)[0]
+    with torch._C.DisableTorchFunction():
+        return _Handles(x.register_hook(hook), x1.register_hook(hook))
+
+
+_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise)
+_INPLACE = {torch.Tensor.add_, torch.Tensor.__iadd__}
+_OUT_OF_PLACE = {torch.Tensor.__iadd__: torch.add}
+
+
+class _PairedMode(TorchFunctionMode):
+    """Dispatches the model's functional calls to their paired rules (module docstring): a call
+    on no activation with a tangent runs as it is (before the first gate site, constants)."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows = rows
+
+    def tangent(self, x) -> torch.Tensor:
+        t = tangent(x)
+        if t is None:
+            raise Unsupported("an element-wise function applied to a tensor that is not an activation")
+        return t
+
+    def tangents(self, items):
+        """``items`` (args or kwargs, nested) with every activation replaced by its tangent, zeros
+        for one without a tangent (B rows); None for an activation of an addition that has none."""
+        if isinstance(items, dict):
+            return {k: self.tangents(v) for k, v in items.items()}
+        if isinstance(items, (list, tuple)):
+            return type(items)(self.tangents(v) for v in items)
+        if isinstance(items, torch.Tensor):
+            t = tangent(items)
+            return torch.zeros_like(items) if t is None else t
+        return items
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA or getattr(func, "__self__", None) in _ATTRIBUTES:
+            return func(*args, **kwargs)
+        flat = _flat(args) + _flat(list(kwargs.values()))
+        if not any(_entry(a) is not None for a in flat):
+            return func(*args, **kwargs)       # no tangent yet
+        return dispatch(self, _HANDLERS, func, args, kwargs)
+
+    def linear(self, func, args, kwargs):
+        """A function linear in the activations, applied to the primals and to the tangents."""
+        tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
+        if (func in _ADD and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors):
+            raise Unsupported(f"{_name(func)} with a constant or across the batch")
+        if func in _INPLACE and tangent(args[0]) is None:
+            raise Unsupported("Tensor.add_ of an activation with a tangent into one without")
+        # ``a += b`` rebinds ``a`` to the result: computed out of place, it cannot change a tensor
+        # a rule keeps for the backward pass (a ReLU's output, a gate site's input), as the
+        # stacked rules' copies cannot be; ``a.add_(b)`` into such a tensor is refused
+        func = _OUT_OF_PLACE.get(func, func)
+        if func is torch.Tensor.add_ and getattr(args[0], "_sosp_saved", False):
+            raise Unsupported("Tensor.add_ into an activation kept for the backward pass")
+        with torch._C.DisableTorchFunction():
+            if func in _ADD and any(tangent(t) is None for t in tensors):
+                # x + y with y not tangent-carrying: the tangent is x's (a copy: it may be changed in place)
+                (t1,) = [tangent(t) for t in tensors if tangent(t) is not None]
+                out1 = t1 if func in _INPLACE else t1.clone()
+            else:
+                out1 = func(*self.tangents(args), **self.tangents(kwargs))
+            out0 = func(*args, **kwargs)
+        if not isinstance(out0, torch.Tensor) or out0.dim() == 0 or out0.shape[0] != self.rows:
+            raise Unsupported(f"{_name(func)} with a constant or across the batch")
+        return _dual(out0, out1)
+
+
+def _add_to_primal(y0: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A bias or BatchNorm shift on the primal only, in place, recorded by no autograd node
+    (:func:`.stacked._add_to_primal_rows`)."""
+    with torch.no_grad():
+        y0.add_(values.to(y0.dtype))
+    return y0
+
+
+def _affine(module: nn.Module, state: dict, layer, rest: tuple, inject: bool, bias, channel_dim: int):
+    """Paired convolution / linear layer (``layer``: :class:`.lean.FrozenConv` / ``FrozenLinear``,
+    ``rest`` its arguments after weight and bias): without a tangent, :class:`_FirstInjecting`
+    where a gate site with d = 1 left this layer its gates, else the layer as it is; with one,
+    :class:`_Injecting` (``inject``: d = 1 on every input channel) or the frozen layer on each
+    tensor — the bias on the primal only."""
+    weight = module.weight
+
+    def forward(x):
+        with torch._C.DisableTorchFunction():
+            x1 = tangent(x)
+            if x1 is None:
+                gates = state["pending"].pop(module, None)
+                if gates is None:
+                    return type(module).forward(module, x)
+                y0, y1 = _FirstInjecting.apply(x, gates, layer, weight, *rest)
+            elif inject:
+                y0, y1 = _Injecting.apply(x, x1, layer, weight, *rest)
+                if bias is None:   # the injection y₁ += y₀ is left to the reader (_dual)
+                    return _dual(y0, y1, injection=True)
+                with torch.no_grad():
+                    y1.add_(y0)
+            else:
+                y0, y1 = (layer.apply(t, weight, None, *rest) for t in (x, x1))
+            if bias is not None:
+                _add_to_primal(y0, _channel_shaped(bias, y0.dim(), channel_dim))
+            return _dual(y0, y1)
+    return forward
+
+
+def _conv_forward(module: nn.Conv2d, state: dict, inject: bool):
+    return _affine(module, state, FrozenConv, (module.stride, module.padding, module.dilation, module.groups),
+                   inject, module.bias, 1)
+
+
+def _linear_forward(module: nn.Linear, state: dict, inject: bool):
+    return _affine(module, state, FrozenLinear, (), inject, module.bias, -1)
+
+
+def _bn_forward(module: nn.BatchNorm2d, state: dict):
+    """Eval-mode BatchNorm, x·scale + shift: primal x₀·scale + shift, tangent x₁·scale."""
+    scale, shift = (_channel_shaped(v, 4, 1) for v in bn_affine(module))
+
+    def forward(x):
+        with torch._C.DisableTorchFunction():
+            s = scale.to(x.dtype)
+            entry = _entry(x)
+            y0 = x * s
+            if entry is None:
+                return y0.add_(shift.to(x.dtype))
+            x1, _, injection = entry
+            # tangent (x₁ + x₀)·scale = x₁·scale + y₀ before the shift, one kernel (addcmul)
+            y1 = _ScaledInjection.apply(x1, y0, s) if injection else x1 * s
+            return _dual(y0.add_(shift.to(x.dtype)), y1)
+    return forward
+
+
+class _ScaledInjection(torch.autograd.Function):
+    """x₁·scale + v with v = x₀·scale, the BatchNorm of a tangent whose injection x₀ its layer
+    left to it (:func:`_dual`): the added term is the direction, so the backward is ḡ·scale to
+    x₁ only. Saves nothing but the scale."""
+
+    @staticmethod
+    def forward(ctx, x1, v, scale):
+        ctx.scale = scale
+        return torch.addcmul(v, x1, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None, None
+
+
+class _BatchStatNorm(torch.autograd.Function):
+    """BatchNorm on the statistics of the primal (:class:`.stacked._BatchStatNorm`): primal
+    γ·x̂ + β, tangent γ·P(x₁), backward γ·P(ḡ_k) (P: the Jacobian of x₀ ↦ x̂, symmetric)."""
+
+    @staticmethod
+    def forward(ctx, x0, x1, weight, bias, eps):
+        y0, mean, invstd = torch.ops.aten.native_batch_norm(x0, weight, bias, None, None, True, 0.0, eps)
+        ctx.save_for_backward(_kept(x0), weight, mean, invstd)
+        ctx.eps = eps
+        return y0, _bn_jacobian(x1, x0, weight, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        x0, weight, mean, invstd = ctx.saved_tensors
+        return (_bn_jacobian(g0, x0, weight, mean, invstd, ctx.eps),
+                _bn_jacobian(g1, x0, weight, mean, invstd, ctx.eps), None, None, None)
+
+
+def _bn_batch_forward(module: nn.BatchNorm2d, state: dict):
+    def forward(x):
+        with torch._C.DisableTorchFunction():
+            x1 = tangent(x)
+            if x1 is None:
+                return type(module).forward(module, x)
+            return _dual(*_BatchStatNorm.apply(x, x1, module.weight, module.bias, module.eps))
+    return forward
+
+
+def _builders(state: dict, injecting: set) -> dict:
+    return {"conv": lambda m: _conv_forward(m, state, inject=m in injecting),
+            "linear": lambda m: _linear_forward(m, state, inject=m in injecting),
+            "bn": lambda m: _bn_forward(m, state), "bn_batch": lambda m: _bn_batch_forward(m, state)}
+
+
+def _gate(x, gates, direction):
+    return _dual(*_Gate.apply(x, tangent(x), gates, direction))
+
+
+def _first_gate(x, gates, direction):
+    return _dual(*_FirstGate.apply(x, gates, direction))
+
+
+@contextlib.contextmanager
+def paired_dual(model: nn.Module, ss: StructureSet, direction: torch.Tensor, dtype: torch.dtype):
+    """Within the block, ``forward(x)`` returns (z, J·d, gates [2, S]) at c = 1 (d = ``direction``,
+    in ``dtype`` like the model), and a backward pass from (z, J·d) with cotangents (u, w) puts
+    Jᵀu in row 0 and Jᵀw in row 1 of the gates' gradient (:func:`.stacked.stacked_dual`, whose
+    contract this is, with the logits and their derivative as two tensors). Raises
+    :class:`Unsupported` if the model calls a function without a paired rule."""
+    if model.training:
+        raise ValueError("paired dual evaluation needs the model in eval mode")
+    current = {}
+    direction = direction.to(dtype)
+    with _gate_hooks(model, ss, current, direction, lambda x: tangent(x) is not None,
+                     _gate, _first_gate) as injecting, \
+            swapped_forwards(model, _builders(current, injecting)):
+
+        def forward(x: torch.Tensor):
+            gates2 = torch.ones(2, ss.num_structures, device=x.device, dtype=dtype, requires_grad=True)
+            current["ext"] = torch.cat([gates2, gates2.new_ones(2, 1)], dim=1)
+            current["pending"] = {}
+            with _PairedMode(x.shape[0]):
+                z = model(x)
+            if current["pending"]:
+                raise Unsupported("a gated layer did not run the paired forward")
+            jd = tangent(z)
+            if jd is None or z.dim() != 2:
+                raise Unsupported("model output is not one logits tensor with a tangent")
+            del z._sosp_tangent
+            return z, jd, gates2
+        yield forward
