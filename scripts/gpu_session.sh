@@ -16,13 +16,13 @@ step timeout 60 python3 scripts/gpu_exactness.py --device cuda --json "$out/exac
 # 2. the saliency benchmark as in the earlier H200 table (8 batches of 128), stacked and forward mode,
 #    float32 products in IEEE float32 (saliency.tf32=false, the default)
 step timeout 200 python3 scripts/bench_saliency.py --device cuda --widths 1 2 4 --batches 8 --batch-size 128 \
-  --repeats 5 --methods gradient taylor sosp_h sosp_h_half sosp_i sosp_h_fwad --json "$out/bench_saliency_gpu.json"
+  --repeats 5 --methods gradient taylor sosp_h sosp_h_half sosp_h_pair sosp_i sosp_h_fwad --json "$out/bench_saliency_gpu.json"
 # 3. larger batches (2 of 512): less launch-bound
 step timeout 100 python3 scripts/bench_saliency.py --device cuda --widths 1 2 4 --batches 2 --batch-size 512 \
-  --repeats 5 --methods gradient taylor sosp_h sosp_h_half sosp_i --json "$out/bench_saliency_gpu_b512.json"
+  --repeats 5 --methods gradient taylor sosp_h sosp_h_half sosp_h_pair sosp_i --json "$out/bench_saliency_gpu_b512.json"
 # 3b. x4 at batch 512 with cuDNN autotuning (as sosp-run): is `whole` still slower than `half` there?
 step timeout 60 python3 scripts/bench_saliency.py --device cuda --widths 4 --batches 2 --batch-size 512 \
-  --repeats 5 --methods taylor sosp_h sosp_h_half --cudnn-benchmark --no-memory --json "$out/bench_saliency_gpu_b512_autotune.json"
+  --repeats 5 --methods taylor sosp_h sosp_h_half sosp_h_pair --cudnn-benchmark --no-memory --json "$out/bench_saliency_gpu_b512_autotune.json"
 # 3c. SOSP-I against SOSP-H as the number of classes grows (README: "SOSP-I grows with the number of classes")
 step timeout 60 python3 scripts/bench_saliency.py --device cuda --widths 1 --classes 10 100 --batches 2 --batch-size 128 \
   --repeats 3 --methods taylor sosp_h sosp_i --no-memory --json "$out/bench_saliency_gpu_classes.json"

@@ -61,7 +61,7 @@ class MethodConfig:
     selection: str = "score"      # score | greedy (sosp_i only)
     max_structures: int = 20000   # sosp_i: refuse an S×S matrix beyond this S
     chunk_size: int = 16          # sosp_i / obd / hessian: classes (or directions) per backward
-    stack_batch: str = "auto"     # sosp_h (gn): auto (whole; halves after a GPU out-of-memory) | half | whole
+    stack_batch: str = "auto"     # sosp_h (gn): auto (CPU: pair; GPU: whole, halves after an out-of-memory) | half | pair | whole
     sparsity: float = 0.0         # L1 penalty on BatchNorm γ during pretraining (slimming)
 
 

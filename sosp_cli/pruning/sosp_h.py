@@ -8,11 +8,13 @@ exact gate Hessian (``curvature=hessian``). v = Q·1 = Σ_s' Q_ss' carries the c
 with every structure of every layer, yet Q is never formed: per batch, one forward pass over
 the stacked rows [x; 0] gives z and J·1 (:mod:`.stacked`; forward-mode AD for models with a
 function it has no rule for), and one backward pass returns g and Jᵀ R J 1 together
-(:func:`derivatives.curvature_product`). ``method.stack_batch``: ``whole`` (``auto``'s choice)
-runs one pass of 2B rows per batch; ``half`` takes each batch in two halves, so every pass has
-the shapes and activation memory of a first-order pass (twice the passes); ``auto`` switches to
-halves for the rest of a call when a whole pass runs out of GPU memory. Memory
-O(parameters + activations of one batch), like Taylor; cost two first-order passes' arithmetic.
+(:func:`derivatives.curvature_product`). ``method.stack_batch``: ``whole`` (``auto``'s choice on
+a GPU) runs one pass of 2B rows per batch; ``half`` takes each batch in two halves, so every
+pass has the shapes and activation memory of a first-order pass (twice the passes); ``pair``
+(``auto``'s choice on a CPU) runs one pass with primal and tangent as two tensors of B rows
+(:mod:`.paired`); ``auto`` switches to halves for the rest of a call when a whole pass runs out
+of GPU memory. Memory O(parameters + activations of one batch), like Taylor; cost two
+first-order passes' arithmetic.
 """
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ Every PyTorch function the model calls while stacked is checked against a list o
 whose rule above is known; anything else (BatchNorm1d / 3d, attention, a multiplication of two
 activations, indexing along the batch, adding a constant, ...) raises :class:`Unsupported` and
 the caller falls back to forward-mode AD, which is always exact. The brute-force tests check
-both paths on every registered model.
+both paths on every registered model. (:mod:`.paired` applies the same rules with the two row
+blocks as two tensors of B rows: ``method.stack_batch=pair``.)
 """
 from __future__ import annotations
 
