@@ -5,7 +5,7 @@ comparisons on the CPU).
 Per model, with the tests' float64 set-up (random BatchNorm statistics, unsaturated softmax;
 ``tests/test_stacked.py``) and d = 1 (SOSP-H's direction, DESIGN §3):
 - reference: (g, Q·1) by forward-mode AD in float64 on the CPU (``dual='forward_ad'``);
-- ``whole`` / ``half``: the stacked pass (``dual='stacked'``) in float64 on ``--device``;
+- ``whole`` / ``half`` / ``pair``: the stacked and paired passes (``dual='stacked'``) in float64 on ``--device``;
 - ``rowsum``: the row sums of SOSP-I's exact Gauss–Newton matrix Q (``curvature_matrix``) on
   ``--device`` in float64 — SOSP-H's v must equal them (issue 3);
 - ``float32``: the stacked pass in float32 with channels_last tensors on ``--device``, products
@@ -50,7 +50,7 @@ def check(name: str, device: torch.device, batch: int) -> dict:
     row = {"model": name, "S": ss.num_structures}
     on_device = copy.deepcopy(model).to(device)
     data = [(x.to(device), y.to(device))]
-    for mode in ("whole", "half"):
+    for mode in ("whole", "half", "pair"):
         g, q = curvature_product(on_device, ss, data, ones, device, dual="stacked", stack_batch=mode)
         row[f"{mode}_g"], row[f"{mode}_q"] = rel_err(g.cpu(), g_ref), rel_err(q.cpu(), q_ref)
     row["stackable"] = stackable(on_device)
@@ -86,7 +86,7 @@ def main() -> int:
         row = check(model, device, args.batch)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if max(row[k] for k in ("whole_g", "whole_q", "half_g", "half_q", "rowsum_q", "symmetric")) > FLOAT64_TOL \
+        if max(row[k] for k in ("whole_g", "whole_q", "half_g", "half_q", "pair_g", "pair_q", "rowsum_q", "symmetric")) > FLOAT64_TOL \
                 or max(row[k] for k in ("float32_g", "float32_q", "api")) > FLOAT32_TOL:
             failed.append(model)
     if args.json:
