@@ -14,6 +14,10 @@ two tensors in turn, with the same kernels. The arithmetic is the stacked pass's
   it keep as it is — the stacked pass copies the primal rows out of its 2B output, so that the
   2B rows can be freed; here nothing is copied, and nothing kept for the backward pass is a
   tangent (``tests/test_stacked.py`` checks it on every model);
+- the tangent injection L(x₀) of a bias-free layer at a gate site with d = 1 is left to the
+  reader of its output (:func:`_dual`): eval-mode BatchNorm, the usual one, makes it part of its
+  own tangent (x₁ + x₀)·scale — one ``addcmul`` of x₁·scale onto x₀·scale — instead of an
+  addition of its own; any other reader adds it first (:func:`tangent`);
 - twice the kernel launches of ``whole`` (those of ``half``): where a pass is launch-bound (a
   GPU at CIFAR sizes) ``whole`` is the faster one.
 
