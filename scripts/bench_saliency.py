@@ -45,7 +45,7 @@ from sosp_cli.errors import SospError, check_choice
 from sosp_cli.measure import PeakMemory, count_macs, count_work, peak_tensor_mb
 from sosp_cli.models import create_model
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
-from sosp_cli.pruning.derivatives import curvature_product, gradient
+from sosp_cli.pruning.derivatives import AUTO_LAYOUT, curvature_product, gradient
 from sosp_cli.structures import StructureSet
 from sosp_cli.utils import float32_products, retain_freed_memory
 
@@ -293,7 +293,7 @@ def main() -> None:
                 row[f"{m}/taylor_flops"] = work[m][0] / work["taylor"][0]
                 row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
         if not args.no_memory:
-            for m in (m for m in METHODS + ("sosp_h_half",) if m in methods):
+            for m in (m for m in METHODS + ("sosp_h_half", "sosp_h_whole", "sosp_h_pair") if m in methods):
                 peak = cpu_peak(args, width, classes, m) if device.type != "cuda" else \
                     cuda_peak(lambda: run_method(m, model, ss, data, device, args.tf32), device)
                 row[f"{m}_peak_mb"] = peak["peak_mb"]
@@ -309,7 +309,9 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump({"device": str(device), "device_name": name, "batchnorm": args.batchnorm,
                        "batchnorm_calibrated": not args.uncalibrated, "threads": torch.get_num_threads(),
-                       "retain_freed_memory": retained, "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark, "rows": rows}, fh, indent=2)
+                       "retain_freed_memory": retained, "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark,
+                       # what ``sosp_h`` (method.stack_batch=auto) runs on this device
+                       "sosp_h_stack_batch": AUTO_LAYOUT.get(device.type, "whole"), "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     data = json.loads(out.read_text())
     assert data["batchnorm"] == batchnorm
     assert data["tf32"] == data["cudnn_benchmark"] == bool(cuda_flags)
+    assert data["sosp_h_stack_batch"] == "pair"   # method.stack_batch=auto on a CPU
     (row,) = data["rows"]
     assert data["device_name"] and row["S"] > 0
     assert row["sosp_h_s"] > 0 and row["taylor_s"] > 0
