@@ -335,15 +335,19 @@ def test_frozen_conv_gradients_equal_autograd(stride, padding, dilation, groups,
     assert torch.allclose(jvp, F.conv2d(t, w, None, *args[2:]), atol=1e-12)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves for the backward passes of ``fn``."""
-    storages = {}
-
+def _each_saved(fn, visit) -> None:
+    """Runs ``fn()``, calling ``visit(t)`` on every tensor autograd saves for a backward pass."""
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        visit(t)
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward passes of ``fn``."""
+    storages = {}
+    _each_saved(fn, lambda t: storages.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
     return sum(storages.values())
 
 
@@ -371,13 +375,11 @@ def _stacked_rows_saved(fn, rows: int) -> list:
     ``rows`` rows of them (a view of fewer rows keeps its whole storage)."""
     kept = []
 
-    def pack(t):
+    def visit(t):
         row_bytes = t[0].numel() * t.element_size() if t.dim() >= 3 else 0
         if row_bytes and t.untyped_storage().nbytes() == rows * row_bytes:
             kept.append(tuple(t.shape))
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+    _each_saved(fn, visit)
     return kept
 
 
@@ -404,12 +406,10 @@ def _tangents_saved(fn, monkeypatch) -> list:
     dual = paired._dual
     monkeypatch.setattr(paired, "_dual", lambda y0, y1, injection=False: tangents.append(y1) or dual(y0, y1, injection))
 
-    def pack(t):
+    def visit(t):
         if any(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for u in tangents):
             kept.append(tuple(t.shape))
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+    _each_saved(fn, visit)
     assert tangents
     return kept
 

@@ -44,9 +44,9 @@ from torch.overrides import TorchFunctionMode
 
 from ..structures import StructureSet
 from .lean import FrozenConv, FrozenLinear, bn_affine, swapped_forwards
-from .stacked import (_ADD, _ATTRIBUTES, _METADATA, Unsupported, _AvgPool, _bn_jacobian,
-                      _channel_shaped, _clamp_mask, _flat, _gate_hooks, _name, _relu_mask, _slope,
-                      dispatch, handler_table)
+from .stacked import (_ADD, _ATTRIBUTES, _METADATA, Unsupported, _add_untracked, _AvgPool,
+                      _bn_jacobian, _channel_shaped, _clamp_mask, _flat, _gate_hooks, _name,
+                      _relu_mask, _slope, dispatch, handler_table)
 
 
 def tangent(x) -> torch.Tensor | None:
@@ -93,10 +93,6 @@ def _gate_gradients(g0, g1, x0) -> torch.Tensor:
     return torch.stack([torch.mul(g0, x0).sum(dims), torch.mul(g1, x0).sum(dims)])
 
 
-def _shaped(direction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return direction.view((-1,) + (1,) * (x.dim() - 2))
-
-
 class _Gate(torch.autograd.Function):
     """Gate site at c = 1 (:class:`.stacked._Gate`): out₀ = x₀, out₁ = x₁ + d·x₀ (x₁ itself with
     ``direction`` None: the consuming layer adds the injection); backward x̄_k = ḡ_k,
@@ -107,7 +103,7 @@ class _Gate(torch.autograd.Function):
         ctx.save_for_backward(_kept(x0))
         if direction is None:
             return x0.view_as(x0), x1.view_as(x1)
-        return x0.view_as(x0), torch.addcmul(x1, x0, _shaped(direction, x0))
+        return x0.view_as(x0), torch.addcmul(x1, x0, _channel_shaped(direction, x0.dim(), 1))
 
     @staticmethod
     def backward(ctx, g0, g1):
@@ -122,7 +118,7 @@ class _FirstGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gates2, direction):
         ctx.save_for_backward(x.detach().clone())   # the model may still change x in place
-        return x.view_as(x), x * _shaped(direction, x)
+        return x.view_as(x), x * _channel_shaped(direction, x.dim(), 1)
 
     @staticmethod
     def backward(ctx, g0, g1):
@@ -315,8 +311,8 @@ class _PairedMode(TorchFunctionMode):
         return t
 
     def tangents(self, items):
-        """``items`` (args or kwargs, nested) with every activation replaced by its tangent, zeros
-        for one without a tangent (B rows); None for an activation of an addition that has none."""
+        """``items`` (args or kwargs, nested) with every tensor replaced by its tangent, zeros for
+        one without a tangent (an activation of B rows before the first gate site)."""
         if isinstance(items, dict):
             return {k: self.tangents(v) for k, v in items.items()}
         if isinstance(items, (list, tuple)):
@@ -349,9 +345,10 @@ class _PairedMode(TorchFunctionMode):
         if func is torch.Tensor.add_ and getattr(args[0], "_sosp_saved", False):
             raise Unsupported("Tensor.add_ into an activation kept for the backward pass")
         with torch._C.DisableTorchFunction():
-            if func in _ADD and any(tangent(t) is None for t in tensors):
+            carried = [t1 for t1 in map(tangent, tensors) if t1 is not None]
+            if func in _ADD and len(carried) < len(tensors):
                 # x + y with y not tangent-carrying: the tangent is x's (a copy: it may be changed in place)
-                (t1,) = [tangent(t) for t in tensors if tangent(t) is not None]
+                (t1,) = carried
                 out1 = t1 if func in _INPLACE else t1.clone()
             else:
                 out1 = func(*self.tangents(args), **self.tangents(kwargs))
@@ -359,14 +356,6 @@ class _PairedMode(TorchFunctionMode):
         if not isinstance(out0, torch.Tensor) or out0.dim() == 0 or out0.shape[0] != self.rows:
             raise Unsupported(f"{_name(func)} with a constant or across the batch")
         return _dual(out0, out1)
-
-
-def _add_to_primal(y0: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A bias or BatchNorm shift on the primal only, in place, recorded by no autograd node
-    (:func:`.stacked._add_to_primal_rows`)."""
-    with torch.no_grad():
-        y0.add_(values.to(y0.dtype))
-    return y0
 
 
 def _affine(module: nn.Module, state: dict, layer, rest: tuple, inject: bool, bias, channel_dim: int):
@@ -394,7 +383,7 @@ def _affine(module: nn.Module, state: dict, layer, rest: tuple, inject: bool, bi
             else:
                 y0, y1 = (layer.apply(t, weight, None, *rest) for t in (x, x1))
             if bias is not None:
-                _add_to_primal(y0, _channel_shaped(bias, y0.dim(), channel_dim))
+                _add_untracked(y0, _channel_shaped(bias, y0.dim(), channel_dim))   # the primal only
             return _dual(y0, y1)
     return forward
 

@@ -104,7 +104,7 @@ class _Gate(torch.autograd.Function):
         xs, out = _split(x), torch.empty_like(x)
         outs = _split(out)
         outs[0].copy_(xs[0])
-        torch.addcmul(xs[1], xs[0], direction.view((-1,) + (1,) * (x.dim() - 2)), out=outs[1])
+        torch.addcmul(xs[1], xs[0], _channel_shaped(direction, x.dim(), 1), out=outs[1])
         return out
 
     @staticmethod
@@ -121,7 +121,7 @@ class _FirstGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gates2, direction):
         ctx.save_for_backward(x.detach().clone())   # the model may still change x in place
-        return torch.cat([x, x * direction.view((-1,) + (1,) * (x.dim() - 2))])
+        return torch.cat([x, x * _channel_shaped(direction, x.dim(), 1)])
 
     @staticmethod
     def backward(ctx, grad):
@@ -524,9 +524,14 @@ def _add_to_primal_rows(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     derivative as it is, and the op that produced ``y`` did not save it. (One in-place addition
     on B rows; a broadcast [2, 1, C, ...] offset over all 2B rows, or ``addcmul`` with it,
     costs 1.5-3x more.)"""
-    with torch.no_grad():
-        _primal(y).add_(values.to(y.dtype))   # ``to``: the tensor itself when the dtypes agree
+    _add_untracked(_primal(y), values)
     return y
+
+
+def _add_untracked(t: torch.Tensor, values: torch.Tensor) -> None:
+    """``t += values`` in place, recorded by no autograd node (an offset: :func:`_add_to_primal_rows`)."""
+    with torch.no_grad():
+        t.add_(values.to(t.dtype))   # ``to``: the tensor itself when the dtypes agree
 
 
 def _channel_shaped(values: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
