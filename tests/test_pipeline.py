@@ -142,33 +142,40 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_input_runs(request, tmp_path_factory):
-    """The selected cases of BAD_INPUTS through the CLI, two processes at a time (each is
-    mostly start-up: importing torch, composing the config): {case: (process, run directory)}."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    cases = sorted({item.callspec.params["case"] for item in request.session.items
-                    if getattr(item, "originalname", None) == "test_bad_input_is_one_clear_line_and_nonzero_exit"})
-
-    def one(i):
-        cwd = tmp_path_factory.mktemp(f"bad{i}")
-        args, _ = BAD_INPUTS[i]
-        return _cli(["experiment=smoke", f"hydra.run.dir={cwd / 'run'}"] + args, cwd), cwd / "run"
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(cases, pool.map(one, cases)))
+def _one_error_line(stderr: str, needle: str) -> None:
+    """``stderr`` is one line, ``sosp-run: error: ...``, naming ``needle`` (warnings aside)."""
+    assert needle in stderr
+    lines = [ln for ln in stderr.strip().splitlines() if "Warning" not in ln and "warnings.warn" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("sosp-run: error:"), stderr
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=lambda i: " ".join(BAD_INPUTS[i][0]))
-def test_bad_input_is_one_clear_line_and_nonzero_exit(bad_input_runs, case):
-    proc, out = bad_input_runs[case]
-    needle = BAD_INPUTS[case][1]
-    assert proc.returncode != 0
-    assert needle in proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln and "warnings.warn" not in ln]
-    assert len(lines) == 1 and lines[0].startswith("sosp-run: error:"), proc.stderr
-    assert not (out / "result.json").exists()
+def test_bad_input_is_one_clear_line_and_nonzero_exit(case, tmp_path, monkeypatch, capsys):
+    """Every case through the entry point ``sosp-run`` calls (:func:`sosp_cli.cli.main`, with
+    Hydra), in this process: a subprocess per case would be mostly torch's import. The process
+    itself — exit status, nothing else on stderr — is checked on two cases below."""
+    from sosp_cli import cli
+    args, needle = BAD_INPUTS[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)   # leaves this process's malloc as it is
+    monkeypatch.setattr(sys, "argv", ["sosp-run", "experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"] + args)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code not in (0, None)
+    _one_error_line(capsys.readouterr().err, needle)
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+@pytest.mark.parametrize("case", [i for i, (args, _) in enumerate(BAD_INPUTS)
+                                  if args[0] in ("method=nosuch", "dataset=cifar10")], ids=lambda i: " ".join(BAD_INPUTS[i][0]))
+def test_bad_input_exits_the_process_with_one_line(case, tmp_path):
+    """A composition error (before Hydra runs) and one inside the Hydra job (a missing
+    dataset), as a user's shell sees them."""
+    args, needle = BAD_INPUTS[case]
+    proc = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"] + args, tmp_path)
+    assert proc.returncode == 2
+    _one_error_line(proc.stderr, needle)
+    assert not (tmp_path / "run" / "result.json").exists()
 
 
 def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path):
