@@ -383,19 +383,25 @@ def _stacked_rows_saved(fn, rows: int) -> list:
     return kept
 
 
+def _sosp_h_pass(name: str, layout: str):
+    """(a thunk running one SOSP-H pass with ``stack_batch=layout`` on the registered model
+    ``name`` in float32, the batch's number of rows)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
+    model = api.create_model(name, num_classes=5, width=WIDTH.get(name, 0.25)).eval()
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures)
+    return lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked", stack_batch=layout), len(y)
+
+
 @pytest.mark.parametrize("name", api.list_models())
 def test_no_stacked_activation_is_kept_for_the_backward_pass(name):
     """On every registered model, nothing the stacked pass saves for its backward is (or views)
     an activation of 2B rows (ReLU / ReLU6 / smooth functions keep their primal rows or f'(x₀),
     max pooling its argmax, average pooling nothing; gate sites B-row copies): the stacked rows
     are freed as the forward pass moves on. Only the logits and the gates are 2-D."""
-    torch.manual_seed(0)
-    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
-    model = api.create_model(name, num_classes=5, width=WIDTH.get(name, 0.25)).eval()
-    ss = StructureSet(model, x[:1])
-    ones = torch.ones(ss.num_structures)
-    assert _stacked_rows_saved(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked",
-                                                         stack_batch="whole"), 2 * len(y)) == []
+    one_pass, rows = _sosp_h_pass(name, "whole")
+    assert _stacked_rows_saved(one_pass, 2 * rows) == []
 
 
 def _tangents_saved(fn, monkeypatch) -> list:
@@ -418,13 +424,8 @@ def _tangents_saved(fn, monkeypatch) -> list:
 def test_no_tangent_is_kept_for_the_backward_pass(name, monkeypatch):
     """``stack_batch=pair``: on every registered model, nothing saved for the backward pass is
     (or views) a tangent; what is saved are primal tensors, as in a first-order pass."""
-    torch.manual_seed(0)
-    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
-    model = api.create_model(name, num_classes=5, width=WIDTH.get(name, 0.25)).eval()
-    ss = StructureSet(model, x[:1])
-    ones = torch.ones(ss.num_structures)
-    assert _tangents_saved(lambda: curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked",
-                                                     stack_batch="pair"), monkeypatch) == []
+    one_pass, _ = _sosp_h_pass(name, "pair")
+    assert _tangents_saved(one_pass, monkeypatch) == []
 
 
 class Doubled(nn.Module):
