@@ -5,8 +5,8 @@ per method).
     python scripts/gpu_check.py OUT_DIR                        # as scripts/gpu_session.sh runs it
     python scripts/gpu_check.py OUT_DIR --device cpu --smoke   # seconds on a CPU (the tests run it)
 
-``--smoke`` shrinks the run as ``configs/debug/smoke.yaml`` does: digits at 16×16, 1 epoch of 2
-batches to pretrain and of 1 to fine-tune, 32 saliency samples in batches of 16.
+``--smoke`` shrinks the run with the sizes of ``configs/debug/smoke.yaml`` (digits at 16×16, a few
+batches), read from that file.
 """
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from sosp_cli.config import RunConfig
 from sosp_cli.pipeline import run
 
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "debug" / "smoke.yaml"
 FIELDS = ["method", "device", "top1_before", "top1_pruned", "top1_finetuned", "params_reduction",
           "macs_reduction", "saliency_seconds", "saliency_peak_memory_mb"]
 
@@ -29,12 +32,10 @@ def main(out_dir: str, device: str = "cuda", smoke: bool = False) -> list[dict]:
     cfg.channels_last = True
     for stage, epochs, lr in ((cfg.schedule.pretrain, 10, 0.05), (cfg.schedule.finetune, 5, 0.01)):
         stage.epochs, stage.lr, stage.scheduler = epochs, lr, "cosine"
-    if smoke:   # configs/debug/smoke.yaml
-        cfg.dataset.image_size = 16
-        cfg.schedule.pretrain.epochs = cfg.schedule.finetune.epochs = 1
-        cfg.schedule.pretrain.max_batches, cfg.schedule.finetune.max_batches = 2, 1
-        cfg.saliency.num_samples, cfg.saliency.batch_size = 32, 16
-        cfg.latency_repeats = 1
+    if smoke:   # the values of configs/debug/smoke.yaml (its `defaults` picks digits, as here already)
+        sizes = OmegaConf.load(SMOKE)
+        sizes.pop("defaults")
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), sizes))
     cfg.pretrain.cache_dir = str(Path(out_dir) / "cache")
     rows = []
     for method in ("sosp_h", "sosp_i"):
