@@ -90,6 +90,12 @@ class StructureSet:
             sg = StructureGroup(root=root, size=size, offset=offset)
             for item in group.items:
                 module = item.dep.target.module
+                if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+                    raise SospError(
+                        f"{type(module).__name__} '{names[module]}' normalises the channels of "
+                        f"'{root}' together, so a gate at 0 is not the removal of a channel "
+                        "(DESIGN.md §2); supported normalisations: BatchNorm and InstanceNorm "
+                        "(each channel on its own)")
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
                     self.norm_sites.append((names[module], torch.tensor([int(i) for i in item.idxs]),
                                             torch.tensor([offset + int(r) for r in item.root_idxs])))
@@ -138,6 +144,15 @@ class StructureSet:
                             f"'{self.names()[0]}' (see structures(model, x))")
         return torch.tensor(sorted(index[n] for n in structure_names), dtype=torch.long)
 
+    def random_removal(self, generator: torch.Generator) -> list[str]:
+        """A random set of structure names to remove: from each group a uniformly drawn number
+        of its channels, at most all but one (a removal that leaves every layer connected)."""
+        remove = []
+        for g in self.groups:
+            k = int(torch.randint(0, g.size, (1,), generator=generator))
+            remove += [f"{g.root}:{i}" for i in torch.randperm(g.size, generator=generator)[:k].tolist()]
+        return remove
+
     def group_of(self) -> torch.Tensor:
         """LongTensor of length S: the group index of every structure."""
         return torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(self.groups)])
@@ -171,12 +186,28 @@ class StructureSet:
         try:
             for name, site in self.sites.items():
                 module = modules[name]
+                if isinstance(module, nn.Linear):   # runs first: the gate hooks gate dimension 1
+                    handles.append(module.register_forward_pre_hook(_flat_input_check(name)))
                 hook = make_hook(site.lookup(self.num_structures, device), module)
                 handles.append(module.register_forward_pre_hook(hook))
             yield model
         finally:
             for h in handles:
                 h.remove()
+
+
+def _flat_input_check(name: str):
+    """Pre-hook refusing a linear gate site whose input is not [batch, features]: gates act on
+    dimension 1, the channels of a conv's input, which a linear layer on [B, ..., features]
+    (tokens, channels-last maps) does not read as its features."""
+
+    def hook(module, args):
+        if args[0].dim() != 2:
+            raise SospError(f"linear layer '{name}' reads a {args[0].dim()}-d input of shape "
+                            f"{tuple(args[0].shape)}; a gated linear layer must read [batch, "
+                            "features] (flatten before it)")
+
+    return hook
 
 
 def _gate_hook(lookup: torch.Tensor, extended: torch.Tensor, unit: bool = False):
@@ -211,7 +242,15 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     """Torch-Pruning's dependency graph of ``model``, traced through autograd on one input."""
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        try:
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        except SospError:
+            raise
+        except Exception as exc:   # a model Torch-Pruning cannot trace (e.g. a reshape it cannot map)
+            detail = " ".join(str(exc).split())[:300]
+            raise SospError(f"Torch-Pruning could not build the dependency graph of "
+                            f"{type(model).__name__} on an input of shape "
+                            f"{tuple(example_input.shape)} ({type(exc).__name__}: {detail})") from exc
 
 
 def classifier_name(model: nn.Module) -> str:

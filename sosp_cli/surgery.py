@@ -44,8 +44,22 @@ def remove_structures(model: nn.Module, structures: StructureSet, remove: list[s
         fn = dg.get_pruner_of_module(module).prune_out_channels
         group = dg.get_pruning_group(module, fn, sorted(set(channels)))
         group.prune()
+    _check_runs(pruned, model, example_input)
     pruned.train(was_training)
     return pruned, dg.pruning_history()
+
+
+def _check_runs(pruned: nn.Module, model: nn.Module, example_input: torch.Tensor) -> None:
+    """One forward pass of the pruned model: a layer whose removal Torch-Pruning cannot carry
+    through (a reshape by channel groups, as in a channel shuffle) fails here, with its name."""
+    try:
+        with torch.no_grad():
+            pruned(example_input.to(_device(pruned)))
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise SospError(f"the physically pruned {type(model).__name__} does not run "
+                        f"({type(exc).__name__}: {detail}): Torch-Pruning cannot remove its "
+                        "structures") from exc
 
 
 def replay(model: nn.Module, history: list, example_input: torch.Tensor) -> nn.Module:

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from sosp_cli import api
 from sosp_cli.checkpoint import load_model, save_model
+from sosp_cli.errors import SospError
 from sosp_cli.models import list_models
 from sosp_cli.structures import StructureSet
 from sosp_cli.surgery import remove_structures
@@ -30,15 +31,6 @@ def calibrated(name, in_channels=3, size=32):
     return model.eval()
 
 
-def random_removal(ss, generator):
-    """A random subset leaving every group at least one channel."""
-    remove = []
-    for g in ss.groups:
-        k = int(torch.randint(0, g.size, (1,), generator=generator))
-        remove += [f"{g.root}:{i}" for i in torch.randperm(g.size, generator=generator)[:k].tolist()]
-    return remove
-
-
 @pytest.mark.parametrize("name", list_models())
 def test_gates_at_zero_equal_physical_removal(name):
     model = calibrated(name)
@@ -47,7 +39,7 @@ def test_gates_at_zero_equal_physical_removal(name):
     assert len(names) == len(set(names)) > 0
     ss = StructureSet(model, x[:1])
     for trial in range(2):
-        remove = random_removal(ss, torch.Generator().manual_seed(trial))
+        remove = ss.random_removal(torch.Generator().manual_seed(trial))
         with torch.no_grad():
             masked = api.mask(model, remove, x[:1])(x)
             pruned_model = api.prune(model, remove, x[:1])
@@ -84,7 +76,7 @@ def test_pruned_model_reloads_in_fresh_process(tmp_path):
     model = calibrated("resnet20")
     x = torch.randn(2, 3, 32, 32)
     ss = StructureSet(model, x[:1])
-    pruned, history = remove_structures(model, ss, random_removal(ss, torch.Generator().manual_seed(3)), x[:1])
+    pruned, history = remove_structures(model, ss, ss.random_removal(torch.Generator().manual_seed(3)), x[:1])
     spec = {"model": "resnet20", "num_classes": 10, "in_channels": 3, "width": 0.5,
             "input_shape": [3, 32, 32]}
     save_model(tmp_path / "pruned.pt", pruned, spec, history)
@@ -128,3 +120,95 @@ def test_checkpoint_keys_that_do_not_all_share_a_wrapper_prefix_are_a_mismatch(t
     torch.save(state, tmp_path / "mixed.pt")
     with pytest.raises(SospError, match="does not match the model"):
         load_weights_into(model, tmp_path / "mixed.pt")
+
+
+# --- models outside the registry (the API takes any nn.Module): refused in one line, or checked
+
+
+def _conv_net(middle: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), middle, nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+class _ChannelSoftmax(nn.Module):
+    """Mixes every channel with every other one — an operation Torch-Pruning traces as element-wise."""
+
+    def forward(self, x):
+        return torch.softmax(x, dim=1)
+
+
+class _TokenMLP(nn.Module):
+    """Linear layers on [batch, tokens, features]: the hidden units are read on the last dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.fc = nn.Linear(6, 16), nn.Linear(16, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.down(torch.relu(self.up(x))).mean(1))
+
+
+class _ChannelShuffle(nn.Module):
+    """ShuffleNet's shuffle: a reshape by channel groups, which a removed channel breaks."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        B, C, H, W = x.shape
+        x = x.view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, C, H, W)
+        return self.fc(torch.relu(self.b(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(2, 8), nn.GroupNorm(8, 8, affine=False), nn.LayerNorm([8, 8, 8])],
+                         ids=["groupnorm", "groupnorm_per_channel", "layernorm"])
+def test_normalisation_across_a_structures_channels_is_refused(norm):
+    """GroupNorm / LayerNorm statistics span the channels: a gate at 0 is not their removal."""
+    with pytest.raises(SospError, match=rf"^{type(norm).__name__} '1' normalises the channels of '0'"):
+        StructureSet(_conv_net(norm), torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("norm", [nn.InstanceNorm2d(8, affine=True), nn.BatchNorm2d(8, affine=False), nn.PReLU(8)],
+                         ids=["instancenorm", "batchnorm_no_affine", "prelu"])
+def test_per_channel_layers_keep_the_gate_invariant(norm):
+    model = _conv_net(norm)
+    with torch.no_grad():   # non-trivial running statistics
+        model.train()(torch.randn(8, 3, 8, 8) * 2 + 1)
+    assert api.check_gates(model.eval(), torch.randn(4, 3, 8, 8), trials=3) <= 1e-4
+
+
+def test_check_gates_finds_channel_mixing_that_the_graph_does_not_show():
+    x = torch.randn(4, 3, 8, 8)
+    torch.manual_seed(0)
+    mixing, plain = _conv_net(_ChannelSoftmax()), _conv_net(nn.Identity())
+    assert api.check_gates(plain, x) <= 1e-4   # relative to the removals' effect on the logits
+    assert api.check_gates(mixing, x) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["sosp_h", "taylor", "sosp_i"])
+def test_linear_gate_site_on_tokens_is_refused(method):
+    x, y = torch.randn(3, 5, 6), torch.tensor([0, 1, 2])
+    with pytest.raises(SospError, match=r"^linear layer 'down' reads a 3-d input of shape \(3, 5, 16\)"):
+        api.saliency(_TokenMLP(), [(x, y)], method)
+
+
+def test_a_removal_torch_pruning_cannot_carry_through_is_a_one_line_error():
+    model, x = _ChannelShuffle().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(SospError, match=r"^the physically pruned _ChannelShuffle does not run \(RuntimeError"):
+        api.prune(model, ["a:0"], x[:1])
+
+
+def test_a_model_torch_pruning_cannot_trace_is_a_one_line_error():
+    from torchvision.models import shufflenet_v2_x0_5
+    with pytest.raises(SospError, match=r"^Torch-Pruning could not build the dependency graph of "
+                                        r"ShuffleNetV2 on an input of shape \(1, 3, 32, 32\) \(ZeroDivisionError"):
+        api.structures(shufflenet_v2_x0_5(num_classes=10), torch.zeros(1, 3, 32, 32))
+
+
+def test_grouped_convolution_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(SospError, match=r"^grouped convolution '2' \(groups=2\) is not supported"):
+        api.structures(model, torch.zeros(1, 3, 8, 8))
