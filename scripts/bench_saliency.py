@@ -24,6 +24,10 @@ the initial mean 0 / variance 1, whose saturated logits fill the gradients with 
 
     python scripts/bench_saliency.py --widths 1 2 4 --batches 4 --batch-size 64
     python scripts/bench_saliency.py --widths 1 --classes 10 100 --methods taylor sosp_h sosp_i
+
+``--model`` takes a registered model or ``torchvision.<name>`` (a torchvision classifier outside
+the registry, at width 1, e.g. ``torchvision.efficientnet_b0``), ``--size`` the input's height
+and width (default 32).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ import torch.nn as nn
 from sosp_cli.config import MethodConfig
 from sosp_cli.errors import SospError, check_choice
 from sosp_cli.measure import PeakMemory, count_macs, count_work, peak_tensor_mb
-from sosp_cli.models import create_model
+from sosp_cli.models import create_model, list_models
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import AUTO_LAYOUT, curvature_product, gradient
 from sosp_cli.structures import StructureSet
@@ -73,7 +77,7 @@ def positive(kind):
     return parse
 
 
-def calibrate_batchnorm(model: nn.Module, batch_size: int, batches: int = 4) -> nn.Module:
+def calibrate_batchnorm(model: nn.Module, batch_size: int, batches: int = 4, size: int = 32) -> nn.Module:
     """Every BatchNorm's running statistics as the average over ``batches`` random batches (the
     benchmark's input distribution), in eval mode after. With the initial mean 0 / variance 1 a
     deep residual network's activations grow block by block (ResNet-56 ×1: logits up to ±2400),
@@ -88,22 +92,48 @@ def calibrate_batchnorm(model: nn.Module, batch_size: int, batches: int = 4) -> 
     model.train()
     with torch.no_grad():
         for _ in range(batches):
-            model(torch.randn(batch_size, 3, 32, 32))
+            model(torch.randn(batch_size, 3, size, size))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return model.eval()
 
 
+TORCHVISION = "torchvision."
+
+
+def check_model(model_name: str, widths) -> None:
+    """One-line error unless ``model_name`` is a registered model or ``torchvision.<classifier>``
+    (then with width 1 only)."""
+    if not model_name.startswith(TORCHVISION):
+        return check_choice("model", model_name, list_models())
+    import torchvision
+    name = model_name[len(TORCHVISION):]
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise SospError(f"torchvision has no classifier '{name}'; e.g. {TORCHVISION}efficientnet_b0, "
+                        f"{TORCHVISION}mobilenet_v3_small")
+    if any(w != 1 for w in widths):
+        raise SospError(f"{model_name} has no width multiplier: --widths must be 1")
+
+
+def build_model(model_name: str, classes: int, width: float) -> nn.Module:
+    """A registered model, or ``torchvision.<name>``: torchvision's classifier (width 1 only)."""
+    check_model(model_name, [width])
+    if not model_name.startswith(TORCHVISION):
+        return create_model(model_name, classes, 3, width)
+    import torchvision
+    return torchvision.models.get_model(model_name[len(TORCHVISION):], num_classes=classes)
+
+
 def setup(model_name: str, width: float, batches: int, batch_size: int, device: torch.device,
-          batchnorm: str = "running", classes: int = 10, calibrate: bool = True):
+          batchnorm: str = "running", classes: int = 10, calibrate: bool = True, size: int = 32):
     torch.manual_seed(0)
-    model = create_model(model_name, classes, 3, width).eval()
+    model = build_model(model_name, classes, width).eval()
     if calibrate:
-        calibrate_batchnorm(model, batch_size)
-    x = torch.zeros(1, 3, 32, 32)
+        calibrate_batchnorm(model, batch_size, size=size)
+    x = torch.zeros(1, 3, size, size)
     ss = StructureSet(model, x)
     macs = count_macs(model, x)
-    data = [(torch.randn(batch_size, 3, 32, 32), torch.randint(0, classes, (batch_size,)))
+    data = [(torch.randn(batch_size, 3, size, size), torch.randint(0, classes, (batch_size,)))
             for _ in range(batches)]
     data = [(a.to(device), b.to(device)) for a, b in data]
     return saliency_model(model, batchnorm, data).to(device), ss, data, macs
@@ -181,7 +211,7 @@ def memory_child(args) -> None:
     in a fresh process (see :class:`sosp_cli.measure.PeakMemory`)."""
     device = torch.device("cpu")
     model, ss, data, _ = setup(args.model, args.child_width, args.batches, args.batch_size, device,
-                               args.batchnorm, args.classes[0], not args.uncalibrated)
+                               args.batchnorm, args.classes[0], not args.uncalibrated, args.size)
     with PeakMemory(device) as peak:
         run_method(args.child_method, model, ss, data, device)
     tensors = peak_tensor_mb(lambda: run_method(args.child_method, model, ss, data, device))
@@ -193,7 +223,7 @@ def cpu_peak(args, width: float, classes: int, method: str) -> dict:
     process's resident set never drops)."""
     cmd = [sys.executable, __file__, "--child-method", method, "--child-width", str(width),
            "--model", args.model, "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-           "--batchnorm", args.batchnorm, "--classes", str(classes)] + (["--threads", str(args.threads)] if args.threads else []) + \
+           "--batchnorm", args.batchnorm, "--classes", str(classes), "--size", str(args.size)] + (["--threads", str(args.threads)] if args.threads else []) + \
         (["--system-malloc"] if args.system_malloc else []) + (["--uncalibrated"] if args.uncalibrated else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -210,7 +240,9 @@ def cuda_peak(fn, device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--model", default="resnet56",
+                        help="a registered model, or torchvision.<name> (width 1)")
+    parser.add_argument("--size", type=positive(int), default=32, help="input height and width")
     parser.add_argument("--widths", type=positive(float), nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--classes", type=positive(int), nargs="+", default=[10],
                         help="numbers of classes C (the model's outputs); every width is run with each")
@@ -246,6 +278,10 @@ def main() -> None:
             check_batchnorm(m, args.batchnorm)
     except SospError as exc:
         parser.error(f"--methods: {exc}")
+    try:
+        check_model(args.model, [args.child_width] if args.child_method else args.widths)
+    except SospError as exc:
+        parser.error(f"--model {args.model}: {exc}")
     if min(args.classes) < 2:
         parser.error(f"argument --classes: {min(args.classes)} must be >= 2 (a 1-class loss has no gradient)")
     if args.threads:
@@ -256,7 +292,7 @@ def main() -> None:
         return memory_child(args)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-    print(f"# {args.model}, {args.batches} batches × {args.batch_size}, BatchNorm on {args.batchnorm} "
+    print(f"# {args.model}, {args.batches} batches × {args.batch_size} at {args.size}×{args.size}, BatchNorm on {args.batchnorm} "
           f"statistics, device {device} ({name}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, BatchNorm statistics "
           f"{'initial' if args.uncalibrated else 'calibrated'}, "
@@ -266,7 +302,7 @@ def main() -> None:
     rows = []
     for classes, width in ((c, w) for c in args.classes for w in args.widths):
         model, ss, data, macs = setup(args.model, width, args.batches, args.batch_size, device,
-                                      args.batchnorm, classes, not args.uncalibrated)
+                                      args.batchnorm, classes, not args.uncalibrated, args.size)
         methods = tuple(args.methods or DEFAULT_METHODS)
         if not args.methods:   # the default list leaves out what this BatchNorm mode refuses
             methods = tuple(m for m in methods if _accepts(m, args.batchnorm))

@@ -96,7 +96,32 @@ def test_benchmark_classes_sweep_shows_sosp_i_growing_with_c(tmp_path):
     assert many["sosp_h/taylor_flops"] == pytest.approx(few["sosp_h/taylor_flops"], rel=0.01)
 
 
+def test_benchmark_times_a_torchvision_model_on_the_stacked_path(tmp_path):
+    """``--model torchvision.<name>``: MobileNetV3's squeeze-and-excitation products run on the
+    stacked / paired rules (no fallback to forward mode, which would say so on stderr): at most
+    two first-order passes of FLOPs, in fewer operations than forward mode's dual tensors."""
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--model", "torchvision.mobilenet_v3_small", "--widths", "1",
+                          "--size", "32", "--batches", "1", "--batch-size", "4", "--repeats", "1", "--methods",
+                          "taylor", "sosp_h", "sosp_h_whole", "sosp_h_fwad", "--no-memory", "--device", "cpu",
+                          "--json", str(out)], check=True, capture_output=True, text=True)
+    assert "no stacked-dual rule" not in run.stderr
+    assert "mobilenet_v3_small, 1 batches × 4 at 32×32" in run.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["S"] > 1000
+    for m in ("sosp_h", "sosp_h_whole"):
+        assert 1.5 < row[f"{m}/taylor_flops"] <= 2.0
+        assert row[f"{m}_ops"] < row["sosp_h_fwad_ops"]
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--model", "resnet"], "--model resnet: unknown model 'resnet'; accepted: densenet40, mobilenet_v2, "
+     "resnet110, resnet18, resnet20, resnet32, resnet50, resnet56, vgg16, vgg19"),
+    (["--model", "torchvision.nosuch"], "--model torchvision.nosuch: torchvision has no classifier 'nosuch'; "
+     "e.g. torchvision.efficientnet_b0, torchvision.mobilenet_v3_small"),
+    (["--model", "torchvision.resnet18", "--widths", "1", "2"], "--model torchvision.resnet18: "
+     "torchvision.resnet18 has no width multiplier: --widths must be 1"),
+    (["--size", "0"], "argument --size: 0 must be > 0"),
     (["--repeats", "0"], "argument --repeats: 0 must be > 0"),
     (["--classes", "10", "1"], "argument --classes: 1 must be >= 2 (a 1-class loss has no gradient)"),
     (["--widths", "1", "-2"], "argument --widths: -2 must be > 0"),

@@ -180,7 +180,7 @@ class ThreeLayer(TwoLayer):
 
 
 UNSUPPORTED = {
-    "squared": lambda h: h * h,                                    # product of two activations
+    "cumsum": lambda h: torch.cumsum(h, 1),                        # mixes the features
     "centred": lambda h: torch.relu(h) - torch.relu(h).mean(0, keepdim=True),  # mixes the rows
 }
 
@@ -370,14 +370,17 @@ def test_a_whole_stacked_pass_keeps_what_a_first_order_pass_keeps(batchnorm, lay
     assert dual == pytest.approx(first_order, rel=1e-3)
 
 
-def _stacked_rows_saved(fn, rows: int) -> list:
+def _stacked_rows_saved(fn, rows: int, constants=()) -> list:
     """Shapes of the tensors saved for a backward pass during ``fn()`` whose storage holds
-    ``rows`` rows of them (a view of fewer rows keeps its whole storage)."""
+    ``rows`` rows of them (a view of fewer rows keeps its whole storage), but for the storages
+    of ``constants`` (tensors of the model's that merely have as many rows)."""
     kept = []
+    skip = {c.untyped_storage().data_ptr() for c in constants}
 
     def visit(t):
         row_bytes = t[0].numel() * t.element_size() if t.dim() >= 3 else 0
-        if row_bytes and t.untyped_storage().nbytes() == rows * row_bytes:
+        if row_bytes and t.untyped_storage().nbytes() == rows * row_bytes and \
+                t.untyped_storage().data_ptr() not in skip:
             kept.append(tuple(t.shape))
     _each_saved(fn, visit)
     return kept
@@ -523,6 +526,9 @@ def test_residual_gradients_accumulate_in_place():
     assert adds["aten::add"] == 0 and adds["aten::add_"] >= 16   # both tensors' gradients
 
 
+# a per-channel constant (a layer scale) of the 6 channels of WithFunction's activations: as many
+# as the stacked rows of the test's batch of 3, which the product rule must not read as stacked
+LAYER_SCALE = torch.linspace(0.5, 1.5, 6, dtype=torch.float64).view(-1, 1, 1)
 STACKED_FUNCTIONS = {
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "gelu": F.gelu,
     "softplus": F.softplus, "elu": F.elu, "leaky_relu": lambda t: F.leaky_relu(t, 0.1),
@@ -532,6 +538,10 @@ STACKED_FUNCTIONS = {
     "max_pool2d": lambda t: F.max_pool2d(t, 3, 2, 1, ceil_mode=True),
     "avg_pool2d": lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False),
     "adaptive_avg_pool2d": lambda t: F.adaptive_avg_pool2d(t, 3),
+    # products: of two activations (broadcast, as in squeeze-and-excitation; a square), with constants
+    "excitation": lambda t: t * torch.sigmoid(F.adaptive_avg_pool2d(t, 1)),
+    "square": lambda t: torch.mul(t, t),
+    "scaled": lambda t: 0.5 * t.mul(LAYER_SCALE),
 }
 
 
@@ -569,7 +579,8 @@ def test_every_stacked_rule_equals_forward_mode_and_keeps_no_stacked_rows(name, 
 
     def run():
         out.extend(curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout))
-    kept = _tangents_saved(run, monkeypatch) if layout == "pair" else _stacked_rows_saved(run, 2 * len(y))
+    kept = _tangents_saved(run, monkeypatch) if layout == "pair" else \
+        _stacked_rows_saved(run, 2 * len(y), constants=[LAYER_SCALE])
     g2, q2 = out
     assert q1.abs().max() > 0
     assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10

@@ -271,6 +271,38 @@ def _pooled(func, backward):
     return handler
 
 
+class _Product(torch.autograd.Function):
+    """a·b of two activations (:class:`.stacked._Product`): out₀ = a₀·b₀, out₁ = a₁·b₀ + a₀·b₁;
+    backward ā_k = ḡ_k·b₀, b̄_k = ḡ_k·a₀, summed over what was broadcast. Keeps a₀ and b₀."""
+
+    @staticmethod
+    def forward(ctx, a0, a1, b0, b1):
+        ctx.save_for_backward(_kept(a0), _kept(b0))
+        return a0 * b0, torch.addcmul(a1 * b0, a0, b1)
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        a0, b0 = ctx.saved_tensors
+        ga, gb = ((g0 * b0, g1 * b0), (g0 * a0, g1 * a0))
+        return (ga[0].sum_to_size(a0.shape), ga[1].sum_to_size(a0.shape),
+                gb[0].sum_to_size(b0.shape), gb[1].sum_to_size(b0.shape))
+
+
+def _mul(mode, a, b):
+    """a·b: the product rule (:class:`_Product`) when both are activations (one without a
+    tangent has the tangent 0); with a constant (a number, a tensor without the batch rows) the
+    linear map on each tensor, the constant detached (:func:`.stacked._mul`)."""
+    def activation(t):
+        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == mode.rows
+    with torch._C.DisableTorchFunction():
+        if activation(a) and activation(b):
+            a1, b1 = mode.tangents((a, b))
+            return _dual(*_Product.apply(a, a1, b, b1))
+        x, w = (a, b) if tangent(a) is not None else (b, a)
+        w = w.detach() if isinstance(w, torch.Tensor) else w
+        return _dual(torch.mul(x, w), torch.mul(mode.tangent(x), w))
+
+
 class _Handles:
     """The removable handles of the hooks on both tensors of an activation, as one."""
 
@@ -291,7 +323,7 @@ def _register_hook(mode, x, hook):
         return _Handles(x.register_hook(hook), x1.register_hook(hook))
 
 
-_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise)
+_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise, _mul)
 _INPLACE = {torch.Tensor.add_, torch.Tensor.__iadd__}
 _OUT_OF_PLACE = {torch.Tensor.__iadd__: torch.add}
 

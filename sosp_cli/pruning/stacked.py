@@ -18,6 +18,9 @@ linearisation at the primal rows:
 - ReLU / ReLU6 / Hardtanh pass the tangent where the *primal* input is inside the linear
   range; max pooling gathers the tangent at the primal argmax; other element-wise functions
   (tanh, sigmoid, softplus, SiLU, GELU, ...) multiply the tangent by f'(primal);
+- a product a·b of two activations (a squeeze-and-excitation block's x·s(x), broadcasting):
+  primal a₀·b₀, tangent a₁·b₀ + a₀·b₁ (the product rule), backward ḡ_k·b₀ and ḡ_k·a₀ for each
+  row block; a product with a constant (a number, a layer scale) is a linear map, unchanged;
 - a gradient hook registered on an activation (``Tensor.register_hook``) is called on each
   row block's gradient separately, as on the two backward passes of forward-mode AD;
 - gate site of structure s (DESIGN §2): primal ``c·x₀``, tangent ``c·x₁ + d·x₀`` (product rule).
@@ -38,7 +41,8 @@ tangent rows; ``tests/test_bench.py`` checks the FLOPs).
 The backward pass needs the primal rows only (ReLU masks, gate inputs, batch-statistics
 BatchNorm inputs): ReLU / ReLU6 / Hardtanh keep their output's primal rows, which the gate site
 reading that output shares, BatchNorm a copy of its input's (:func:`_primal_rows`), smooth
-element-wise functions f'(x₀), max pooling its argmax, average pooling nothing; each rule's
+element-wise functions f'(x₀), products both factors' primal rows, max pooling its argmax,
+average pooling nothing; each rule's
 backward returns a tensor of its own (autograd then sums gradients in place). So the 2B stacked
 rows are freed during the forward pass and a stacked pass keeps what a first-order pass on its
 primal rows keeps (``tests/test_stacked.py`` checks that nothing saved holds 2B rows).
@@ -49,8 +53,8 @@ function of the gates), so one backward pass with the stacked cotangent ``[(p �
 returns g (row 0) and Q·d (row 1) — exactly the two products, no second-order cross term.
 
 Every PyTorch function the model calls while stacked is checked against a list of functions
-whose rule above is known; anything else (BatchNorm1d / 3d, attention, a multiplication of two
-activations, indexing along the batch, adding a constant, ...) raises :class:`Unsupported` and
+whose rule above is known; anything else (BatchNorm1d / 3d, attention, division, indexing
+along the batch, adding a constant, ...) raises :class:`Unsupported` and
 the caller falls back to forward-mode AD, which is always exact. The brute-force tests check
 both paths on every registered model. (:mod:`.paired` applies the same rules with the two row
 blocks as two tensors of B rows: ``method.stack_batch=pair``.)
@@ -397,12 +401,55 @@ _ELEMENTWISE = [torch.tanh, torch.Tensor.tanh, torch.sigmoid, torch.Tensor.sigmo
                 F.hardsigmoid, F.mish]
 
 
-def handler_table(relu, hardtanh, relu6, max_pool2d, pooled, register_hook, elementwise) -> dict:
+class _Product(torch.autograd.Function):
+    """a·b of two stacked activations, broadcasting as ``torch.mul`` does (a squeeze-and-excitation
+    block's x·s(x), a square): the product rule at the primal rows, out₀ = a₀·b₀ and
+    out₁ = a₁·b₀ + a₀·b₁; backward, for each row block k, the primal vector-Jacobian product
+    ā_k = ḡ_k·b₀ and b̄_k = ḡ_k·a₀, each summed over the dimensions it was broadcast along. Keeps
+    a₀ and b₀ (B rows each), no stacked rows."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        a0, b0 = _primal_rows(a), _primal_rows(b)
+        ctx.save_for_backward(a0, b0)
+        return torch.cat([a0 * b0, torch.addcmul(_tangent(a) * b0, a0, _tangent(b))])
+
+    @staticmethod
+    def backward(ctx, grad):
+        a0, b0 = ctx.saved_tensors
+        g = _split(grad)
+        return tuple((g * other).sum_to_size((2,) + own.shape).flatten(0, 1)
+                     for own, other in ((a0, b0), (b0, a0)))
+
+
+def _mul(mode, a, b):
+    """a·b: the product rule (:class:`_Product`) when both are activations (one of B rows, without
+    a tangent yet, as [x₀; 0]; a constant of B rows read as one is exact too: its tangent is 0);
+    with a constant (a number, a tensor without the batch rows such as a layer scale) a linear
+    map of the stacked rows, as it is (the constant detached: its gradient is not needed, and
+    autograd would keep the stacked rows for it). A stacked activation descends from the gates,
+    so a tensor of 2B rows without an autograd history (a layer scale of 2B channels) is a
+    constant."""
+    def stacked(t):
+        return mode.stacked(t) and t.grad_fn is not None
+    if not (stacked(a) or stacked(b)):
+        raise Unsupported("mul of two tensors that are not activations")
+    x, w = (a, b) if stacked(a) else (b, a)
+    with torch._C.DisableTorchFunction():
+        if stacked(w):
+            return _Product.apply(x, w)
+        if isinstance(w, torch.Tensor) and w.dim() > 0 and 2 * w.shape[0] == mode.rows:
+            return _Product.apply(x, torch.cat([w, torch.zeros_like(w)]))
+        return torch.mul(x, w.detach() if isinstance(w, torch.Tensor) else w)
+
+
+def handler_table(relu, hardtanh, relu6, max_pool2d, pooled, register_hook, elementwise, mul) -> dict:
     """PyTorch function → rule ``handler(mode, x, *args, **kwargs)`` of a representation of the
     dual activations (the stacked rows here; :mod:`.paired`), from its rules: ``pooled(func,
     backward)`` and ``elementwise(func)`` make the handlers of average pooling and of the smooth
-    functions :data:`_ELEMENTWISE`."""
-    return {F.relu: relu, torch.relu: relu, torch.Tensor.relu: relu, F.relu_: relu,
+    functions :data:`_ELEMENTWISE`; ``mul(mode, a, b)`` is the product (out of place)."""
+    return {torch.mul: mul, torch.Tensor.mul: mul, torch.Tensor.__mul__: mul, torch.Tensor.__rmul__: mul,
+            F.relu: relu, torch.relu: relu, torch.Tensor.relu: relu, F.relu_: relu,
             torch.relu_: relu, torch.Tensor.relu_: relu, F.hardtanh: hardtanh,
             F.hardtanh_: hardtanh, F.relu6: relu6, F.max_pool2d: max_pool2d,
             F.avg_pool2d: pooled(F.avg_pool2d, _avg_pool2d_backward),
@@ -411,7 +458,7 @@ def handler_table(relu, hardtanh, relu6, max_pool2d, pooled, register_hook, elem
             **{f: elementwise(f) for f in _ELEMENTWISE}}
 
 
-_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise)
+_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise, _mul)
 
 # functions that act row by row and linearly on activations: valid on the stacked rows as they
 # are, provided every tensor argument is an activation and the result keeps the row count
