@@ -181,6 +181,7 @@ class ThreeLayer(TwoLayer):
 
 UNSUPPORTED = {
     "cumsum": lambda h: torch.cumsum(h, 1),                        # mixes the features
+    "reciprocal": lambda h: 1.0 / (h * h + 1.0),                   # a quotient by an activation
     "centred": lambda h: torch.relu(h) - torch.relu(h).mean(0, keepdim=True),  # mixes the rows
 }
 
@@ -529,6 +530,7 @@ def test_residual_gradients_accumulate_in_place():
 # a per-channel constant (a layer scale) of the 6 channels of WithFunction's activations: as many
 # as the stacked rows of the test's batch of 3, which the product rule must not read as stacked
 LAYER_SCALE = torch.linspace(0.5, 1.5, 6, dtype=torch.float64).view(-1, 1, 1)
+OFFSET = torch.tensor([0.25], dtype=torch.float64)
 STACKED_FUNCTIONS = {
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "gelu": F.gelu,
     "softplus": F.softplus, "elu": F.elu, "leaky_relu": lambda t: F.leaky_relu(t, 0.1),
@@ -542,6 +544,11 @@ STACKED_FUNCTIONS = {
     "excitation": lambda t: t * torch.sigmoid(F.adaptive_avg_pool2d(t, 1)),
     "square": lambda t: torch.mul(t, t),
     "scaled": lambda t: 0.5 * t.mul(LAYER_SCALE),
+    # shifts by constants (a hand-written hard swish; 1 − x; alpha; a 1-element tensor), quotients
+    # by constants, differences and negations of activations
+    "hard_swish_by_hand": lambda t: t * F.relu6(t + 3.0) / 6.0,
+    "shifted": lambda t: (1.0 - torch.sigmoid(t)) + torch.add(t, LAYER_SCALE, alpha=0.5).sub(OFFSET),
+    "difference": lambda t: torch.neg(t) - (-F.avg_pool2d(t, 3, 1, 1)) + torch.sub(3.0, t).div(LAYER_SCALE),
 }
 
 

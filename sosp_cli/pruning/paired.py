@@ -44,9 +44,9 @@ from torch.overrides import TorchFunctionMode
 
 from ..structures import StructureSet
 from .lean import FrozenConv, FrozenLinear, bn_affine, swapped_forwards
-from .stacked import (_ADD, _ATTRIBUTES, _METADATA, Unsupported, _add_untracked, _AvgPool,
+from .stacked import (_ADD, _ATTRIBUTES, _BINARY, _METADATA, Unsupported, _add_untracked, _AvgPool,
                       _bn_jacobian, _channel_shaped, _clamp_mask, _flat, _gate_hooks, _name,
-                      _relu_mask, _slope, dispatch, handler_table)
+                      _detached, _relu_mask, _slope, dispatch, handler_table, shift_rule, zeros_of)
 
 
 def tangent(x) -> torch.Tensor | None:
@@ -288,19 +288,52 @@ class _Product(torch.autograd.Function):
                 gb[0].sum_to_size(b0.shape), gb[1].sum_to_size(b0.shape))
 
 
+def _constant(mode, t) -> bool:
+    """``t`` is a constant of the pass: a number, or a tensor without a tangent that is not an
+    activation of the batch's B rows (one without a tangent yet; a constant of B rows read as
+    one is exact too: its tangent is 0). (:func:`.stacked._constant`)"""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return True
+    return _entry(t) is None and t.shape[0] != mode.rows
+
+
+def _activation_and_constant(mode, func, a, b):
+    """(activation, constant) of a binary function with one constant operand, else None (two
+    activations); the call has a tangent somewhere, so the activation carries it."""
+    ca, cb = _constant(mode, a), _constant(mode, b)
+    if not (ca or cb):
+        return None
+    if ca and cb:
+        raise Unsupported(f"{_name(func)} of tensors that are not activations")
+    return (b, a) if ca else (a, b)
+
+
 def _mul(mode, a, b):
     """a·b: the product rule (:class:`_Product`) when both are activations (one without a
-    tangent has the tangent 0); with a constant (a number, a tensor without the batch rows) the
-    linear map on each tensor, the constant detached (:func:`.stacked._mul`)."""
-    def activation(t):
-        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == mode.rows
+    tangent has the tangent 0); with a constant the linear map on each tensor
+    (:func:`.stacked._mul`)."""
+    pair = _activation_and_constant(mode, torch.mul, a, b)
     with torch._C.DisableTorchFunction():
-        if activation(a) and activation(b):
+        if pair is None:
             a1, b1 = mode.tangents((a, b))
             return _dual(*_Product.apply(a, a1, b, b1))
-        x, w = (a, b) if tangent(a) is not None else (b, a)
-        w = w.detach() if isinstance(w, torch.Tensor) else w
+        x, w = pair[0], _detached(pair[1])
         return _dual(torch.mul(x, w), torch.mul(mode.tangent(x), w))
+
+
+def _div(mode, a, b, rounding_mode=None):
+    """a / c with a constant c: the linear map on each tensor (:func:`.stacked._div`)."""
+    pair = _activation_and_constant(mode, torch.div, a, b)
+    if pair is None or pair[0] is not a or rounding_mode is not None:
+        raise Unsupported("div by an activation, of a constant, or with rounding")
+    with torch._C.DisableTorchFunction():
+        return _dual(torch.div(a, _detached(b)), torch.div(mode.tangent(a), _detached(b)))
+
+
+def _shifted(mode, func, x, c, call):
+    """Addition or subtraction with a constant c (:func:`.stacked._shifted`): primal f(x₀) as it
+    is, tangent L(x₁) — ``func`` with c as zeros."""
+    return _dual(call(x, c), call(mode.tangent(x), zeros_of(c)))
 
 
 class _Handles:
@@ -323,7 +356,8 @@ def _register_hook(mode, x, hook):
         return _Handles(x.register_hook(hook), x1.register_hook(hook))
 
 
-_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise, _mul)
+_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise, _mul,
+                          _div, shift_rule(_activation_and_constant, _shifted))
 _INPLACE = {torch.Tensor.add_, torch.Tensor.__iadd__}
 _OUT_OF_PLACE = {torch.Tensor.__iadd__: torch.add}
 
@@ -366,7 +400,7 @@ class _PairedMode(TorchFunctionMode):
     def linear(self, func, args, kwargs):
         """A function linear in the activations, applied to the primals and to the tangents."""
         tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
-        if (func in _ADD and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors):
+        if (func in _BINARY and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors):
             raise Unsupported(f"{_name(func)} with a constant or across the batch")
         if func in _INPLACE and tangent(args[0]) is None:
             raise Unsupported("Tensor.add_ of an activation with a tangent into one without")

@@ -20,7 +20,10 @@ linearisation at the primal rows:
   (tanh, sigmoid, softplus, SiLU, GELU, ...) multiply the tangent by f'(primal);
 - a product a·b of two activations (a squeeze-and-excitation block's x·s(x), broadcasting):
   primal a₀·b₀, tangent a₁·b₀ + a₀·b₁ (the product rule), backward ḡ_k·b₀ and ḡ_k·a₀ for each
-  row block; a product with a constant (a number, a layer scale) is a linear map, unchanged;
+  row block; a product with a constant (a number, a layer scale) or a quotient by one is a
+  linear map, unchanged; differences and negations of activations are linear too;
+- adding or subtracting a constant (``x + 3``, ``1 − x``) is affine: its linear part on all
+  rows, the offset on the primal rows only, as a bias;
 - a gradient hook registered on an activation (``Tensor.register_hook``) is called on each
   row block's gradient separately, as on the two backward passes of forward-mode AD;
 - gate site of structure s (DESIGN §2): primal ``c·x₀``, tangent ``c·x₁ + d·x₀`` (product rule).
@@ -53,8 +56,8 @@ function of the gates), so one backward pass with the stacked cotangent ``[(p �
 returns g (row 0) and Q·d (row 1) — exactly the two products, no second-order cross term.
 
 Every PyTorch function the model calls while stacked is checked against a list of functions
-whose rule above is known; anything else (BatchNorm1d / 3d, attention, division, indexing
-along the batch, adding a constant, ...) raises :class:`Unsupported` and
+whose rule above is known; anything else (BatchNorm1d / 3d, attention, a quotient by an
+activation, indexing along the batch, ...) raises :class:`Unsupported` and
 the caller falls back to forward-mode AD, which is always exact. The brute-force tests check
 both paths on every registered model. (:mod:`.paired` applies the same rules with the two row
 blocks as two tensors of B rows: ``method.stack_batch=pair``.)
@@ -422,33 +425,109 @@ class _Product(torch.autograd.Function):
                      for own, other in ((a0, b0), (b0, a0)))
 
 
+def _constant(mode, t) -> bool:
+    """``t`` is a constant of the pass: a number, or a tensor that is no activation — neither
+    stacked rows with an autograd history (a stacked activation descends from the gates, so a
+    layer scale of 2B channels is a constant) nor B rows (an activation without a tangent yet;
+    a constant of B rows read as one is exact too: its tangent is 0)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return True
+    return not (mode.stacked(t) and t.grad_fn is not None) and 2 * t.shape[0] != mode.rows
+
+
+def _detached(t):
+    """A constant as an operand: a tensor detached (its gradient is not needed, and autograd
+    would keep the stacked rows for it), a number as it is."""
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+def _activation_and_constant(mode, func, a, b):
+    """(activation, constant) of a binary function with one constant operand, else None (both
+    activations); Unsupported if neither operand carries a tangent."""
+    ca, cb = _constant(mode, a), _constant(mode, b)
+    if not (ca or cb):
+        return None
+    x = b if ca else a
+    if ca and cb or not mode.stacked(x):
+        raise Unsupported(f"{_name(func)} of tensors that are not activations")
+    return x, (a if ca else b)
+
+
 def _mul(mode, a, b):
-    """a·b: the product rule (:class:`_Product`) when both are activations (one of B rows, without
-    a tangent yet, as [x₀; 0]; a constant of B rows read as one is exact too: its tangent is 0);
-    with a constant (a number, a tensor without the batch rows such as a layer scale) a linear
-    map of the stacked rows, as it is (the constant detached: its gradient is not needed, and
-    autograd would keep the stacked rows for it). A stacked activation descends from the gates,
-    so a tensor of 2B rows without an autograd history (a layer scale of 2B channels) is a
-    constant."""
-    def stacked(t):
-        return mode.stacked(t) and t.grad_fn is not None
-    if not (stacked(a) or stacked(b)):
-        raise Unsupported("mul of two tensors that are not activations")
-    x, w = (a, b) if stacked(a) else (b, a)
+    """a·b: the product rule (:class:`_Product`) when both are activations (one of B rows as
+    [x₀; 0]); with a constant (:func:`_constant`: a number, a layer scale) a linear map of the
+    stacked rows, as it is."""
+    pair = _activation_and_constant(mode, torch.mul, a, b)
     with torch._C.DisableTorchFunction():
-        if stacked(w):
-            return _Product.apply(x, w)
-        if isinstance(w, torch.Tensor) and w.dim() > 0 and 2 * w.shape[0] == mode.rows:
-            return _Product.apply(x, torch.cat([w, torch.zeros_like(w)]))
-        return torch.mul(x, w.detach() if isinstance(w, torch.Tensor) else w)
+        if pair is None:
+            return _Product.apply(*mode.joined((a, b)))
+        return torch.mul(pair[0], _detached(pair[1]))
 
 
-def handler_table(relu, hardtanh, relu6, max_pool2d, pooled, register_hook, elementwise, mul) -> dict:
+def _div(mode, a, b, rounding_mode=None):
+    """a / c with a constant c (:func:`_constant`): a linear map of the stacked rows, as it is.
+    A quotient by an activation or with rounding has no rule."""
+    pair = _activation_and_constant(mode, torch.div, a, b)
+    if pair is None or pair[0] is not a or rounding_mode is not None:
+        raise Unsupported("div by an activation, of a constant, or with rounding")
+    with torch._C.DisableTorchFunction():
+        return torch.div(a, _detached(b))
+
+
+def shift_rule(activation_and_constant, apply):
+    """The handler maker ``shift(func)`` of additions and subtractions (:data:`_SHIFTS`) of a
+    representation: two activations, ``mode.linear``; an activation x and a constant c,
+    ``apply(mode, func, x, c, call)`` with ``call(t, k)`` = ``func`` with t in x's place and k in
+    c's (an affine function of x: ``call(t, 0)`` its linear part, ``call(0, c)`` its offset)."""
+    def shift(func):
+        def handler(mode, a, b, **kwargs):
+            pair = activation_and_constant(mode, func, a, b)
+            if pair is None:
+                return mode.linear(func, (a, b), kwargs)
+            x = pair[0]
+
+            def call(t, k):
+                with torch._C.DisableTorchFunction():
+                    out = func(t, k, **kwargs) if x is a else func(k, t, **kwargs)
+                if not isinstance(out, torch.Tensor) or (t is x and (out.dim() == 0 or out.shape[0] != x.shape[0])):
+                    raise Unsupported(f"{_name(func)} with a constant across the batch")
+                return out
+            return apply(mode, func, x, _detached(pair[1]), call)
+        return handler
+    return shift
+
+
+def zeros_of(c):
+    """The zero of a constant operand: zeros of its shape, or 0 for a number."""
+    return torch.zeros_like(c) if isinstance(c, torch.Tensor) else 0
+
+
+def _shifted(mode, func, x, c, call):
+    """Addition or subtraction with a constant c (:func:`_constant`; ``x + 3``, ``1 − x``,
+    ``torch.add(x, c, alpha=a)``): an affine function f(x) = L(x) + f(0) of the activation x. Its
+    linear part L (``func`` with c as zeros) on all stacked rows, tracked — the tangent's rule and
+    the backward's — and the offset f(0) added to the primal rows only, untracked, as a bias
+    (:func:`_add_to_primal_rows`)."""
+    offset = call(torch.zeros((), dtype=x.dtype, device=x.device), c)
+    return _add_to_primal_rows(call(x, zeros_of(c)), offset)
+
+
+# binary functions with a rule for a constant operand (:func:`_shift`, :func:`_mul`, :func:`_div`)
+_SHIFTS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.sub,
+           torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__)
+_DIVS = (torch.div, torch.Tensor.div, torch.Tensor.__truediv__)
+
+
+def handler_table(relu, hardtanh, relu6, max_pool2d, pooled, register_hook, elementwise, mul,
+                  div, shift) -> dict:
     """PyTorch function → rule ``handler(mode, x, *args, **kwargs)`` of a representation of the
     dual activations (the stacked rows here; :mod:`.paired`), from its rules: ``pooled(func,
     backward)`` and ``elementwise(func)`` make the handlers of average pooling and of the smooth
-    functions :data:`_ELEMENTWISE`; ``mul(mode, a, b)`` is the product (out of place)."""
+    functions :data:`_ELEMENTWISE`; ``mul(mode, a, b)`` is the product and ``div`` the quotient
+    (out of place); ``shift(func)`` makes the handler of an addition or subtraction
+    (:data:`_SHIFTS`), with a constant or of two activations."""
     return {torch.mul: mul, torch.Tensor.mul: mul, torch.Tensor.__mul__: mul, torch.Tensor.__rmul__: mul,
+            **{f: div for f in _DIVS}, **{f: shift(f) for f in _SHIFTS},
             F.relu: relu, torch.relu: relu, torch.Tensor.relu: relu, F.relu_: relu,
             torch.relu_: relu, torch.Tensor.relu_: relu, F.hardtanh: hardtanh,
             F.hardtanh_: hardtanh, F.relu6: relu6, F.max_pool2d: max_pool2d,
@@ -458,19 +537,23 @@ def handler_table(relu, hardtanh, relu6, max_pool2d, pooled, register_hook, elem
             **{f: elementwise(f) for f in _ELEMENTWISE}}
 
 
-_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise, _mul)
+_HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise, _mul,
+                          _div, shift_rule(_activation_and_constant, _shifted))
 
 # functions that act row by row and linearly on activations: valid on the stacked rows as they
 # are, provided every tensor argument is an activation and the result keeps the row count
 _ROWWISE_LINEAR = {
     torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
-    torch.Tensor.__iadd__, torch.cat, torch.concat, torch.flatten, torch.Tensor.flatten,
+    torch.Tensor.__iadd__, torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__,
+    torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.cat, torch.concat, torch.flatten, torch.Tensor.flatten,
     torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous,
     torch.Tensor.mean, torch.mean, torch.Tensor.sum, torch.sum, torch.Tensor.squeeze,
     torch.Tensor.unsqueeze,
 }
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
         torch.Tensor.__radd__, torch.Tensor.__iadd__}
+# sums and differences: linear in the activations only with two of them (one: a constant shift)
+_BINARY = _ADD | {torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__}
 # attribute reads that do not touch values (``x.T``, ``x.data``, ... are not among them)
 # (``grad_fn``, ``is_leaf``: read by instrumentation such as ``FlopCounterMode``'s module tracker)
 _ATTRIBUTES = {torch.Tensor.shape, torch.Tensor.dtype, torch.Tensor.device, torch.Tensor.ndim,
@@ -529,7 +612,7 @@ class _StackedMode(TorchFunctionMode):
         args, kwargs = self.joined(args), self.joined(kwargs)
         tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
         out = func(*args, **kwargs)
-        if not tensors or (func in _ADD and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors) or \
+        if not tensors or (func in _BINARY and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors) or \
                 not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != self.rows:
             raise Unsupported(f"{_name(func)} with a constant or across the batch")
         return out
