@@ -78,6 +78,7 @@ class StructureSet:
         dg = dependency_graph(model, example_input)
         model.train(was_training)
         names = {m: n for n, m in modules.items()}
+        _refuse_channel_normalisation(dg, names, {modules[n] for n in ignored})
         self.groups: list[StructureGroup] = []
         # BatchNorm layers normalising each structure: (name, channel indices, structure indices)
         self.norm_sites: list[tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -90,12 +91,6 @@ class StructureSet:
             sg = StructureGroup(root=root, size=size, offset=offset)
             for item in group.items:
                 module = item.dep.target.module
-                if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-                    raise SospError(
-                        f"{type(module).__name__} '{names[module]}' normalises the channels of "
-                        f"'{root}' together, so a gate at 0 is not the removal of a channel "
-                        "(DESIGN.md §2); supported normalisations: BatchNorm and InstanceNorm "
-                        "(each channel on its own)")
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
                     self.norm_sites.append((names[module], torch.tensor([int(i) for i in item.idxs]),
                                             torch.tensor([offset + int(r) for r in item.root_idxs])))
@@ -251,6 +246,41 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
             raise SospError(f"Torch-Pruning could not build the dependency graph of "
                             f"{type(model).__name__} on an input of shape "
                             f"{tuple(example_input.shape)} ({type(exc).__name__}: {detail})") from exc
+
+
+_CHANNEL_NORMS = (nn.GroupNorm, nn.LayerNorm)
+
+
+def _normalisation_error(norm: nn.Module, name: str, producer: str) -> SospError:
+    """(DESIGN.md §2: a gate at 0 must be the removal of the channel)"""
+    return SospError(f"{type(norm).__name__} '{name}' normalises the channels of '{producer}' "
+                     "together, so a gate at 0 is not the removal of a channel (DESIGN.md §2); "
+                     "supported normalisations: BatchNorm and InstanceNorm (each channel on its own)")
+
+
+def _refuse_channel_normalisation(dg: tp.DependencyGraph, names: dict, ignored: set) -> None:
+    """Refuse a GroupNorm / LayerNorm that reads the channels of a convolution or linear layer
+    (through element-wise operations, reshapes, per-channel layers and depthwise convolutions):
+    such a layer's channels are a structure's (unless the layer is ignored, as the classifier),
+    and the normalisation's statistics span them. Checked on the graph before the groups are
+    built, because Torch-Pruning's grouping can take minutes and tens of GiB on a model that
+    reshapes its channels into windows (torchvision's Swin: > 10 GiB at 64 × 64)."""
+    for module, node in dg.module2node.items():
+        if not isinstance(module, _CHANNEL_NORMS):
+            continue
+        todo, seen = list(node.inputs), set()
+        while todo:
+            producer = todo.pop()
+            if producer in seen:
+                continue
+            seen.add(producer)
+            m = producer.module
+            depthwise = isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not depthwise:
+                if m not in ignored:
+                    raise _normalisation_error(module, names[module], names[m])
+                continue
+            todo.extend(producer.inputs)
 
 
 def classifier_name(model: nn.Module) -> str:

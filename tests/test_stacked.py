@@ -450,8 +450,9 @@ class Doubled(nn.Module):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_relu_output_changed_in_place_is_not_read_from_its_saved_copy(layout):
-    """``r += relu(h)`` on a ReLU output: the stacked ReLU's kept copy is not read for the
-    changed output; the paired rules compute ``+=`` out of place (Python rebinds ``r``)."""
+    """``r += relu(h)`` on a ReLU output read by a gate site: the site reads the changed output
+    (no kept copy of the ReLU's). (A ReLU output changed in place cannot be differentiated
+    through by autograd at all — its backward keeps the output — so the gates here are after it.)"""
     torch.manual_seed(0)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     out = []
@@ -549,7 +550,42 @@ STACKED_FUNCTIONS = {
     "hard_swish_by_hand": lambda t: t * F.relu6(t + 3.0) / 6.0,
     "shifted": lambda t: (1.0 - torch.sigmoid(t)) + torch.add(t, LAYER_SCALE, alpha=0.5).sub(OFFSET),
     "difference": lambda t: torch.neg(t) - (-F.avg_pool2d(t, 3, 1, 1)) + torch.sub(3.0, t).div(LAYER_SCALE),
+    # a rule's result changed in place (EfficientNetV2's ``result += input`` after a SiLU); not
+    # a ReLU's (autograd cannot differentiate through a ReLU output changed in place) nor a
+    # clamp's (test_a_clamped_output_changed_in_place_falls_back_on_pair)
+    **{f"{name}_then_added_in_place": (lambda f: lambda t: added_in_place(f(t), t))(f) for name, f in (
+        ("silu", F.silu), ("max_pool2d", lambda t: F.max_pool2d(t, 3, 1, 1)),
+        ("avg_pool2d", lambda t: F.avg_pool2d(t, 3, 1, 1)),
+        ("excitation", lambda t: t * torch.sigmoid(t.mean((2, 3), keepdim=True))))},
 }
+
+
+def added_in_place(out, t):
+    out += t
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_clamped_output_changed_in_place_falls_back_on_pair(layout):
+    """``relu6(t) += t`` on stacked rows: ``whole`` keeps a copy of the clamp's primal for its
+    backward and runs it; the paired clamp keeps its output itself, so the addition into it is
+    refused there (one line naming it) and the default ``dual='auto'`` falls back to forward
+    mode — both exact."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 3, 9, 9, dtype=torch.float64), torch.tensor([0, 3, 1])
+    model = WithFunction(lambda t: added_in_place(F.relu6(t), t)).double().eval()
+    ss = StructureSet(model, x[:1])
+    d = torch.rand(ss.num_structures, dtype=torch.float64)
+    g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
+    if layout == "pair":
+        with pytest.raises(SospError, match="Tensor.add_ into an activation kept for the backward pass"):
+            curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout)
+        with pytest.warns(UserWarning, match="forward-mode AD"):
+            g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", stack_batch=layout)
+    else:
+        g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout)
+    assert q1.abs().max() > 0
+    assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10
 
 
 class WithFunction(nn.Module):

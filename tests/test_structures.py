@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch_pruning as tp
 
 from sosp_cli import api
 from sosp_cli.checkpoint import load_model, save_model
@@ -168,6 +169,32 @@ def test_normalisation_across_a_structures_channels_is_refused(norm):
     """GroupNorm / LayerNorm statistics span the channels: a gate at 0 is not their removal."""
     with pytest.raises(SospError, match=rf"^{type(norm).__name__} '1' normalises the channels of '0'"):
         StructureSet(_conv_net(norm), torch.zeros(1, 3, 8, 8))
+
+
+class _TokenNorm(nn.Module):
+    """conv → channels last → LayerNorm on the channels → back (ConvNeXt's, Swin's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm(8), nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.norm(self.a(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(torch.relu(self.b(torch.relu(h))).mean((2, 3)))
+
+
+def test_normalisation_of_permuted_channels_is_refused_before_grouping(monkeypatch):
+    """A LayerNorm on a structure's channels through a permute is refused from the graph, before
+    Torch-Pruning's grouping (minutes and > 10 GiB on torchvision's Swin) runs; one that reads
+    only the ignored classifier's outputs is not a structure's."""
+    def grouping(*args, **kwargs):
+        raise AssertionError("grouped before the normalisation was refused")
+    monkeypatch.setattr(tp.DependencyGraph, "get_all_groups", grouping)
+    with pytest.raises(SospError, match=r"^LayerNorm 'norm' normalises the channels of 'a'"):
+        StructureSet(_TokenNorm(), torch.zeros(1, 3, 8, 8))
+    monkeypatch.undo()
+    head_norm = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4), nn.LayerNorm(4))
+    assert StructureSet(head_norm, torch.zeros(1, 3, 8, 8), ignored=["3"]).num_structures == 8
 
 
 @pytest.mark.parametrize("norm", [nn.InstanceNorm2d(8, affine=True), nn.BatchNorm2d(8, affine=False), nn.PReLU(8)],

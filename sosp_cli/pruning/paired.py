@@ -87,6 +87,14 @@ def _kept(t: torch.Tensor) -> torch.Tensor:
     return t.detach()
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A result of a two-output rule that is a view of a tensor the rule made (forward mode's
+    primal, a gathered tangent) as a tensor of its own to autograd, on the same memory: autograd
+    refuses in-place changes of a view returned by a Function with several outputs, and a model
+    may change a rule's output in place (EfficientNetV2's ``result += input`` after a SiLU)."""
+    return t.detach() if t._is_view() else t
+
+
 def _gate_gradients(g0, g1, x0) -> torch.Tensor:
     """c̄_k = Σ_{rows, positions} ḡ_k·x₀ for both cotangents: [2, C] (:func:`.stacked._gate_gradients`)."""
     dims = (0,) + tuple(range(2, x0.dim()))
@@ -186,7 +194,7 @@ class _Diagonal(torch.autograd.Function):
         apply_d(x1, saved, y1)
         ctx.save_for_backward(_kept(saved))
         ctx.apply_d = apply_d
-        return y0, y1
+        return _own(y0), y1
 
     @staticmethod
     def backward(ctx, g0, g1):
@@ -244,7 +252,7 @@ class _MaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0, x1, args, kwargs):
         y0, idx = F.max_pool2d(x0, *args, **kwargs, return_indices=True)
-        y1 = x1.flatten(2).gather(2, idx.flatten(2)).view_as(y0)
+        y1 = _own(x1.flatten(2).gather(2, idx.flatten(2)).view_as(y0))
         ctx.save_for_backward(idx)
         ctx.in_shape = x0.shape
         return y0, y1
@@ -404,9 +412,10 @@ class _PairedMode(TorchFunctionMode):
             raise Unsupported(f"{_name(func)} with a constant or across the batch")
         if func in _INPLACE and tangent(args[0]) is None:
             raise Unsupported("Tensor.add_ of an activation with a tangent into one without")
-        # ``a += b`` rebinds ``a`` to the result: computed out of place, it cannot change a tensor
-        # a rule keeps for the backward pass (a ReLU's output, a gate site's input), as the
-        # stacked rules' copies cannot be; ``a.add_(b)`` into such a tensor is refused
+        # ``a += b`` reaches the mode as ``Tensor.add_`` (as ``__iadd__`` on some torch versions:
+        # then computed out of place, Python rebinds ``a``); an in-place addition into a tensor a
+        # rule keeps for the backward pass (a ReLU's or clamp's output, a gate site's input) is
+        # refused, as the stacked rules' copies need not be
         func = _OUT_OF_PLACE.get(func, func)
         if func is torch.Tensor.add_ and getattr(args[0], "_sosp_saved", False):
             raise Unsupported("Tensor.add_ into an activation kept for the backward pass")
