@@ -47,7 +47,7 @@ import torch.nn as nn
 from sosp_cli.config import MethodConfig
 from sosp_cli.errors import SospError, check_choice
 from sosp_cli.measure import PeakMemory, count_macs, count_work, peak_tensor_mb
-from sosp_cli.models import create_model, list_models
+from sosp_cli.models import check_model, create_model
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import AUTO_LAYOUT, curvature_product, gradient
 from sosp_cli.structures import StructureSet
@@ -98,36 +98,10 @@ def calibrate_batchnorm(model: nn.Module, batch_size: int, batches: int = 4, siz
     return model.eval()
 
 
-TORCHVISION = "torchvision."
-
-
-def check_model(model_name: str, widths) -> None:
-    """One-line error unless ``model_name`` is a registered model or ``torchvision.<classifier>``
-    (then with width 1 only)."""
-    if not model_name.startswith(TORCHVISION):
-        return check_choice("model", model_name, list_models())
-    import torchvision
-    name = model_name[len(TORCHVISION):]
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise SospError(f"torchvision has no classifier '{name}'; e.g. {TORCHVISION}efficientnet_b0, "
-                        f"{TORCHVISION}mobilenet_v3_small")
-    if any(w != 1 for w in widths):
-        raise SospError(f"{model_name} has no width multiplier: --widths must be 1")
-
-
-def build_model(model_name: str, classes: int, width: float) -> nn.Module:
-    """A registered model, or ``torchvision.<name>``: torchvision's classifier (width 1 only)."""
-    check_model(model_name, [width])
-    if not model_name.startswith(TORCHVISION):
-        return create_model(model_name, classes, 3, width)
-    import torchvision
-    return torchvision.models.get_model(model_name[len(TORCHVISION):], num_classes=classes)
-
-
 def setup(model_name: str, width: float, batches: int, batch_size: int, device: torch.device,
           batchnorm: str = "running", classes: int = 10, calibrate: bool = True, size: int = 32):
     torch.manual_seed(0)
-    model = build_model(model_name, classes, width).eval()
+    model = create_model(model_name, classes, 3, width).eval()
     if calibrate:
         calibrate_batchnorm(model, batch_size, size=size)
     x = torch.zeros(1, 3, size, size)
@@ -279,7 +253,8 @@ def main() -> None:
     except SospError as exc:
         parser.error(f"--methods: {exc}")
     try:
-        check_model(args.model, [args.child_width] if args.child_method else args.widths)
+        for width in [args.child_width] if args.child_method else args.widths:
+            check_model(args.model, width)
     except SospError as exc:
         parser.error(f"--model {args.model}: {exc}")
     if min(args.classes) < 2:

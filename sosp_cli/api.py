@@ -26,7 +26,8 @@ __all__ = ["create_model", "list_models", "list_criteria", "structures", "salien
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
                  width: float | Sequence[float] = 1.0) -> nn.Module:
-    """A registered model (``list_models()``), randomly initialised."""
+    """A registered model (``list_models()``) or ``torchvision.<name>`` (any torchvision
+    classifier, width 1), randomly initialised."""
     return _create_model(name, num_classes, in_channels, width)
 
 

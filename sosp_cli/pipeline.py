@@ -90,10 +90,15 @@ def validate(cfg: RunConfig) -> None:
     """Every check that needs no data, before anything is written."""
     from .data import DATASETS
     from .errors import check_choice
-    from .models import list_models
+    from .models import TORCHVISION, check_model
 
     check_choice("dataset", cfg.dataset.name, DATASETS)
-    check_choice("model", cfg.model.name, list_models())
+    check_model(cfg.model.name, cfg.model.width)
+    if cfg.model.name.startswith(TORCHVISION):
+        # a model outside the registry may be refused (grouped convolutions, a LayerNorm on its
+        # channels, ...): say so before pretraining it, from its structures on a dummy input
+        size = cfg.dataset.image_size
+        StructureSet(create_model(cfg.model.name, 10, 3, cfg.model.width).eval(), torch.zeros(1, 3, size, size))
     p = cfg.prune
     validate_selection(p.ratio, p.target, p.scope, p.min_channels, p.max_layer_ratio, p.normalize)
     cfg_steps(cfg)

@@ -118,9 +118,9 @@ def test_benchmark_times_a_torchvision_model_on_the_stacked_path(tmp_path):
     (["--model", "resnet"], "--model resnet: unknown model 'resnet'; accepted: densenet40, mobilenet_v2, "
      "resnet110, resnet18, resnet20, resnet32, resnet50, resnet56, vgg16, vgg19"),
     (["--model", "torchvision.nosuch"], "--model torchvision.nosuch: torchvision has no classifier 'nosuch'; "
-     "e.g. torchvision.efficientnet_b0, torchvision.mobilenet_v3_small"),
+     "e.g. torchvision.efficientnet_b0, torchvision.mobilenet_v3_small (torchvision.models.list_models())"),
     (["--model", "torchvision.resnet18", "--widths", "1", "2"], "--model torchvision.resnet18: "
-     "torchvision.resnet18 has no width multiplier: --widths must be 1"),
+     "torchvision.resnet18 has no width multiplier: width must be 1, got 2.0"),
     (["--size", "0"], "argument --size: 0 must be > 0"),
     (["--repeats", "0"], "argument --repeats: 0 must be > 0"),
     (["--classes", "10", "1"], "argument --classes: 1 must be >= 2 (a 1-class loss has no gradient)"),

@@ -37,6 +37,21 @@ def test_smoke_run_writes_every_artefact_and_resumes(tmp_path):
     assert again["top1_finetuned"] == result["top1_finetuned"]
 
 
+def test_a_torchvision_classifier_outside_the_registry_runs_end_to_end(tmp_path):
+    """``model=torchvision model.name=torchvision.<name>``: torchvision's SqueezeNet with its stem
+    replaced for the digits' one channel, pruned by SOSP-H, saved and rebuilt as pruned."""
+    from sosp_cli.checkpoint import load_model
+    cfg = compose_run(["experiment=smoke", "model=torchvision", "model.name=torchvision.squeezenet1_1",
+                       "dataset.image_size=32", "method=sosp_h"], tmp_path)
+    result = run(cfg, tmp_path / "run")
+    assert result["model"] == "torchvision.squeezenet1_1"
+    assert result["params_after"] < result["params_before"] and result["macs_after"] < result["macs_before"]
+    pruned, record = load_model(tmp_path / "run" / "pruned.pt")
+    assert record["spec"]["in_channels"] == 1 and pruned.features[0].in_channels == 1
+    assert sum(p.numel() for p in pruned.parameters()) == result["params_after"]
+    assert pruned.eval()(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
 def test_changed_config_never_overwrites_artefacts(tmp_path):
     out = tmp_path / "run"
     run(compose_run(["experiment=smoke", "method=random"], tmp_path), out)
@@ -130,6 +145,9 @@ BAD_INPUTS = [
     (["seed=x"], "'x'"),
     (["device=tpu"], "tpu"),
     (["model.width=[1,2]"], "width=[1.0, 2.0]"),
+    (["model.name=torchvision.nosuch"], "torchvision has no classifier 'nosuch'"),
+    (["model=torchvision", "model.width=0.5"], "torchvision.efficientnet_b0 has no width multiplier: width must be 1, got 0.5"),
+    (["model.name=torchvision.resnext50_32x4d", "model.width=1.0"], "grouped convolution 'layer1.0.conv2' (groups=32) is not supported"),
     (["saliency.batchnorm=train"], "unknown saliency.batchnorm 'train'; accepted: batch, running"),
     (["method=sosp_i", "saliency.batchnorm=batch"], "saliency.batchnorm=batch is not accepted for sosp_i"),
     (["saliency.batchnorm=batch", "saliency.num_samples=65"],

@@ -4,6 +4,10 @@ Every builder takes ``num_classes``, ``in_channels`` and ``width``. ``width`` is
 multiplier for every layer or a list with one multiplier per stage (CIFAR ResNets: 3 stages;
 VGG: 5 stages; DenseNet: 3 dense blocks; torchvision ResNets: 4 stages), which the expand-prune
 (bottleneck) experiment uses to widen single stages.
+
+Any other torchvision classifier is available as ``torchvision.<name>`` (e.g.
+``torchvision.efficientnet_b0``; ``torchvision.models.list_models()``): randomly initialised,
+one stage, width 1 only; ``in_channels`` replaces its first convolution.
 """
 from __future__ import annotations
 
@@ -29,15 +33,32 @@ def register_model(stages: int, stage_of: Callable[[str], int]):
     return wrap
 
 
+TORCHVISION = "torchvision."
+
+
+def check_model(name: str, width: float | Sequence[float] | None = None) -> None:
+    """A registered model or ``torchvision.<classifier>`` (then with width 1, when given), else
+    a one-line SospError naming the value and what is accepted."""
+    if not name.startswith(TORCHVISION):
+        return check_choice("model", name, _REGISTRY)
+    import torchvision
+    if name[len(TORCHVISION):] not in torchvision.models.list_models(module=torchvision.models):
+        raise SospError(f"torchvision has no classifier '{name[len(TORCHVISION):]}'; e.g. "
+                        f"{TORCHVISION}efficientnet_b0, {TORCHVISION}mobilenet_v3_small "
+                        "(torchvision.models.list_models())")
+    if width is not None and (not isinstance(width, (int, float)) or width != 1):
+        raise SospError(f"{name} has no width multiplier: width must be 1, got {width}")
+
+
 def num_stages(name: str) -> int:
-    check_choice("model", name, _REGISTRY)
-    return _STAGES[name][0]
+    check_model(name)
+    return 1 if name.startswith(TORCHVISION) else _STAGES[name][0]
 
 
 def stage_of(name: str, module_name: str) -> int:
     """The width stage (0-based) that module ``module_name`` of model ``name`` belongs to."""
-    check_choice("model", name, _REGISTRY)
-    return _STAGES[name][1](module_name)
+    check_model(name)
+    return 0 if name.startswith(TORCHVISION) else _STAGES[name][1](module_name)
 
 
 def layer_stage(prefix: str = "layer", first: int = 1):
@@ -57,10 +78,29 @@ def list_models() -> list[str]:
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
                  width: float | Sequence[float] = 1.0) -> nn.Module:
-    check_choice("model", name, _REGISTRY)
+    check_model(name, width)
     if num_classes < 2:
         raise SospError(f"num_classes={num_classes} must be at least 2")
+    if name.startswith(TORCHVISION):
+        return _torchvision_model(name, num_classes, in_channels, width)
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def _torchvision_model(name: str, num_classes: int, in_channels: int, width) -> nn.Module:
+    """torchvision's classifier ``name`` (``torchvision.<name>``), randomly initialised, its first
+    convolution replaced for ``in_channels`` other than 3."""
+    import torchvision
+    model = torchvision.models.get_model(name[len(TORCHVISION):], num_classes=num_classes)
+    if in_channels != 3:
+        parent_name, stem = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        if stem.in_channels != 3 or stem.groups != 1:
+            raise SospError(f"{name}: its first convolution '{parent_name}' does not read the image "
+                            f"({stem.in_channels} input channels), so in_channels={in_channels} cannot replace it")
+        parent = model.get_submodule(parent_name.rpartition(".")[0])
+        setattr(parent, parent_name.rpartition(".")[2],
+                nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
+                          stem.dilation, bias=stem.bias is not None))
+    return model
 
 
 def stage_widths(width: float | Sequence[float], num_stages: int) -> list[float]:
