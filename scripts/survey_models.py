@@ -65,15 +65,26 @@ def build(name: str, size: int) -> torch.nn.Module:
     return torchvision.models.get_model(name, num_classes=10, **kwargs)
 
 
-def survey(name: str, size: int = 64, batch: int = 2) -> dict:
+def survey(name: str, size: int = 64, batch: int = 2, max_params: float | None = None) -> dict:
     """One model's row (:data:`FIELDS`; a refused model's ``S`` or later fields are None and
-    ``reason`` says why)."""
+    ``reason`` says why; a model of more than ``max_params`` million parameters is skipped)."""
     start = time.perf_counter()
     size = max(size, MIN_SIZE.get(name, 0))
     torch.manual_seed(0)
-    model = build(name, size).double().eval()
     row = dict.fromkeys(FIELDS)
-    row.update(model=name, size=size, params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+    row.update(model=name, size=size)
+    try:
+        model = build(name, size).eval()
+    except Exception as exc:   # e.g. a ViT whose patch size does not divide the input
+        row.update(reason=f"does not build for {size} × {size} inputs ({type(exc).__name__}: {exc})",
+                   seconds=round(time.perf_counter() - start, 1))
+        return row
+    row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    if max_params is not None and row["params_M"] > max_params:
+        row.update(reason=f"skipped: {row['params_M']} M parameters > --max-params {max_params:g}",
+                   seconds=round(time.perf_counter() - start, 1))
+        return row
+    model = model.double()
     x = torch.randn(batch, 3, size, size, dtype=torch.float64)
     y = torch.randint(0, 10, (batch,))
     try:
@@ -109,7 +120,7 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reason = (r["reason"] or "").replace("|", "\\|")
-        lines.append(f"| {r['model']} | {r['params_M']} | {r['size']}² | {number(r['S'])} | "
+        lines.append(f"| {r['model']} | {'–' if r['params_M'] is None else r['params_M']} | {r['size']}² | {number(r['S'])} | "
                      f"{number(r['gate_error'])} | {r['sosp_h_path'] or '–'} | {number(r['pair_error'])} | {reason} |")
     return "\n".join(lines) + "\n"
 
@@ -120,6 +131,8 @@ def parse(argv=None) -> argparse.Namespace:
                         help="torchvision classifiers, or 'all' (default: one per family)")
     parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     parser.add_argument("--batch", type=int, default=2, help="images per model (default 2)")
+    parser.add_argument("--max-params", type=float, default=None,
+                        help="skip models of more parameters (millions): several float64 copies are held")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
@@ -134,6 +147,8 @@ def parse(argv=None) -> argparse.Namespace:
         parser.error(f"--size {args.size}: must be >= 32 (the models downsample by 32)")
     if args.batch < 1:
         parser.error(f"--batch {args.batch}: must be >= 1")
+    if args.max_params is not None and args.max_params <= 0:
+        parser.error(f"--max-params {args.max_params:g}: must be > 0")
     return args
 
 
@@ -146,7 +161,7 @@ def main(argv=None) -> list[dict]:
     print(f"# {header}")
     rows = []
     for name in args.models:
-        rows.append(survey(name, args.size, args.batch))
+        rows.append(survey(name, args.size, args.batch, args.max_params))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "torchvision": torchvision.__version__,

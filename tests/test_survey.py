@@ -20,17 +20,23 @@ def _script():
 def test_survey_rows_say_what_prunes_exactly_and_why_the_rest_is_refused(tmp_path, capsys):
     survey = _script()
     out, table = tmp_path / "survey.json", tmp_path / "survey.md"
-    rows = survey.main(["--models", "squeezenet1_1", "shufflenet_v2_x0_5", "--size", "32",
+    rows = survey.main(["--models", "squeezenet1_1", "shufflenet_v2_x0_5", "alexnet", "--size", "32", "--max-params", "50",
                         "--json", str(out), "--markdown", str(table)])
-    squeeze, shuffle = rows
+    squeeze, shuffle, alexnet = rows
+    assert alexnet["reason"] == "skipped: 57.04 M parameters > --max-params 50" and alexnet["S"] is None
     assert set(squeeze) == set(survey.FIELDS) and squeeze["S"] > 0
     assert squeeze["gate_error"] <= 1e-12 and squeeze["sosp_h_path"] == "pair" and squeeze["pair_error"] <= 1e-12
     assert survey.exact(squeeze) and not survey.exact(shuffle)
     assert shuffle["S"] is None and shuffle["reason"].startswith("Torch-Pruning could not build the dependency graph of ShuffleNetV2")
     assert json.loads(out.read_text())["rows"] == rows
     lines = table.read_text().splitlines()[4:]
-    assert len(lines) == 4 and lines[2].startswith("| squeezenet1_1 | 0.73 | 32² | 2944 |") and "| pair |" in lines[2]
-    assert "1 of 2 models prune exactly" in capsys.readouterr().out
+    assert len(lines) == 5 and lines[2].startswith("| squeezenet1_1 | 0.73 | 32² | 2944 |") and "| pair |" in lines[2]
+    assert "1 of 3 models prune exactly" in capsys.readouterr().out
+
+
+def test_a_model_that_does_not_build_for_the_size_is_a_row_not_a_stop():
+    row = _script().survey("vit_h_14", 64)   # patch size 14 does not divide 64
+    assert row["params_M"] is None and row["reason"].startswith("does not build for 64 × 64 inputs (AssertionError")
 
 
 def test_a_model_without_a_rule_is_surveyed_on_forward_mode(monkeypatch):
@@ -55,6 +61,7 @@ def test_a_model_without_a_rule_is_surveyed_on_forward_mode(monkeypatch):
     (["--models", "nosuch"], "--models nosuch: torchvision has no classifier 'nosuch'"),
     (["--size", "16"], "--size 16: must be >= 32"),
     (["--batch", "0"], "--batch 0: must be >= 1"),
+    (["--max-params", "0"], "--max-params 0: must be > 0"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
