@@ -44,6 +44,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     max_batches: Optional[int] = None  # cap on batches per epoch (smoke runs)
+    bn_momentum: Optional[float] = None  # every BatchNorm's running-statistics momentum while this stage trains (None: the model's own)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from .budget import CostModel
 from .selection import originals_of, select, validate as validate_selection
 from .structures import StructureSet
 from .surgery import remove_structures
-from .train import evaluate, train
+from .train import check_bn_momentum, evaluate, train
 from .utils import float32_products, fingerprint, resolve_device, save_json, save_torch, seed_everything
 
 
@@ -99,6 +99,8 @@ def validate(cfg: RunConfig) -> None:
         # channels, ...): say so before pretraining it, from its structures on a dummy input
         size = cfg.dataset.image_size
         StructureSet(create_model(cfg.model.name, 10, 3, cfg.model.width).eval(), torch.zeros(1, 3, size, size))
+    for stage in ("pretrain", "finetune"):
+        check_bn_momentum(getattr(cfg.schedule, stage).bn_momentum, f"schedule.{stage}.bn_momentum")
     p = cfg.prune
     validate_selection(p.ratio, p.target, p.scope, p.min_channels, p.max_layer_ratio, p.normalize)
     cfg_steps(cfg)

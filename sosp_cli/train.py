@@ -12,6 +12,7 @@ and only rank 0 writes the metrics and the checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -137,6 +138,39 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
     ``across_ranks``: data-parallel over the process group (module docstring)."""
     if cfg.epochs < 0:
         raise SospError(f"epochs={cfg.epochs} must be >= 0")
+    with bn_momentum(model, cfg.bn_momentum):
+        return _train(model, train_loader, val_loader, cfg, device, stage, metrics_path, checkpoint_path,
+                      seed, amp, channels_last, bn_sparsity, across_ranks)
+
+
+def check_bn_momentum(momentum, key: str = "bn_momentum") -> None:
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0 < momentum <= 1):
+        raise SospError(f"{key}={momentum}: expected a number in (0, 1] or null (the model's own)")
+
+
+@contextlib.contextmanager
+def bn_momentum(model: nn.Module, momentum: float | None):
+    """Every BatchNorm of ``model`` with running-statistics momentum ``momentum`` inside the
+    block, its own again after it (None: unchanged). A short schedule needs it for models whose
+    own momentum is small — torchvision's MobileNetV3 (0.01) and MNASNet (0.0003) keep their
+    running statistics near their initial mean 0 / variance 1 over a few hundred steps, so the
+    eval-mode network (the one scored and pruned) is not the one trained."""
+    check_bn_momentum(momentum)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    own = [m.momentum for m in norms]
+    try:
+        if momentum is not None:
+            for m in norms:
+                m.momentum = float(momentum)
+        yield
+    finally:
+        for m, value in zip(norms, own):
+            m.momentum = value
+
+
+def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, metrics_path, checkpoint_path,
+           seed, amp, channels_last, bn_sparsity, across_ranks) -> list[dict]:
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -145,6 +145,7 @@ BAD_INPUTS = [
     (["seed=x"], "'x'"),
     (["device=tpu"], "tpu"),
     (["model.width=[1,2]"], "width=[1.0, 2.0]"),
+    (["schedule.finetune.bn_momentum=2"], "schedule.finetune.bn_momentum=2.0: expected a number in (0, 1] or null"),
     (["model.name=torchvision.nosuch"], "torchvision has no classifier 'nosuch'"),
     (["model=torchvision", "model.width=0.5"], "torchvision.efficientnet_b0 has no width multiplier: width must be 1, got 0.5"),
     (["model.name=torchvision.resnext50_32x4d", "model.width=1.0"], "grouped convolution 'layer1.0.conv2' (groups=32) is not supported"),

@@ -61,3 +61,25 @@ def test_training_learns_digits():
     model, history, splits = _fit(cfg, None)
     acc = evaluate(model, make_loader(splits.test, 256, False), torch.device("cpu"))
     assert acc["top1"] > 50.0 and acc["top5"] >= acc["top1"]
+
+
+def test_bn_momentum_is_the_stages_while_it_trains_and_the_models_after():
+    """``bn_momentum`` (schedule.<stage>.bn_momentum): one step moves the running mean from 0 by
+    momentum × the batch mean, with the stage's momentum (0.5) or the model's own (0.01, None);
+    the model keeps its own momentum afterwards. Bad values are one-line errors."""
+    import pytest
+    import torch.nn as nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from sosp_cli.errors import SospError
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 2, 4, 4) * 3 + 1, torch.randint(0, 3, (32,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    for momentum, moved in ((0.5, 0.5), (None, 0.01)):
+        model = nn.Sequential(nn.BatchNorm2d(2, momentum=0.01), nn.Flatten(), nn.Linear(32, 3))
+        cfg = TrainConfig(epochs=1, batch_size=32, lr=0.0, scheduler="constant", bn_momentum=momentum)
+        train(model, loader, loader, cfg, torch.device("cpu"), "t")
+        assert torch.allclose(model[0].running_mean, moved * x.mean((0, 2, 3)), atol=1e-6)
+        assert model[0].momentum == 0.01
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(SospError, match=rf"^bn_momentum={bad}: expected a number in \(0, 1\] or null"):
+            train(model, loader, loader, TrainConfig(epochs=1, bn_momentum=bad), torch.device("cpu"), "t")
