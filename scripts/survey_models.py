@@ -37,6 +37,7 @@ from test_stacked import float64_model, rel_err  # noqa: E402  (the tests' float
 
 from sosp_cli import api  # noqa: E402
 from sosp_cli.errors import SospError  # noqa: E402
+from sosp_cli.models import TORCHVISION_KWARGS  # noqa: E402
 from sosp_cli.pruning.derivatives import curvature_product  # noqa: E402
 from sosp_cli.structures import StructureSet  # noqa: E402
 
@@ -59,10 +60,11 @@ def torchvision_names() -> list[str]:
 
 def build(name: str, size: int) -> torch.nn.Module:
     """torchvision's ``name`` with 10 classes for ``size`` × ``size`` inputs (a ViT's and MaxViT's
-    input size is a constructor argument)."""
+    input size is a constructor argument), as ``create_model("torchvision.<name>")`` builds it
+    (``TORCHVISION_KWARGS``: GoogLeNet and Inception v3 without auxiliary classifiers)."""
     import torchvision
     kwargs = {"image_size": size} if name.startswith("vit_") else {"input_size": (size, size)} if name.startswith("maxvit") else {}
-    return torchvision.models.get_model(name, num_classes=10, **kwargs)
+    return torchvision.models.get_model(name, num_classes=10, **kwargs, **TORCHVISION_KWARGS.get(name, {}))
 
 
 def survey(name: str, size: int = 64, batch: int = 2, max_params: float | None = None) -> dict:

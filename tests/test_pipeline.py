@@ -52,6 +52,15 @@ def test_a_torchvision_classifier_outside_the_registry_runs_end_to_end(tmp_path)
     assert pruned.eval()(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_torchvision_classifiers_with_auxiliary_heads_train_on_their_logits(name):
+    """Built without the auxiliary classifiers, whose train-mode output (a tuple) the loss cannot take."""
+    from sosp_cli.models import create_model
+    model = create_model(f"torchvision.{name}", 10, 1).train()
+    assert not hasattr(model, "aux1") or model.aux1 is None
+    assert isinstance(model(torch.randn(2, 1, 80, 80)), torch.Tensor)
+
+
 def test_changed_config_never_overwrites_artefacts(tmp_path):
     out = tmp_path / "run"
     run(compose_run(["experiment=smoke", "method=random"], tmp_path), out)

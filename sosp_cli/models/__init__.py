@@ -7,7 +7,8 @@ VGG: 5 stages; DenseNet: 3 dense blocks; torchvision ResNets: 4 stages), which t
 
 Any other torchvision classifier is available as ``torchvision.<name>`` (e.g.
 ``torchvision.efficientnet_b0``; ``torchvision.models.list_models()``): randomly initialised,
-one stage, width 1 only; ``in_channels`` replaces its first convolution.
+one stage, width 1 only; ``in_channels`` replaces its first convolution; GoogLeNet and Inception
+v3 without their auxiliary classifiers.
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def register_model(stages: int, stage_of: Callable[[str], int]):
 
 
 TORCHVISION = "torchvision."
+# torchvision builders' arguments for a classifier that sosp trains and prunes: GoogLeNet's and
+# Inception v3's auxiliary classifiers off (in train mode they make the output a tuple), and
+# their weight initialisation the one torchvision uses today, named (it warns when left unnamed)
+TORCHVISION_KWARGS = {name: {"aux_logits": False, "init_weights": True} for name in ("googlenet", "inception_v3")}
 
 
 def check_model(name: str, width: float | Sequence[float] | None = None) -> None:
@@ -90,7 +95,8 @@ def _torchvision_model(name: str, num_classes: int, in_channels: int, width) -> 
     """torchvision's classifier ``name`` (``torchvision.<name>``), randomly initialised, its first
     convolution replaced for ``in_channels`` other than 3."""
     import torchvision
-    model = torchvision.models.get_model(name[len(TORCHVISION):], num_classes=num_classes)
+    arch = name[len(TORCHVISION):]
+    model = torchvision.models.get_model(arch, num_classes=num_classes, **TORCHVISION_KWARGS.get(arch, {}))
     if in_channels != 3:
         parent_name, stem = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
         if stem.in_channels != 3 or stem.groups != 1:
