@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,9 @@ from .errors import SospError, check_choice
 from .utils import retain_freed_memory
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+# a multirun job that fails with a one-line error writes it here, in its own directory, and the
+# sweep goes on; the sweep's end lists the failed points and exits 2 (ReportCallback)
+FAILED_FILE = "error.txt"
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
@@ -94,6 +98,13 @@ class ReportCallback(Callback):
             print(write_report(sweep_dir))
         except SospError as exc:
             print(f"sosp-report: {exc}", file=sys.stderr)
+        failed = sorted(sweep_dir.rglob(FAILED_FILE))
+        if failed:
+            done = len(list(sweep_dir.rglob("result.json")))
+            lines = [f"  {f.parent.relative_to(sweep_dir)}: {f.read_text().strip()}" for f in failed]
+            print(f"sosp-run: error: {len(failed)} of {len(failed) + done} sweep points failed "
+                  f"(the others are in the report):\n" + "\n".join(lines), file=sys.stderr)
+            sys.exit(2)
 
 
 def one_line(exc: BaseException) -> str:
@@ -150,8 +161,13 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         result = pipeline.run(run_cfg, out)
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:   # the other sweep points still run
+            if distributed.is_main():
+                Path(out, FAILED_FILE).write_text(f"{exc}\n")
+            return None
         sys.exit(2)
     if distributed.is_main():
+        Path(out, FAILED_FILE).unlink(missing_ok=True)   # an earlier failure of this point, rerun
         print(summary(result))
     return result
 
