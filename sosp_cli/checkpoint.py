@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SospError
-from .models import create_model
+from .models import AUXILIARY_PREFIXES, create_model
 from .surgery import replay
 from .utils import save_torch
 
@@ -87,6 +87,9 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
         raise SospError(f"pretrain.checkpoint={path} holds no state dict")
     state = _without_wrapper_prefixes(state)
     own = model.state_dict()
+    # torchvision's GoogLeNet / Inception v3 weights hold auxiliary classifiers that the model,
+    # built without them (models.TORCHVISION_KWARGS), does not have: those are not loaded
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(AUXILIARY_PREFIXES)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

@@ -112,6 +112,24 @@ def test_torchvision_weights_load_through_pretrain_checkpoint(tmp_path, wrapper)
         assert torch.equal(ours(x), source(x))
 
 
+def test_torchvision_googlenet_weights_load_without_their_auxiliary_classifiers(tmp_path):
+    """torchvision's GoogLeNet weight files hold aux1/aux2; ``torchvision.googlenet`` is built
+    without them: the rest loads, with the same eval logits; any other extra key still fails."""
+    from torchvision.models import googlenet
+    from sosp_cli.checkpoint import load_weights_into
+    source = googlenet(num_classes=10, aux_logits=True, init_weights=True).eval()
+    assert any(k.startswith("aux1.") for k in source.state_dict())
+    torch.save(source.state_dict(), tmp_path / "tv.pth")
+    ours = api.create_model("torchvision.googlenet", num_classes=10).eval()
+    load_weights_into(ours, tmp_path / "tv.pth")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), source(x))
+    torch.save({**source.state_dict(), "extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(SospError, match="unexpected 'extra.weight'"):
+        load_weights_into(ours, tmp_path / "extra.pth")
+
+
 def test_checkpoint_keys_that_do_not_all_share_a_wrapper_prefix_are_a_mismatch(tmp_path):
     from sosp_cli.checkpoint import load_weights_into
     from sosp_cli.errors import SospError

@@ -39,6 +39,8 @@ TORCHVISION = "torchvision."
 # Inception v3's auxiliary classifiers off (in train mode they make the output a tuple), and
 # their weight initialisation the one torchvision uses today, named (it warns when left unnamed)
 TORCHVISION_KWARGS = {name: {"aux_logits": False, "init_weights": True} for name in ("googlenet", "inception_v3")}
+# the auxiliary classifiers' weights in torchvision's weight files of those two (not loaded)
+AUXILIARY_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
 
 
 def check_model(name: str, width: float | Sequence[float] | None = None) -> None:
