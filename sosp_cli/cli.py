@@ -27,9 +27,7 @@ from .errors import SospError, check_choice
 from .utils import retain_freed_memory
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-# a multirun job that fails with a one-line error writes it here, in its own directory, and the
-# sweep goes on; the sweep's end lists the failed points and exits 2 (ReportCallback)
-FAILED_FILE = "error.txt"
+
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
@@ -88,7 +86,7 @@ class ReportCallback(Callback):
     """At the end of a multirun, collect every result.json of the sweep into a report."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from .report import write_report
+        from .report import failed_points, write_report
         if not distributed.is_main():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -98,12 +96,11 @@ class ReportCallback(Callback):
             print(write_report(sweep_dir))
         except SospError as exc:
             print(f"sosp-report: {exc}", file=sys.stderr)
-        failed = sorted(sweep_dir.rglob(FAILED_FILE))
+        failed = failed_points(sweep_dir)   # the points that wrote FAILED_FILE (hydra_main)
         if failed:
             done = len(list(sweep_dir.rglob("result.json")))
-            lines = [f"  {f.parent.relative_to(sweep_dir)}: {f.read_text().strip()}" for f in failed]
             print(f"sosp-run: error: {len(failed)} of {len(failed) + done} sweep points failed "
-                  f"(the others are in the report):\n" + "\n".join(lines), file=sys.stderr)
+                  f"(the others are in the report):\n" + "\n".join(f"  {f}" for f in failed), file=sys.stderr)
             sys.exit(2)
 
 
@@ -147,6 +144,7 @@ def precheck(overrides: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> dict | None:
     from . import bottleneck, pipeline
+    from .report import FAILED_FILE
     from .utils import resolve_device
     run_cfg = to_run_config(cfg)
     out = HydraConfig.get().runtime.output_dir
@@ -156,9 +154,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         if run_cfg.note and distributed.is_main():
             print(f"[{run_cfg.experiment_name}] {run_cfg.note}")
         check_choice("task", run_cfg.task, ("prune", "bottleneck"))
-        if run_cfg.task == "bottleneck":
-            return bottleneck.run(run_cfg, out)
-        result = pipeline.run(run_cfg, out)
+        result = (bottleneck.run if run_cfg.task == "bottleneck" else pipeline.run)(run_cfg, out)
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:   # the other sweep points still run
@@ -168,7 +164,8 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         sys.exit(2)
     if distributed.is_main():
         Path(out, FAILED_FILE).unlink(missing_ok=True)   # an earlier failure of this point, rerun
-        print(summary(result))
+        if run_cfg.task == "prune":
+            print(summary(result))
     return result
 
 

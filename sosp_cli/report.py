@@ -89,6 +89,16 @@ def reference_table(path: Path, measured: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+# a sweep point that failed with a one-line error leaves it in its folder (``sosp-run -m``)
+FAILED_FILE = "error.txt"
+
+
+def failed_points(root: Path) -> list[str]:
+    """``<point folder>: <error>`` for every failed sweep point below ``root``."""
+    root = Path(root)
+    return [f"{f.parent.relative_to(root)}: {f.read_text().strip()}" for f in sorted(root.rglob(FAILED_FILE))]
+
+
 def write_report(root: Path, reference: Path | None = None) -> str:
     from .plots import accuracy_curves, layer_ratio_bars, saliency_time_vs_width
 
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sosp-report: error: {exc}", file=sys.stderr)
         return 2
     print(f"\nwritten: {args.dir / 'report.csv'}, {args.dir / 'report.md'}")
+    failed = failed_points(args.dir)
+    if failed:
+        print(f"\nnot in the report, {len(failed)} failed sweep point(s):\n" + "\n".join(f"  {f}" for f in failed))
     return 0
 
 

@@ -237,6 +237,9 @@ def test_a_failed_sweep_point_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "sosp-run: error: 1 of 3 sweep points failed (the others are in the report):\n  1_random_r1.5_s0: " \
         "prune.ratio=1.5 is outside [0, 1)" in proc.stderr
     assert len([l for l in (sweep / "report.md").read_text().splitlines() if l.startswith("| digits")]) == 2
+    report = subprocess.run(["sosp-report", str(sweep)], capture_output=True, text=True)
+    assert report.returncode == 0 and "not in the report, 1 failed sweep point(s):\n  1_random_r1.5_s0: " \
+        "prune.ratio=1.5" in report.stdout
     failed.parent.rename(sweep / "1_random_r0.5_s0")   # the same job directory, now a valid point
     rerun = subprocess.run(args + ["prune.ratio=0.3,0.5,0.4"], cwd=tmp_path, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
