@@ -27,7 +27,6 @@ from .errors import SospError, check_choice
 from .utils import retain_freed_memory
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 

@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..structures import StructureSet
 from .lean import FrozenConv, FrozenLinear, bn_affine, swapped_forwards
-from .stacked import (_ADD, _ATTRIBUTES, _BINARY, _METADATA, Unsupported, _add_untracked, _AvgPool,
+from .stacked import (_ADD, _ATTRIBUTES, _METADATA, Unsupported, _add_untracked, _AvgPool,
                       _bn_jacobian, _channel_shaped, _clamp_mask, _flat, _gate_hooks, _name,
                       _detached, _relu_mask, _slope, dispatch, handler_table, shift_rule, zeros_of)
 
@@ -408,7 +408,7 @@ class _PairedMode(TorchFunctionMode):
     def linear(self, func, args, kwargs):
         """A function linear in the activations, applied to the primals and to the tangents."""
         tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
-        if (func in _BINARY and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors):
+        if (func in _ADD and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors):
             raise Unsupported(f"{_name(func)} with a constant or across the batch")
         if func in _INPLACE and tangent(args[0]) is None:
             raise Unsupported("Tensor.add_ of an activation with a tangent into one without")

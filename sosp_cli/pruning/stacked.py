@@ -542,18 +542,18 @@ _HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _regis
 
 # functions that act row by row and linearly on activations: valid on the stacked rows as they
 # are, provided every tensor argument is an activation and the result keeps the row count
+# (out-of-place sums and differences have handlers, :data:`_SHIFTS`, which call ``mode.linear``
+# for two activations)
 _ROWWISE_LINEAR = {
-    torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
-    torch.Tensor.__iadd__, torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__,
+    torch.Tensor.add_, torch.Tensor.__iadd__,
     torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.cat, torch.concat, torch.flatten, torch.Tensor.flatten,
     torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous,
     torch.Tensor.mean, torch.mean, torch.Tensor.sum, torch.sum, torch.Tensor.squeeze,
     torch.Tensor.unsqueeze,
 }
+# sums: linear in the activations only with two of them (one: a constant shift, :data:`_SHIFTS`)
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
         torch.Tensor.__radd__, torch.Tensor.__iadd__}
-# sums and differences: linear in the activations only with two of them (one: a constant shift)
-_BINARY = _ADD | {torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__}
 # attribute reads that do not touch values (``x.T``, ``x.data``, ... are not among them)
 # (``grad_fn``, ``is_leaf``: read by instrumentation such as ``FlopCounterMode``'s module tracker)
 _ATTRIBUTES = {torch.Tensor.shape, torch.Tensor.dtype, torch.Tensor.device, torch.Tensor.ndim,
@@ -612,7 +612,7 @@ class _StackedMode(TorchFunctionMode):
         args, kwargs = self.joined(args), self.joined(kwargs)
         tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
         out = func(*args, **kwargs)
-        if not tensors or (func in _BINARY and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors) or \
+        if not tensors or (func in _ADD and len(tensors) < 2) or any(t.dim() == 0 or t.shape[0] != self.rows for t in tensors) or \
                 not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != self.rows:
             raise Unsupported(f"{_name(func)} with a constant or across the batch")
         return out
