@@ -88,8 +88,10 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
     state = _without_wrapper_prefixes(state)
     own = model.state_dict()
     # torchvision's GoogLeNet / Inception v3 weights hold auxiliary classifiers that the model,
-    # built without them (models.TORCHVISION_KWARGS), does not have: those are not loaded
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(AUXILIARY_PREFIXES)}
+    # built without them (models.TORCHVISION_KWARGS: the attribute is None), does not have:
+    # those are not loaded
+    removed = tuple(p for p in AUXILIARY_PREFIXES if hasattr(model, p[:-1]) and getattr(model, p[:-1]) is None)
+    state = {k: v for k, v in state.items() if k in own or not (removed and k.startswith(removed))}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
