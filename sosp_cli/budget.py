@@ -2,9 +2,10 @@
 
 Removing a channel shrinks every layer of its coupled group: the producers lose an output
 filter, the consumers lose an input slice, BatchNorms and depthwise convs lose a channel. A
-conv or linear layer costs ``k · out · in`` parameters (``k`` = kernel area / groups) and
-``k · out · in · H·W`` MACs, a product of two channel counts — so removing structures from two
-groups that meet in one layer is not additive. :class:`CostModel` keeps the current channel
+conv or linear layer costs ``k · out · in / G`` parameters (``k`` = kernel area, G = groups; a
+grouped conv's structures take a channel from every group, so the count stays a whole number)
+and ``k · out · in · H·W / G`` MACs, a product of two channel counts — so removing structures
+from two groups that meet in one layer is not additive. :class:`CostModel` keeps the current channel
 counts of every layer and returns the exact cost change of removing one more structure, which
 the selection uses to stop at the first structure that reaches a params / FLOPs target. The
 totals agree with ``count_params`` and ``FlopCounterMode`` on the physically pruned model
@@ -25,9 +26,10 @@ from .structures import StructureSet
 @dataclass
 class _Layer:
     name: str
-    params_per_pair: int            # weight elements per (output, input) channel pair
-    macs_per_pair: int              # MACs per (output, input) channel pair (params × H·W)
+    params_per_pair: int            # weight elements per (output, input) channel pair, × groups
+    macs_per_pair: int              # MACs per (output, input) channel pair (params × H·W), × groups
     bias: bool
+    groups: int                     # a grouped conv's groups (1 otherwise): the divisor of both
     out_count: dict = field(default_factory=dict)   # structure → #output channels it owns here
     in_count: dict = field(default_factory=dict)    # structure → #input channels it owns here
     out_now: int = 0                                # current channel counts
@@ -50,11 +52,11 @@ class CostModel:
         produced: dict[str, list[int]] = defaultdict(list)   # layer → structure of each out channel
         for g in ss.groups:
             for p in g.producers:
-                produced[p] = list(range(g.offset, g.offset + g.size))
+                produced[p] = g.structure_of(torch.arange(g.channels)).tolist()
         for name, module in modules.items():
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
                 continue
-            if isinstance(module, nn.Conv2d) and module.groups > 1:
+            if isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1:
                 # depthwise: one filter per channel, cost linear in the channel count
                 per = module.weight[0].numel() + (1 if module.bias is not None else 0)
                 macs = module.weight[0].numel() * spatial.get(name, 1)
@@ -64,8 +66,9 @@ class CostModel:
                 continue
             weight = module.weight
             k = weight[0, 0].numel()
-            outs, ins = weight.shape[0], weight.shape[1]
-            layer = _Layer(name, k, k * spatial.get(name, 1), module.bias is not None)
+            groups = module.groups if isinstance(module, nn.Conv2d) else 1
+            outs, ins = weight.shape[0], weight.shape[1] * groups
+            layer = _Layer(name, k, k * spatial.get(name, 1), module.bias is not None, groups)
             for s in produced.get(name, []):
                 layer.out_count[s] = layer.out_count.get(s, 0) + 1
             site = ss.sites.get(name)
@@ -83,17 +86,18 @@ class CostModel:
     def _depthwise_structures(ss: StructureSet, name: str) -> list[int]:
         for g in ss.groups:
             if name in g.depthwise:
-                return list(range(g.offset, g.offset + g.size))
+                return g.structure_of(torch.arange(g.channels)).tolist()
         return []
 
     def removal_cost(self, s: int) -> tuple[int, int]:
         """(params, MACs) removed by taking structure ``s`` out of the current model."""
         params, macs = int(self.linear_params[s]), int(self.linear_macs[s])
         for layer, n_out, n_in in self.touch[s]:
-            # out·in − (out − n_out)(in − n_in) channel pairs disappear
+            # out·in − (out − n_out)(in − n_in) channel pairs disappear; a grouped conv connects
+            # 1/G of them (its structures hold a multiple of G channels: a whole number)
             pairs = n_out * layer.in_now + n_in * layer.out_now - n_out * n_in
-            params += layer.params_per_pair * pairs + (n_out if layer.bias else 0)
-            macs += layer.macs_per_pair * pairs
+            params += layer.params_per_pair * pairs // layer.groups + (n_out if layer.bias else 0)
+            macs += layer.macs_per_pair * pairs // layer.groups
         return params, macs
 
     def remove(self, s: int) -> tuple[int, int]:

@@ -6,8 +6,17 @@ structure spans every producer of the summed channel) and concatenations (one st
 consumers, with the index shifted by the concatenation offset). The stem's input channels and
 the classifier's outputs are never structures.
 
+Grouped convolutions (ResNeXt, RegNet; groups G > 1, not depthwise) keep G equal groups only if
+every group loses the same channel positions, so in a Torch-Pruning group that holds one (as
+input or output) a structure is one channel *position*: with C root channels, structure j is
+channels j, j + C/G, ..., j + (G−1)·C/G — one at position j of every group (G = the least
+common multiple of the groups of the grouped convs in the group). This is Torch-Pruning's own
+group-aligned pruning, whose ``prune_in_channels`` keeps the same positions in every group;
+a grouped conv whose channels are not laid out so (e.g. behind a concatenation that shifts
+them) is refused in one line.
+
 Each structure s has a gate c_s. The gate multiplies the channel where it enters every
-channel-mixing weight layer that reads it (a Conv2d with ``groups == 1`` or a Linear: the
+channel-mixing weight layer that reads it (a Conv2d that is not depthwise, or a Linear: the
 ``prune_in_channels`` items of the Torch-Pruning group). BatchNorm, activations, pooling and
 depthwise convs on the way belong to the structure but are not gate sites, so c_s = 0 gives
 exactly the logits of the physically pruned model (tested for every registered model).
@@ -19,6 +28,7 @@ Gating the *input* of a consumer is the same as scaling its weight's input slice
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -31,14 +41,29 @@ from .errors import SospError
 
 @dataclass
 class StructureGroup:
-    """Channels coupled by the graph; each channel of the root is one structure."""
+    """Channels coupled by the graph; each channel of the root is one structure, or with
+    ``channel_groups`` G > 1 (a grouped conv in the group) each channel position of G groups."""
 
     root: str                      # qualified name of the module whose output channels are pruned
-    size: int                      # number of channels (= structures) in the group
-    offset: int                    # index of channel 0 in the global structure order
+    size: int                      # number of structures in the group
+    offset: int                    # index of structure 0 in the global structure order
     producers: list[str] = field(default_factory=list)   # conv/linear layers writing the channel
     consumers: list[str] = field(default_factory=list)   # channel-mixing layers reading it
     depthwise: list[str] = field(default_factory=list)   # depthwise convs on the way (not gate sites)
+    channel_groups: int = 1        # G: root channels per structure (module docstring)
+
+    @property
+    def channels(self) -> int:
+        """Number of root channels: ``size · channel_groups``."""
+        return self.size * self.channel_groups
+
+    def channels_of(self, j: int) -> list[int]:
+        """The root channels of structure j of this group: j, j + size, ..., one per channel group."""
+        return [j + k * self.size for k in range(self.channel_groups)]
+
+    def structure_of(self, root_channels: torch.Tensor) -> torch.Tensor:
+        """Global structure index of each root channel (``offset + channel mod size``)."""
+        return self.offset + root_channels % self.size
 
     def names(self) -> list[str]:
         return [f"{self.root}:{i}" for i in range(self.size)]
@@ -84,39 +109,40 @@ class StructureSet:
         self.norm_sites: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         sites: dict[str, tuple[int, list[int], list[int]]] = {}
         offset = 0
+        grouped_outputs: dict[str, torch.Tensor] = {}   # grouped conv → structure of each output
         for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
                                        root_module_types=(nn.Conv2d, nn.Linear)):
             root = names[group[0].dep.target.module]
-            size = len(group[0].idxs)
-            sg = StructureGroup(root=root, size=size, offset=offset)
+            sg = _structure_group(root, len(group[0].idxs), offset, group.items, names)
             for item in group.items:
                 module = item.dep.target.module
+                structure = sg.structure_of(torch.tensor([int(r) for r in item.root_idxs], dtype=torch.long))
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
                     self.norm_sites.append((names[module], torch.tensor([int(i) for i in item.idxs]),
-                                            torch.tensor([offset + int(r) for r in item.root_idxs])))
+                                            structure))
                     continue
                 if not isinstance(module, (nn.Conv2d, nn.Linear)):
                     continue
                 mname = names[module]
-                if isinstance(module, nn.Conv2d) and module.groups != 1:
-                    if module.groups == module.in_channels == module.out_channels:
-                        if mname not in sg.depthwise:  # part of the structure, not a gate site
-                            sg.depthwise.append(mname)
-                        continue
-                    raise SospError(f"grouped convolution '{mname}' (groups={module.groups}) "
-                                    "is not supported; only groups=1 and depthwise are")
+                if _depthwise(module):
+                    if mname not in sg.depthwise:  # part of the structure, not a gate site
+                        sg.depthwise.append(mname)
+                    continue
                 if dg.is_out_channel_pruning_fn(item.dep.handler):
                     if mname not in sg.producers:
                         sg.producers.append(mname)
+                    if isinstance(module, nn.Conv2d) and module.groups > 1:
+                        table = grouped_outputs.setdefault(mname, torch.full((module.out_channels,), -1))
+                        table[torch.tensor([int(i) for i in item.idxs], dtype=torch.long)] = structure
                     continue
                 in_features = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
                 _, chans, gates = sites.setdefault(mname, (in_features, [], []))
                 chans.extend(int(i) for i in item.idxs)
-                gates.extend(offset + int(r) for r in item.root_idxs)
+                gates.extend(structure.tolist())
                 if mname not in sg.consumers:
                     sg.consumers.append(mname)
             self.groups.append(sg)
-            offset += size
+            offset += sg.size
         self.num_structures = offset
         self.sites = {n: GateSite(f, torch.tensor(c, dtype=torch.long), torch.tensor(g, dtype=torch.long))
                       for n, (f, c, g) in sites.items()}
@@ -124,6 +150,11 @@ class StructureSet:
             if len(set(site.channels.tolist())) != len(site.channels):
                 raise SospError(f"input channels of '{name}' belong to two structures; "
                                 "the gate model cannot represent this layer")
+            module = modules[name]
+            if isinstance(module, nn.Conv2d) and module.groups > 1:
+                _check_group_aligned(name, module, "input", site.lookup(self.num_structures, "cpu"))
+        for name, table in grouped_outputs.items():
+            _check_group_aligned(name, modules[name], "output", table)
 
     def names(self) -> list[str]:
         return [n for g in self.groups for n in g.names()]
@@ -189,6 +220,39 @@ class StructureSet:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+
+
+def _structure_group(root: str, channels: int, offset: int, items, names: dict) -> StructureGroup:
+    """The structure group of a Torch-Pruning group of ``channels`` root channels: one structure
+    per channel, or per channel position when grouped convs are in the group (module docstring)."""
+    grouped = {names[it.dep.target.module]: it.dep.target.module.groups for it in items
+               if isinstance(it.dep.target.module, nn.Conv2d) and it.dep.target.module.groups > 1
+               and not _depthwise(it.dep.target.module)}
+    g = math.lcm(*grouped.values()) if grouped else 1
+    if channels % g:
+        first = next(iter(grouped))
+        raise SospError(f"the {channels} channels of '{root}' cannot be split into {g} equal "
+                        f"channel groups for grouped convolution '{first}' (groups="
+                        f"{grouped[first]}); structures of grouped convolutions take one channel "
+                        "position of every group")
+    return StructureGroup(root=root, size=channels // g, offset=offset, channel_groups=g)
+
+
+def _check_group_aligned(name: str, module: nn.Conv2d, side: str, structure: torch.Tensor) -> None:
+    """A grouped conv stays a grouped conv after any removal only if every one of its groups
+    holds the same structures at the same positions (its ``side`` channels: ``structure[i]`` is
+    the structure of channel i, or a value for "none"), which Torch-Pruning's pruning of grouped
+    convs assumes (it keeps the same positions in every group)."""
+    table = structure.reshape(module.groups, -1)
+    if not bool((table == table[:1]).all()):
+        raise SospError(f"the {side} channels of grouped convolution '{name}' (groups="
+                        f"{module.groups}) do not hold the same structures at the same position of "
+                        "every group, so removing a structure would unbalance its groups; supported: "
+                        "grouped convs whose channels are read in group order")
 
 
 def _flat_input_check(name: str):
@@ -275,8 +339,7 @@ def _refuse_channel_normalisation(dg: tp.DependencyGraph, names: dict, ignored: 
                 continue
             seen.add(producer)
             m = producer.module
-            depthwise = isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and not depthwise:
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not _depthwise(m):
                 if m not in ignored:
                     raise _normalisation_error(module, names[module], names[m])
                 continue

@@ -26,23 +26,26 @@ def remove_structures(model: nn.Module, structures: StructureSet, remove: list[s
     was_training = pruned.training
     pruned.eval()
     modules = dict(pruned.named_modules())
-    by_root: dict[str, list[int]] = defaultdict(list)
+    by_root: dict[str, set[int]] = defaultdict(set)
     for name in remove:
-        root, _, channel = name.rpartition(":")
-        by_root[root].append(int(channel))
-    sizes = {g.root: g.size for g in structures.groups}
-    for root, channels in by_root.items():
-        if root not in sizes:
+        root, _, j = name.rpartition(":")
+        by_root[root].add(int(j))
+    groups = {g.root: g for g in structures.groups}
+    for root, js in by_root.items():
+        if root not in groups:
             raise SospError(f"unknown structure group '{root}'")
-        if len(set(channels)) >= sizes[root]:
+        if len(js) >= groups[root].size:
             raise SospError(f"removing every channel of '{root}' would disconnect the network")
+    # a structure's root channels: one, or one per channel group (grouped convs, structures.py)
+    by_root_channels = {root: sorted(c for j in js for c in groups[root].channels_of(j))
+                        for root, js in by_root.items()}
     dg = dependency_graph(pruned, example_input.to(_device(pruned)))
     # groups are pruned one at a time; each get_pruning_group maps indices through the
     # *current* concatenation offsets, so earlier cuts are accounted for.
-    for root, channels in by_root.items():
+    for root, channels in by_root_channels.items():
         module = modules[root]
         fn = dg.get_pruner_of_module(module).prune_out_channels
-        group = dg.get_pruning_group(module, fn, sorted(set(channels)))
+        group = dg.get_pruning_group(module, fn, channels)
         group.prune()
     _check_runs(pruned, model, example_input)
     pruned.train(was_training)

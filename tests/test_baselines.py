@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 from sosp_cli.config import MethodConfig
 from sosp_cli.pruning import SaliencyInput, get_criterion
 from sosp_cli.structures import StructureSet, dependency_graph
-from test_structures import calibrated
+from test_structures import _Grouped, calibrated
 
 
 def ours(method, model, batches, **kw):
@@ -102,3 +102,36 @@ def test_hrank_is_mean_feature_map_rank():
     want = torch.linalg.matrix_rank(feats.double()).double().mean(0)
     assert torch.allclose(scores[g.offset:g.offset + g.size].double(), want)
     assert scores.max() <= 32 and scores.min() >= 0
+
+
+def test_baselines_on_grouped_convolution_structures_use_all_their_channels():
+    """A structure of a grouped conv's group is one channel per channel group (structures.py):
+    l1 / l2 sum its filters' norms, fpgm concatenates its filters, bn_scale averages its BN
+    scales, hrank sums its maps' ranks — each by hand here."""
+    torch.manual_seed(0)
+    model = _Grouped()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    model.eval()
+    x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 5, (3,))
+    modules = dict(model.named_modules())
+    results = {m: ours(m, model, [(x, y)])[0].double() for m in ("l1", "l2", "fpgm", "bn_scale", "hrank")}
+    ss = StructureSet(model, x[:1])
+    g = next(g for g in ss.groups if g.root == "b")           # 4 channel groups, 3 structures
+    w = model.b.weight.detach().double().flatten(1)
+    filters = torch.stack([w[g.channels_of(j)].flatten() for j in range(g.size)])
+    block = slice(g.offset, g.offset + g.size)
+    assert torch.allclose(results["l1"][block], filters.abs().sum(1), rtol=1e-6)
+    assert torch.allclose(results["l2"][block], filters.norm(dim=1), rtol=1e-6)
+    assert torch.allclose(results["fpgm"][block], torch.cdist(filters, filters).sum(1), rtol=1e-6)
+    gamma = model.bn_b.weight.detach().double().abs()
+    assert torch.allclose(results["bn_scale"][block],
+                          torch.stack([gamma[g.channels_of(j)].mean() for j in range(g.size)]), rtol=1e-6)
+    maps = torch.relu(model.bn_b(model.b(torch.relu(model.bn_a(model.a(x)))))).detach().double()
+    ranks = torch.linalg.matrix_rank(maps).double().mean(0)           # [12]: per channel
+    assert torch.allclose(results["hrank"][block], torch.stack([ranks[g.channels_of(j)].sum() for j in range(g.size)]))
+    c = next(g for g in ss.groups if g.root == "c")            # a residual structure: two producers
+    rows = [modules[p].weight.detach().double().flatten(1) for p in ("c", "skip")]
+    want = torch.stack([sum(r[c.channels_of(j)].abs().sum() for r in rows) for j in range(c.size)])
+    assert torch.allclose(results["l1"][c.offset:c.offset + c.size], want, rtol=1e-6)

@@ -37,19 +37,26 @@ def test_smoke_run_writes_every_artefact_and_resumes(tmp_path):
     assert again["top1_finetuned"] == result["top1_finetuned"]
 
 
-def test_a_torchvision_classifier_outside_the_registry_runs_end_to_end(tmp_path):
-    """``model=torchvision model.name=torchvision.<name>``: torchvision's SqueezeNet with its stem
-    replaced for the digits' one channel, pruned by SOSP-H, saved and rebuilt as pruned."""
+@pytest.mark.parametrize("name", ["squeezenet1_1", "regnet_x_400mf"])
+def test_a_torchvision_classifier_outside_the_registry_runs_end_to_end(tmp_path, name):
+    """``model=torchvision model.name=torchvision.<name>``: torchvision's SqueezeNet, and RegNet-X
+    with its grouped convolutions, with the stem replaced for the digits' one channel, pruned by
+    SOSP-H, saved and rebuilt as pruned."""
     from sosp_cli.checkpoint import load_model
-    cfg = compose_run(["experiment=smoke", "model=torchvision", "model.name=torchvision.squeezenet1_1",
+    cfg = compose_run(["experiment=smoke", "model=torchvision", f"model.name=torchvision.{name}",
                        "dataset.image_size=32", "method=sosp_h"], tmp_path)
     result = run(cfg, tmp_path / "run")
-    assert result["model"] == "torchvision.squeezenet1_1"
+    assert result["model"] == f"torchvision.{name}"
     assert result["params_after"] < result["params_before"] and result["macs_after"] < result["macs_before"]
     pruned, record = load_model(tmp_path / "run" / "pruned.pt")
-    assert record["spec"]["in_channels"] == 1 and pruned.features[0].in_channels == 1
+    stem = next(m for m in pruned.modules() if isinstance(m, torch.nn.Conv2d))
+    assert record["spec"]["in_channels"] == 1 and stem.in_channels == 1
     assert sum(p.numel() for p in pruned.parameters()) == result["params_after"]
     assert pruned.eval()(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    grouped = [m for m in pruned.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert all(m.in_channels % m.groups == 0 == m.out_channels % m.groups for m in grouped)
+    if name.startswith("regnet"):   # structures of a grouped conv take a channel of every group
+        assert any(m.in_channels < m.groups * 16 for m in grouped)   # group width 16, pruned
 
 
 @pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
@@ -157,7 +164,7 @@ BAD_INPUTS = [
     (["schedule.finetune.bn_momentum=2"], "schedule.finetune.bn_momentum=2.0: expected a number in (0, 1] or null"),
     (["model.name=torchvision.nosuch"], "torchvision has no classifier 'nosuch'"),
     (["model=torchvision", "model.width=0.5"], "torchvision.efficientnet_b0 has no width multiplier: width must be 1, got 0.5"),
-    (["model.name=torchvision.resnext50_32x4d", "model.width=1.0"], "grouped convolution 'layer1.0.conv2' (groups=32) is not supported"),
+    (["model.name=torchvision.shufflenet_v2_x0_5", "model.width=1.0"], "Torch-Pruning could not build the dependency graph of ShuffleNetV2"),
     (["saliency.batchnorm=train"], "unknown saliency.batchnorm 'train'; accepted: batch, running"),
     (["method=sosp_i", "saliency.batchnorm=batch"], "saliency.batchnorm=batch is not accepted for sosp_i"),
     (["saliency.batchnorm=batch", "saliency.num_samples=65"],

@@ -252,8 +252,72 @@ def test_a_model_torch_pruning_cannot_trace_is_a_one_line_error():
         api.structures(shufflenet_v2_x0_5(num_classes=10), torch.zeros(1, 3, 32, 32))
 
 
-def test_grouped_convolution_is_refused():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    with pytest.raises(SospError, match=r"^grouped convolution '2' \(groups=2\) is not supported"):
-        api.structures(model, torch.zeros(1, 3, 8, 8))
+class _Grouped(nn.Module):
+    """conv → grouped conv (groups=2) → grouped 1×1 conv (groups=4) added to a 1×1 conv → BN →
+    linear: channel groups 2 and lcm(2, 4) = 4 in one model, a residual addition of a grouped
+    conv's outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 12, 3, padding=1, groups=2), nn.BatchNorm2d(12)
+        self.c = nn.Conv2d(12, 12, 1, groups=4)
+        self.skip, self.bn_c = nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn_b(self.b(torch.relu(self.bn_a(self.a(x))))))
+        return self.fc(torch.relu(self.bn_c(self.c(h) + self.skip(h))).mean((2, 3)))
+
+
+def test_grouped_convolution_structures_take_one_position_of_every_group():
+    torch.manual_seed(0)
+    model = _Grouped()
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 8, 8))
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    ss = StructureSet(model, x[:1])
+    groups = {g.root: g for g in ss.groups}
+    assert (groups["a"].channel_groups, groups["a"].size) == (2, 4)            # read by b (groups=2)
+    assert (groups["b"].channel_groups, groups["b"].size) == (4, 3)            # b: 2 groups, read by c: 4
+    assert groups["b"].channels_of(1) == [1, 4, 7, 10]
+    assert set(groups["c"].producers) == {"c", "skip"} and groups["c"].channel_groups == 4
+    assert ss.num_structures == 4 + 3 + 3 == len(api.structures(model, x[:1]))
+    for remove in (["a:1"], ["b:0", "b:2"], ["a:0", "a:3", "b:1", "c:2"]):
+        with torch.no_grad():
+            masked, pruned_model = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
+            pruned = pruned_model(x)
+            assert (masked - pruned).abs().max().item() <= 1e-5
+            assert (masked - model(x)).abs().max().item() > 1e-3
+        assert pruned_model.b.groups == 2 and pruned_model.c.groups == 4   # still equal groups
+        removed = {r: sum(n.startswith(r + ":") for n in remove) for r in groups}
+        assert pruned_model.b.in_channels == 8 - 2 * removed["a"]
+        assert pruned_model.b.out_channels == 12 - 4 * removed["b"]
+        assert pruned_model.c.out_channels == 12 - 4 * removed["c"]
+    assert api.check_gates(model, x, trials=4) <= 1e-5
+
+
+class _ShiftedGroups(nn.Module):
+    """Two convs concatenated into a grouped conv (groups=2): with 4 + 4 channels each fills one
+    group, so a structure of one of them would take channels from one group only; with 3 + 5
+    channels, 3 cannot be split into 2 channel groups."""
+
+    def __init__(self, na: int, nb: int):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, na, 3), nn.Conv2d(3, nb, 3)
+        self.c = nn.Conv2d(na + nb, 8, 1, groups=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("na, nb, message", [
+    (4, 4, r"^the input channels of grouped convolution 'c' \(groups=2\) do not hold the same structures "
+           r"at the same position of every group, so removing a structure would unbalance its groups"),
+    (3, 5, r"^the 3 channels of 'a' cannot be split into 2 equal channel groups for grouped convolution "
+           r"'c' \(groups=2\)")])
+def test_grouped_convolution_that_structures_would_unbalance_is_refused(na, nb, message):
+    with pytest.raises(SospError, match=message):
+        api.structures(_ShiftedGroups(na, nb), torch.zeros(1, 3, 8, 8))

@@ -1,4 +1,5 @@
-"""Tiny networks for brute-force checks (an MLP and a conv net with BN and a residual add)."""
+"""Tiny networks for brute-force checks (an MLP, a conv net with BN and a residual add, and a
+ResNeXt-like one whose grouped convs make structures of several channels)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,6 +31,24 @@ class TinyResNet(nn.Module):
         h = F.softplus(self.bn1(self.conv1(x)))
         r = F.softplus(self.bn2(self.conv2(h)))
         h = F.softplus(h + self.bn3(self.conv3(r)))
+        return self.fc(h.mean((2, 3)))
+
+
+class TinyResNeXt(nn.Module):
+    """conv → BN → grouped conv (2 groups) → BN, added to the first conv's channels → linear:
+    each structure of the residual channels is 2 channels, one in each group."""
+
+    def __init__(self, in_ch=2, width=6, classes=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = F.softplus(self.bn1(self.conv1(x)))
+        h = F.softplus(h + self.bn2(self.conv2(h)))
         return self.fc(h.mean((2, 3)))
 
 

@@ -144,14 +144,17 @@ def get_criterion(cfg: MethodConfig) -> Criterion:
 
 
 def producer_weight_slices(model: nn.Module, ss: StructureSet):
-    """Yield (global structure indices, weight rows [k, ...]) for every producer of every group:
-    the output-channel slices of the conv/linear layers that write each structure."""
+    """Yield (global structure indices [k], weight rows [k, ...]) for every producer of every
+    group: the output-channel slices of the conv/linear layers that write each structure (a
+    structure of a grouped conv's group, one channel per channel group: its G filters
+    concatenated, ``[k, G · filter size]``)."""
     modules = dict(model.named_modules())
     for grp in ss.groups:
         idx = torch.arange(grp.offset, grp.offset + grp.size)
         for name in grp.producers:
             w = modules[name].weight.detach()
-            if w.shape[0] != grp.size:
+            if w.shape[0] != grp.channels:
                 raise SospError(f"producer '{name}' has {w.shape[0]} outputs, group '{grp.root}' "
-                                f"has {grp.size} channels")
-            yield idx, w
+                                f"has {grp.channels} channels")
+            # row j + k·size is channel group k's filter of structure j (StructureGroup.channels_of)
+            yield idx, w.reshape(grp.channel_groups, grp.size, -1).transpose(0, 1).reshape(grp.size, -1)
