@@ -116,7 +116,7 @@ def test_benchmark_times_a_torchvision_model_on_the_stacked_path(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "resnet"], "--model resnet: unknown model 'resnet'; accepted: densenet40, mobilenet_v2, "
-     "resnet110, resnet18, resnet20, resnet32, resnet50, resnet56, vgg16, vgg19"),
+     "resnet110, resnet18, resnet20, resnet32, resnet50, resnet56, resnext29_8x64d, vgg16, vgg19"),
     (["--model", "torchvision.nosuch"], "--model torchvision.nosuch: torchvision has no classifier 'nosuch'; "
      "e.g. torchvision.efficientnet_b0, torchvision.mobilenet_v3_small (torchvision.models.list_models())"),
     (["--model", "torchvision.resnet18", "--widths", "1", "2"], "--model torchvision.resnet18: "

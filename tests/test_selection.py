@@ -13,14 +13,15 @@ from sosp_cli.surgery import remove_structures
 X = torch.zeros(1, 3, 32, 32)
 
 
-def setup(name, width=0.5):
+def setup(name, width=None):
+    width = width if width is not None else {"resnext29_8x64d": 0.125}.get(name, 0.5)
     model = api.create_model(name, width=width).eval()
     ss = StructureSet(model, X)
     scores = torch.rand(ss.num_structures, generator=torch.Generator().manual_seed(0))
     return model, ss, scores
 
 
-@pytest.mark.parametrize("name", ["resnet56", "densenet40"])
+@pytest.mark.parametrize("name", ["resnet56", "densenet40", "resnext29_8x64d"])
 @pytest.mark.parametrize("target", ["structures", "params", "flops"])
 def test_budget_target_is_met_within_one_structure(name, target):
     model, ss, scores = setup(name)

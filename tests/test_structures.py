@@ -14,7 +14,8 @@ from sosp_cli.models import list_models
 from sosp_cli.structures import StructureSet
 from sosp_cli.surgery import remove_structures
 
-WIDTH = {"resnet18": 0.25, "resnet50": 0.125, "mobilenet_v2": 0.25, "vgg16": 0.25, "vgg19": 0.25}
+WIDTH = {"resnet18": 0.25, "resnet50": 0.125, "mobilenet_v2": 0.25, "vgg16": 0.25, "vgg19": 0.25,
+         "resnext29_8x64d": 0.125}
 
 
 def calibrated(name, in_channels=3, size=32):

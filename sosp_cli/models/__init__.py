@@ -130,4 +130,4 @@ def scaled(channels: int, multiplier: float) -> int:
     return max(1, int(round(channels * multiplier)))
 
 
-from . import cifar_resnet, densenet, torchvision_models, vgg  # noqa: E402,F401  (registration)
+from . import cifar_resnet, densenet, resnext, torchvision_models, vgg  # noqa: E402,F401  (registration)
