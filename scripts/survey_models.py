@@ -4,8 +4,9 @@ outside the registry through the public API.
 Per model (randomly initialised, 10 classes, ``--batch`` images of ``--size`` × ``--size``, in
 float64 with the tests' set-up: random BatchNorm statistics and an unsaturated softmax,
 ``tests/test_stacked.py``):
-- ``S``: its structures (``StructureSet``), or the one-line reason it is refused (grouped
-  convolutions, a LayerNorm on a structure's channels, a graph Torch-Pruning cannot trace, ...);
+- ``S``: its structures (``StructureSet``), or the one-line reason it is refused (a
+  LayerNorm on a structure's channels, a graph Torch-Pruning cannot trace, grouped convolutions
+  whose channels a structure would take unequally from their groups, ...);
 - ``gate_error``: ``api.check_gates`` — max |z_masked − z_pruned| / max |z_dense − z_masked| over
   two random removals (DESIGN.md §2's gate invariant; 0 = pruning removes exactly what the gates
   at 0 removed), or the one-line reason the pruned copy is refused;

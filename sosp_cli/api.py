@@ -90,7 +90,7 @@ def check_gates(model: nn.Module, example_input: torch.Tensor, trials: int = 2, 
     in float32 (``tests/test_structures.py``); a model that does not (an operation mixing a
     structure's channels with others on the way to its gate sites) gets scores that are not
     about removing its structures. Raises :class:`SospError` for a model refused outright
-    (grouped convolutions, GroupNorm / LayerNorm on a structure, ...)."""
+    (GroupNorm / LayerNorm on a structure, a grouped convolution that structures would unbalance, ...)."""
     work = copy.deepcopy(model).eval()
     ss = StructureSet(work, example_input[:1].cpu())
     generator = torch.Generator().manual_seed(seed)

@@ -95,8 +95,8 @@ def validate(cfg: RunConfig) -> None:
     check_choice("dataset", cfg.dataset.name, DATASETS)
     check_model(cfg.model.name, cfg.model.width)
     if cfg.model.name.startswith(TORCHVISION):
-        # a model outside the registry may be refused (grouped convolutions, a LayerNorm on its
-        # channels, ...): say so before pretraining it, from its structures on a dummy input
+        # a model outside the registry may be refused (a LayerNorm on its channels, a graph
+        # Torch-Pruning cannot trace, ...): say so before pretraining it, from its structures on a dummy input
         size = cfg.dataset.image_size
         StructureSet(create_model(cfg.model.name, 10, 3, cfg.model.width).eval(), torch.zeros(1, 3, size, size))
     for stage in ("pretrain", "finetune"):
