@@ -26,10 +26,10 @@ from .structures import StructureSet
 @dataclass
 class _Layer:
     name: str
-    params_per_pair: int            # weight elements per (output, input) channel pair, × groups
-    macs_per_pair: int              # MACs per (output, input) channel pair (params × H·W), × groups
+    params_per_pair: int            # kernel area: weights per (output, input) channel pair if dense
+    macs_per_pair: int              # MACs per such pair (kernel area × H·W)
     bias: bool
-    groups: int                     # a grouped conv's groups (1 otherwise): the divisor of both
+    groups: int                     # a grouped conv's groups (1 otherwise): it connects 1/groups of the pairs
     out_count: dict = field(default_factory=dict)   # structure → #output channels it owns here
     in_count: dict = field(default_factory=dict)    # structure → #input channels it owns here
     out_now: int = 0                                # current channel counts
