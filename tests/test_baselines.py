@@ -118,7 +118,7 @@ def test_baselines_on_grouped_convolution_structures_use_all_their_channels():
     modules = dict(model.named_modules())
     results = {m: ours(m, model, [(x, y)])[0].double() for m in ("l1", "l2", "fpgm", "bn_scale", "hrank")}
     ss = StructureSet(model, x[:1])
-    g = next(g for g in ss.groups if g.root == "b")           # 4 channel groups, 3 structures
+    g = next(g for g in ss.groups if g.root == "b")           # 6 channel groups, 2 structures
     w = model.b.weight.detach().double().flatten(1)
     filters = torch.stack([w[g.channels_of(j)].flatten() for j in range(g.size)])
     block = slice(g.offset, g.offset + g.size)

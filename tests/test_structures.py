@@ -254,15 +254,15 @@ def test_a_model_torch_pruning_cannot_trace_is_a_one_line_error():
 
 
 class _Grouped(nn.Module):
-    """conv → grouped conv (groups=2) → grouped 1×1 conv (groups=4) added to a 1×1 conv → BN →
-    linear: channel groups 2 and lcm(2, 4) = 4 in one model, a residual addition of a grouped
+    """conv → grouped conv (groups=2) → grouped 1×1 conv (groups=3) added to a 1×1 conv → BN →
+    linear: channel groups 2, 3 and lcm(2, 3) = 6 in one model, a residual addition of a grouped
     conv's outputs."""
 
     def __init__(self):
         super().__init__()
         self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.b, self.bn_b = nn.Conv2d(8, 12, 3, padding=1, groups=2), nn.BatchNorm2d(12)
-        self.c = nn.Conv2d(12, 12, 1, groups=4)
+        self.c = nn.Conv2d(12, 12, 1, groups=3)
         self.skip, self.bn_c = nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12)
         self.fc = nn.Linear(12, 5)
 
@@ -281,21 +281,21 @@ def test_grouped_convolution_structures_take_one_position_of_every_group():
     ss = StructureSet(model, x[:1])
     groups = {g.root: g for g in ss.groups}
     assert (groups["a"].channel_groups, groups["a"].size) == (2, 4)            # read by b (groups=2)
-    assert (groups["b"].channel_groups, groups["b"].size) == (4, 3)            # b: 2 groups, read by c: 4
-    assert groups["b"].channels_of(1) == [1, 4, 7, 10]
-    assert set(groups["c"].producers) == {"c", "skip"} and groups["c"].channel_groups == 4
-    assert ss.num_structures == 4 + 3 + 3 == len(api.structures(model, x[:1]))
-    for remove in (["a:1"], ["b:0", "b:2"], ["a:0", "a:3", "b:1", "c:2"]):
+    assert (groups["b"].channel_groups, groups["b"].size) == (6, 2)            # b: 2 groups, read by c: 3
+    assert groups["b"].channels_of(1) == [1, 3, 5, 7, 9, 11]
+    assert set(groups["c"].producers) == {"c", "skip"} and groups["c"].channel_groups == 3
+    assert ss.num_structures == 4 + 2 + 4 == len(api.structures(model, x[:1]))
+    for remove in (["a:1"], ["b:0"], ["a:0", "a:3", "b:1", "c:2"], ["c:0", "c:1", "c:3"]):
         with torch.no_grad():
             masked, pruned_model = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
             pruned = pruned_model(x)
             assert (masked - pruned).abs().max().item() <= 1e-5
             assert (masked - model(x)).abs().max().item() > 1e-3
-        assert pruned_model.b.groups == 2 and pruned_model.c.groups == 4   # still equal groups
+        assert pruned_model.b.groups == 2 and pruned_model.c.groups == 3   # still equal groups
         removed = {r: sum(n.startswith(r + ":") for n in remove) for r in groups}
         assert pruned_model.b.in_channels == 8 - 2 * removed["a"]
-        assert pruned_model.b.out_channels == 12 - 4 * removed["b"]
-        assert pruned_model.c.out_channels == 12 - 4 * removed["c"]
+        assert pruned_model.b.out_channels == 12 - 6 * removed["b"]
+        assert pruned_model.c.out_channels == 12 - 3 * removed["c"]
     assert api.check_gates(model, x, trials=4) <= 1e-5
 
 
