@@ -69,7 +69,7 @@ def summary(result: dict) -> str:
     rows = [("top-1 before pruning", f"{result['top1_before']:.2f} %"),
             ("top-1 after pruning", f"{result['top1_pruned']:.2f} %"),
             ("top-1 after fine-tuning", f"{result['top1_finetuned']:.2f} %"),
-            ("structures removed", f"{result['removed_structures']} ({100 * result['achieved_ratio']:.1f} %)"),
+            ("structures removed", f"{result['removed_structures']} ({100 * result['achieved_structures_ratio']:.1f} %)"),
             ("params", f"{result['params_before']:,} → {result['params_after']:,} "
                        f"(−{100 * result['params_reduction']:.1f} %)"),
             ("MACs", f"{result['macs_before']:,} → {result['macs_after']:,} "
@@ -77,7 +77,8 @@ def summary(result: dict) -> str:
             ("CPU latency bs64", f"×{result['latency']['cpu_bs64']['speedup']:.2f} speed-up"),
             ("saliency time", f"{result['saliency_seconds']:.2f} s")]
     width = max(len(k) for k, _ in rows)
-    head = f"{result['dataset']} / {result['model']} / {result['method']} / ratio {result['prune_ratio']}"
+    target = "" if result.get("target", "structures") == "structures" else f" of {result['target']}"
+    head = f"{result['dataset']} / {result['model']} / {result['method']} / ratio {result['prune_ratio']}{target}"
     return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 

@@ -287,6 +287,14 @@ def test_iterative_pruning_in_three_steps(tmp_path):
     assert r["diagnostics"] == step1["diagnostics"] and r["diagnostics"]["removed"] == len(step1["selection"]["remove"])
     model, record = load_model(out / "finetuned.pt")  # three rounds of history replay
     assert sum(p.numel() for p in model.parameters()) == r["params_after"]
+    # the printed summary names the target and the share of structures, not of the target
+    from sosp_cli.cli import summary
+    lines = summary(r).splitlines()
+    assert lines[0].endswith("/ sosp_h / ratio 0.45 of flops")
+    share = f"{100 * r['achieved_structures_ratio']:.1f} %"
+    assert share != f"{100 * r['achieved_ratio']:.1f} %"
+    assert any(ln.split() == ["structures", "removed", str(r["removed_structures"]), f"({share.split()[0]}", "%)"]
+               for ln in lines)
 
 
 def test_layer_local_method_needs_local_scope(tmp_path):
