@@ -6,7 +6,8 @@ first stage; 34.4 M parameters at width 1), strides 1 / 2 / 2, global average po
 
 ``width`` scales the stem, the output widths and d (one multiplier or one per stage); the
 cardinality stays C. Shortcuts: identity when shapes match, otherwise a 1×1 convolution with
-the block's stride followed by BatchNorm (the paper's projection shortcut).
+the block's stride followed by BatchNorm (the paper's projection shortcut); the stem, stages,
+pooling and initialisation are the CIFAR ResNets' (:class:`.cifar_resnet.CifarStages`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import layer_stage, register_model, scaled, stage_widths
+from .cifar_resnet import CifarStages, shortcut
 
 
 class ResNeXtBlock(nn.Module):
@@ -26,10 +28,7 @@ class ResNeXtBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(inner)
         self.conv3 = nn.Conv2d(inner, out_planes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != out_planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_planes))
+        self.shortcut = shortcut(in_planes, out_planes, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -38,32 +37,16 @@ class ResNeXtBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNeXt(nn.Module):
+class CifarResNeXt(CifarStages):
     def __init__(self, cardinality: int, group_width: int, num_classes: int, in_channels: int, width,
                  blocks_per_stage: int = 3):
-        super().__init__()
         widths = stage_widths(width, 3)
-        self.conv1 = nn.Conv2d(in_channels, scaled(64, widths[0]), 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.conv1.out_channels)
-        layers, in_planes = [], self.conv1.out_channels
-        for stage, w in enumerate(widths):
-            d, out = scaled(group_width * 2 ** stage, w), scaled(256 * 2 ** stage, w)
-            blocks = []
-            for i in range(blocks_per_stage):
-                blocks.append(ResNeXtBlock(in_planes, cardinality, d, out, 2 if (stage > 0 and i == 0) else 1))
-                in_planes = out
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = layers
-        self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.fc(out)
+        d = [scaled(group_width * 2 ** stage, w) for stage, w in enumerate(widths)]
+        outputs = [scaled(256 * 2 ** stage, w) for stage, w in enumerate(widths)]
+        super().__init__(in_channels, scaled(64, widths[0]), outputs, blocks_per_stage,
+                         lambda in_planes, stage, stride: ResNeXtBlock(in_planes, cardinality, d[stage],
+                                                                       outputs[stage], stride),
+                         num_classes)
 
 
 @register_model(3, layer_stage())
