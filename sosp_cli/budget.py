@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .measure import count_macs, count_params
-from .structures import StructureSet
+from .structures import StructureSet, is_depthwise
 
 
 @dataclass
@@ -56,8 +56,7 @@ class CostModel:
         for name, module in modules.items():
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
                 continue
-            if isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1:
-                # depthwise: one filter per channel, cost linear in the channel count
+            if is_depthwise(module):   # one filter per channel, cost linear in the channel count
                 per = module.weight[0].numel() + (1 if module.bias is not None else 0)
                 macs = module.weight[0].numel() * spatial.get(name, 1)
                 for s in self._depthwise_structures(ss, name):

@@ -124,14 +124,14 @@ class StructureSet:
                 if not isinstance(module, (nn.Conv2d, nn.Linear)):
                     continue
                 mname = names[module]
-                if _depthwise(module):
+                if is_depthwise(module):
                     if mname not in sg.depthwise:  # part of the structure, not a gate site
                         sg.depthwise.append(mname)
                     continue
                 if dg.is_out_channel_pruning_fn(item.dep.handler):
                     if mname not in sg.producers:
                         sg.producers.append(mname)
-                    if isinstance(module, nn.Conv2d) and module.groups > 1:
+                    if is_grouped(module):
                         table = grouped_outputs.setdefault(mname, torch.full((module.out_channels,), -1))
                         table[torch.tensor([int(i) for i in item.idxs], dtype=torch.long)] = structure
                     continue
@@ -151,7 +151,7 @@ class StructureSet:
                 raise SospError(f"input channels of '{name}' belong to two structures; "
                                 "the gate model cannot represent this layer")
             module = modules[name]
-            if isinstance(module, nn.Conv2d) and module.groups > 1:
+            if is_grouped(module):
                 _check_group_aligned(name, module, "input", site.lookup(self.num_structures, "cpu"))
         for name, table in grouped_outputs.items():
             _check_group_aligned(name, modules[name], "output", table)
@@ -222,16 +222,22 @@ class StructureSet:
                 h.remove()
 
 
-def _depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise conv: one filter per channel (part of a structure, not a gate site)."""
     return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): its structures take one channel
+    position of every group (module docstring)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
 
 
 def _structure_group(root: str, channels: int, offset: int, items, names: dict) -> StructureGroup:
     """The structure group of a Torch-Pruning group of ``channels`` root channels: one structure
     per channel, or per channel position when grouped convs are in the group (module docstring)."""
     grouped = {names[it.dep.target.module]: it.dep.target.module.groups for it in items
-               if isinstance(it.dep.target.module, nn.Conv2d) and it.dep.target.module.groups > 1
-               and not _depthwise(it.dep.target.module)}
+               if is_grouped(it.dep.target.module)}
     g = math.lcm(*grouped.values()) if grouped else 1
     if channels % g:
         first = next(iter(grouped))
@@ -339,7 +345,7 @@ def _refuse_channel_normalisation(dg: tp.DependencyGraph, names: dict, ignored: 
                 continue
             seen.add(producer)
             m = producer.module
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and not _depthwise(m):
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not is_depthwise(m):
                 if m not in ignored:
                     raise _normalisation_error(module, names[module], names[m])
                 continue
