@@ -66,6 +66,15 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
         raise SospError(f"bottleneck.num_widened={b.num_widened} must be in [1, {stages - 1}]")
     if not b.seeds or not b.ratios:
         raise SospError("bottleneck.seeds and bottleneck.ratios must not be empty")
+    if not 0.0 <= b.detect_ratio < 1.0:
+        raise SospError(f"bottleneck.detect_ratio={b.detect_ratio} is outside [0, 1): the fraction "
+                        "of structures the detection run removes")
+    if not all(0.0 <= r < 1.0 for r in b.ratios):
+        raise SospError(f"bottleneck.ratios={list(b.ratios)} must hold fractions of parameters "
+                        "removed in [0, 1)")
+    for key in ("widen_factor", "uniform_factor"):
+        if not getattr(b, key) > 0:
+            raise SospError(f"bottleneck.{key}={getattr(b, key)} must be > 0")
     base = stage_widths(cfg.model.width, stages)
 
     detect = run_one(_sub(cfg, base, b.detect_ratio, b.seeds[0], "structures"), out / "detect")

@@ -5,6 +5,7 @@
 - ``cifar10`` / ``cifar100``: the standard python-pickle batches (``cifar-10-batches-py`` /
   ``cifar-100-python``) under ``root``; downloaded there with torchvision when
   ``download=true`` and online. Validation = ``val_size`` images held out of the training set.
+  Resized per image to ``image_size`` when it is not 32.
 - ``imagenet``: an ImageFolder tree, ``root/train/<class>/*`` and ``root/val/<class>/*``; the
   validation split is held out of ``train/``, ``val/`` is the reported test split.
 
@@ -43,12 +44,15 @@ class Splits:
 
 class TensorImages(Dataset):
     """Images held in memory as a float tensor [N, C, H, W], with optional train augmentation
-    (random crop after zero padding, optional horizontal flip)."""
+    (random crop after zero padding, optional horizontal flip), then resized to ``size`` × ``size``
+    (bilinear, antialiased) when ``size`` is given and differs from the stored images: the
+    tensor stays at its own resolution, so CIFAR at 224 × 224 costs no more memory than at 32."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False,
-                 pad: int = 4, flip: bool = True):
+                 pad: int = 4, flip: bool = True, size: int | None = None):
         self.images, self.labels = images, labels
         self.augment, self.pad, self.flip = augment, pad, flip
+        self.size = None if size is None or tuple(images.shape[-2:]) == (size, size) else size
 
     def __len__(self):
         return len(self.labels)
@@ -62,6 +66,9 @@ class TensorImages(Dataset):
             x = x[:, top:top + h, left:left + w]
             if self.flip and torch.rand(()) < 0.5:
                 x = x.flip(-1)
+        if self.size is not None:
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear",
+                              align_corners=False, antialias=True)[0]
         return x, self.labels[i]
 
 
@@ -101,8 +108,9 @@ def _read_cifar_batches(folder: Path, files: list[str], label_key: str):
 
 
 def load_cifar(name: str, root: str, download: bool = False, val_size: int = 5000,
-               split_seed: int = 0, augment: bool = True) -> Splits:
-    """CIFAR-10/100 from the python-pickle batches (the format torchvision downloads)."""
+               split_seed: int = 0, augment: bool = True, image_size: int = 32) -> Splits:
+    """CIFAR-10/100 from the python-pickle batches (the format torchvision downloads); resized
+    per image to ``image_size`` when it is not 32 (after augmentation, at 32 × 32)."""
     if name == "cifar10":
         folder, train_files, test_files, key, classes = (
             "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10)
@@ -127,11 +135,11 @@ def load_cifar(name: str, root: str, download: bool = False, val_size: int = 500
         raise SospError(f"dataset.val_size={val_size} must be in [0, {len(y_train)})")
     train_idx, val_idx = _split_indices(len(y_train), val_size, split_seed)
     x_train = norm(x_train)
-    return Splits(TensorImages(x_train[train_idx], y_train[train_idx], augment),
-                  TensorImages(x_train[val_idx], y_train[val_idx]),
-                  TensorImages(norm(x_test), y_test),
-                  num_classes=classes, in_channels=3, image_size=32,
-                  train_eval=TensorImages(x_train[train_idx], y_train[train_idx]))
+    return Splits(TensorImages(x_train[train_idx], y_train[train_idx], augment, size=image_size),
+                  TensorImages(x_train[val_idx], y_train[val_idx], size=image_size),
+                  TensorImages(norm(x_test), y_test, size=image_size),
+                  num_classes=classes, in_channels=3, image_size=image_size,
+                  train_eval=TensorImages(x_train[train_idx], y_train[train_idx], size=image_size))
 
 
 def load_imagenet(root: str, image_size: int = 224, val_size: int = 10000,
@@ -161,13 +169,24 @@ def load_imagenet(root: str, image_size: int = 224, val_size: int = 10000,
                   train_eval=Subset(train_eval, train_idx.tolist()))
 
 
+def check_dataset_options(name: str, image_size: int, val_size: int, num_workers: int = 0) -> None:
+    """A one-line SospError for a dataset option that loading would refuse or misread."""
+    check_choice("dataset", name, DATASETS)
+    if image_size < 1:
+        raise SospError(f"dataset.image_size={image_size} must be >= 1")
+    if name != "digits" and val_size < 0:
+        raise SospError(f"dataset.val_size={val_size} must be >= 0")
+    if num_workers < 0:
+        raise SospError(f"dataset.num_workers={num_workers} must be >= 0 (0: load in the main process)")
+
+
 def load_dataset(name: str, root: str = "data", download: bool = False, image_size: int = 32,
                  val_size: int = 5000, split_seed: int = 0, augment: bool = True) -> Splits:
-    check_choice("dataset", name, DATASETS)
+    check_dataset_options(name, image_size, val_size)
     if name == "digits":
         return load_digits(image_size, split_seed, augment)
     if name in ("cifar10", "cifar100"):
-        return load_cifar(name, root, download, val_size, split_seed, augment)
+        return load_cifar(name, root, download, val_size, split_seed, augment, image_size)
     return load_imagenet(root, image_size, val_size, split_seed, augment)
 
 

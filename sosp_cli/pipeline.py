@@ -27,7 +27,7 @@ from . import distributed
 from .checkpoint import build_from_record, load_weights_into, model_record, save_model
 from .config import RunConfig
 from .diagnostics import loss_prediction
-from .data import load_dataset, make_loader, take_batches
+from .data import check_dataset_options, load_dataset, make_loader, take_batches
 from .errors import SospError
 from .measure import PeakMemory, count_macs, count_params, latency_ms
 from .models import create_model
@@ -36,7 +36,7 @@ from .budget import CostModel
 from .selection import originals_of, select, validate as validate_selection
 from .structures import StructureSet
 from .surgery import remove_structures
-from .train import check_bn_momentum, evaluate, train
+from .train import check_train_config, evaluate, train
 from .utils import float32_products, fingerprint, resolve_device, save_json, save_torch, seed_everything
 
 
@@ -88,11 +88,10 @@ def _load_stage(path: Path, key: str):
 
 def validate(cfg: RunConfig) -> None:
     """Every check that needs no data, before anything is written."""
-    from .data import DATASETS
-    from .errors import check_choice
     from .models import TORCHVISION, check_model
 
-    check_choice("dataset", cfg.dataset.name, DATASETS)
+    check_dataset_options(cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.val_size,
+                          cfg.dataset.num_workers)
     check_model(cfg.model.name, cfg.model.width)
     if cfg.model.name.startswith(TORCHVISION):
         # a model outside the registry may be refused (a LayerNorm on its channels, a graph
@@ -100,12 +99,17 @@ def validate(cfg: RunConfig) -> None:
         size = cfg.dataset.image_size
         StructureSet(create_model(cfg.model.name, 10, 3, cfg.model.width).eval(), torch.zeros(1, 3, size, size))
     for stage in ("pretrain", "finetune"):
-        check_bn_momentum(getattr(cfg.schedule, stage).bn_momentum, f"schedule.{stage}.bn_momentum")
+        check_train_config(getattr(cfg.schedule, stage), f"schedule.{stage}")
     p = cfg.prune
     validate_selection(p.ratio, p.target, p.scope, p.min_channels, p.max_layer_ratio, p.normalize)
     cfg_steps(cfg)
     if p.step_epochs < 0:
         raise SospError(f"prune.step_epochs={p.step_epochs} must be >= 0")
+    if p.diagnostics_samples < 0 or p.diagnostics_samples in (1, 2):
+        raise SospError(f"prune.diagnostics_samples={p.diagnostics_samples} must be 0 (no "
+                        "single-structure check) or >= 3 (a Spearman correlation needs 3 points)")
+    if cfg.latency_repeats < 1:
+        raise SospError(f"latency_repeats={cfg.latency_repeats} must be >= 1")
     resolve_device(cfg.device)
     criterion = get_criterion(cfg.method)
     if criterion.layer_local and p.scope != "local":

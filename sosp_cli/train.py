@@ -27,6 +27,9 @@ from .config import TrainConfig
 from .errors import SospError, check_choice
 from .utils import append_jsonl, save_torch
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("multistep", "cosine", "constant")
+
 
 def _param_groups(model: nn.Module, cfg: TrainConfig):
     if not cfg.no_decay_bn_bias:
@@ -44,7 +47,7 @@ def _param_groups(model: nn.Module, cfg: TrainConfig):
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    check_choice("optimizer", cfg.optimizer, ("sgd", "adamw"))
+    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
     groups = _param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -55,7 +58,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Per-step schedule: linear warmup, then multistep (milestones as fractions of training),
     cosine to zero, or constant."""
-    check_choice("scheduler", cfg.scheduler, ("multistep", "cosine", "constant"))
+    check_choice("scheduler", cfg.scheduler, SCHEDULERS)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_epochs * steps_per_epoch
     milestones = [int(m * total) if m <= 1 else int(m * steps_per_epoch) for m in cfg.milestones]
@@ -136,11 +139,39 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
           bn_sparsity: float = 0.0, across_ranks: bool = False) -> list[dict]:
     """Train ``model`` in place; returns the per-epoch history (also appended to metrics.jsonl).
     ``across_ranks``: data-parallel over the process group (module docstring)."""
-    if cfg.epochs < 0:
-        raise SospError(f"epochs={cfg.epochs} must be >= 0")
+    check_train_config(cfg)
     with bn_momentum(model, cfg.bn_momentum):
         return _train(model, train_loader, val_loader, cfg, device, stage, metrics_path, checkpoint_path,
                       seed, amp, channels_last, bn_sparsity, across_ranks)
+
+
+def check_train_config(cfg: TrainConfig, key: str = "") -> None:
+    """A one-line SospError for the first value of ``cfg`` that training would refuse or
+    misread; ``key`` prefixes the names (``schedule.pretrain``), so the CLI can check both stages
+    before anything runs."""
+    k = f"{key}." if key else ""
+
+    def need(ok: bool, name: str, accepted: str) -> None:
+        if not ok:
+            raise SospError(f"{k}{name}={getattr(cfg, name)} must be {accepted}")
+
+    def number(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    check_choice(f"{k}optimizer", cfg.optimizer, OPTIMIZERS)
+    check_choice(f"{k}scheduler", cfg.scheduler, SCHEDULERS)
+    need(cfg.epochs >= 0, "epochs", ">= 0")
+    need(cfg.batch_size >= 1, "batch_size", ">= 1")
+    need(number(cfg.lr) and cfg.lr >= 0, "lr", "a number >= 0")
+    need(number(cfg.momentum) and 0 <= cfg.momentum < 1, "momentum", "in [0, 1)")
+    need(number(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a number >= 0")
+    need(number(cfg.gamma) and cfg.gamma > 0, "gamma", "a number > 0")
+    need(cfg.warmup_epochs >= 0, "warmup_epochs", ">= 0")
+    need(number(cfg.label_smoothing) and 0 <= cfg.label_smoothing <= 1, "label_smoothing", "in [0, 1]")
+    need(cfg.max_batches is None or cfg.max_batches >= 1, "max_batches", ">= 1 or null (every batch)")
+    need(all(number(m) and m >= 0 for m in cfg.milestones), "milestones",
+         "numbers >= 0 (fractions of training up to 1, epochs above)")
+    check_bn_momentum(cfg.bn_momentum, f"{k}bn_momentum")
 
 
 def check_bn_momentum(momentum, key: str = "bn_momentum") -> None:

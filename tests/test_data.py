@@ -1,11 +1,8 @@
 """Datasets: the bundled digits, and the real-dataset code paths on small local fixtures."""
-import pickle
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from helpers import write_cifar, write_imagefolder
 from sosp_cli.data import load_dataset, take_batches
 from sosp_cli.errors import SospError
 
@@ -24,26 +21,9 @@ def test_digits_splits_are_real_disjoint_and_fixed_by_seed():
     assert (img[1:] - img[:-1]).abs().mean() < img.std()
 
 
-def _write_cifar(root, name, n_train=20, n_test=10):
-    if name == "cifar10":
-        folder, train, test, key = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"
-        classes = 10
-    else:
-        folder, train, test, key = root / "cifar-100-python", ["train"], ["test"], "fine_labels"
-        classes = 100
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for files, n in ((train, n_train), (test, n_test)):
-        for f in files:
-            entry = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                     key: rng.integers(0, classes, n).tolist()}
-            with open(folder / f, "wb") as fh:
-                pickle.dump(entry, fh)
-
-
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_reads_the_python_batches(tmp_path, name, classes):
-    _write_cifar(tmp_path, name)
+    write_cifar(tmp_path, name)
     s = load_dataset(name, root=str(tmp_path), val_size=10)
     n_train = 100 if name == "cifar10" else 20
     assert len(s.train) + len(s.val) == n_train and len(s.val) == 10 and len(s.test) == 10
@@ -52,19 +32,28 @@ def test_cifar_reads_the_python_batches(tmp_path, name, classes):
     assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 32, 32)] * 2
 
 
+@pytest.mark.parametrize("size", [16, 48])
+def test_cifar_is_resized_per_image_to_image_size(tmp_path, size):
+    """dataset.image_size on CIFAR: every split comes at size × size, the stored tensor stays at
+    32 × 32, and an image is the antialiased bilinear resize of the stored one."""
+    import torch.nn.functional as F
+    write_cifar(tmp_path, "cifar10")
+    s = load_dataset("cifar10", root=str(tmp_path), val_size=10, image_size=size)
+    assert s.image_size == size
+    for split in (s.train, s.val, s.test, s.train_eval):
+        assert split[0][0].shape == (3, size, size) and split.images.shape[-2:] == (32, 32)
+    expected = F.interpolate(s.test.images[:1], size=(size, size), mode="bilinear", antialias=True)[0]
+    assert torch.equal(s.test[0][0], expected) and not torch.equal(s.test[0][0], s.test[1][0])
+    assert [tuple(x.shape) for x, _ in take_batches(s.train_eval, 8, 4)] == [(4, 3, size, size)] * 2
+
+
 def test_missing_cifar_says_where_it_looked(tmp_path):
     with pytest.raises(SospError, match=str(tmp_path / "cifar-10-batches-py")):
         load_dataset("cifar10", root=str(tmp_path))
 
 
 def test_imagenet_imagefolder_tree(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 2)):
-        for cls in ("n01", "n02", "n03"):
-            d = tmp_path / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    write_imagefolder(tmp_path, ("n01", "n02", "n03"), n_train=6, n_val=2)
     s = load_dataset("imagenet", root=str(tmp_path), image_size=24, val_size=3)
     assert s.num_classes == 3 and len(s.test) == 6
     assert len(s.train) + len(s.val) == 18

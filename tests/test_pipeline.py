@@ -9,7 +9,7 @@ import torch
 
 from sosp_cli.errors import SospError
 from sosp_cli.pipeline import run
-from helpers import compose_run
+from helpers import compose_run, write_cifar, write_imagefolder
 
 RESULT_KEYS = {"dataset", "model", "method", "prune_ratio", "seed", "top1_before", "top5_before",
                "top1_pruned", "top5_pruned", "top1_finetuned", "top5_finetuned", "params_before",
@@ -35,6 +35,30 @@ def test_smoke_run_writes_every_artefact_and_resumes(tmp_path):
     assert {p: os.stat(out / p).st_mtime_ns for p in stamps} == stamps
     assert (out / "metrics.jsonl").read_text().count("\n") == lines
     assert again["top1_finetuned"] == result["top1_finetuned"]
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "imagenet"])
+def test_real_dataset_paths_run_end_to_end_on_local_fixtures(tmp_path, dataset):
+    """The CIFAR and ImageFolder code paths through the whole pipeline (written fixtures: no
+    download): the model gets the dataset's classes and image size, and the run reloads."""
+    root = tmp_path / "data"
+    if dataset == "imagenet":
+        write_imagefolder(root, [f"n{i:02d}" for i in range(4)], n_train=12, n_val=3)
+        extra, classes, size = ["dataset.image_size=24", "dataset.val_size=4", "dataset.num_workers=2"], 4, 24
+    else:
+        write_cifar(root, dataset, n_train=40 if dataset == "cifar10" else 100)
+        extra, classes, size = ["dataset.val_size=20"], 10 if dataset == "cifar10" else 100, 16
+    cfg = compose_run(["experiment=smoke", "method=sosp_h", f"dataset={dataset}", f"dataset.root={root}",
+                       "saliency.num_samples=16", "saliency.batch_size=8"] + extra, tmp_path)
+    assert cfg.dataset.image_size == size
+    result = run(cfg, tmp_path / "run")
+    assert result["dataset"] == dataset and result["params_after"] < result["params_before"]
+    finetuned = torch.load(tmp_path / "run" / "finetuned.pt", map_location="cpu", weights_only=False)
+    from sosp_cli.checkpoint import build_from_record
+    assert finetuned["spec"]["input_shape"] == [3, size, size]   # MACs and latency at this size
+    model = build_from_record(finetuned).eval()
+    assert model(torch.zeros(2, 3, size, size)).shape == (2, classes)
+    assert run(cfg, tmp_path / "run")["top1_finetuned"] == result["top1_finetuned"]
 
 
 @pytest.mark.parametrize("name", ["squeezenet1_1", "regnet_x_400mf"])
@@ -174,6 +198,19 @@ BAD_INPUTS = [
     (["method=sosp_h", "method.stack_batch=half", "saliency.batchnorm=batch"],
      "method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch has other "
      "BatchNorm statistics than the batch; use method.stack_batch=auto, pair or whole"),
+    # refused before pretraining, not by the optimizer, the DataLoader or the loss midway
+    (["schedule.pretrain.lr=-0.1"], "schedule.pretrain.lr=-0.1 must be a number >= 0"),
+    (["schedule.finetune.epochs=-1"], "schedule.finetune.epochs=-1 must be >= 0"),
+    (["schedule.pretrain.batch_size=0"], "schedule.pretrain.batch_size=0 must be >= 1"),
+    (["schedule.pretrain.label_smoothing=2"], "schedule.pretrain.label_smoothing=2.0 must be in [0, 1]"),
+    (["schedule.finetune.milestones=[-1]"], "schedule.finetune.milestones=[-1.0] must be numbers >= 0"),
+    (["schedule.finetune.optimizer=adam"], "unknown schedule.finetune.optimizer 'adam'; accepted: adamw, sgd"),
+    (["dataset.image_size=0"], "dataset.image_size=0 must be >= 1"),
+    (["dataset.num_workers=-1"], "dataset.num_workers=-1 must be >= 0"),
+    (["latency_repeats=0"], "latency_repeats=0 must be >= 1"),
+    (["prune.diagnostics_samples=2"], "prune.diagnostics_samples=2 must be 0 (no single-structure check) or >= 3"),
+    (["task=bottleneck", "bottleneck.detect_ratio=2"], "bottleneck.detect_ratio=2.0 is outside [0, 1)"),
+    (["task=bottleneck", "bottleneck.ratios=[0.3,1.2]"], "bottleneck.ratios=[0.3, 1.2] must hold fractions"),
 ]
 
 
@@ -198,7 +235,7 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(case, tmp_path, monkeypatc
         cli.main()
     assert exit_.value.code not in (0, None)
     _one_error_line(capsys.readouterr().err, needle)
-    assert not (tmp_path / "run" / "result.json").exists()
+    assert not [p.name for p in tmp_path.rglob("*") if p.suffix in (".pt", ".json", ".jsonl")]  # nothing ran
 
 
 @pytest.mark.parametrize("case", [i for i, (args, _) in enumerate(BAD_INPUTS)

@@ -1,5 +1,8 @@
 """Training: resume after an interruption gives exactly the uninterrupted run."""
 
+import re
+
+import pytest
 import torch
 
 from sosp_cli.config import TrainConfig
@@ -83,3 +86,29 @@ def test_bn_momentum_is_the_stages_while_it_trains_and_the_models_after():
     for bad in (0.0, 1.5, True):
         with pytest.raises(SospError, match=rf"^bn_momentum={bad}: expected a number in \(0, 1\] or null"):
             train(model, loader, loader, TrainConfig(epochs=1, bn_momentum=bad), torch.device("cpu"), "t")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("epochs", -1, "epochs=-1 must be >= 0"), ("batch_size", 0, "batch_size=0 must be >= 1"),
+    ("lr", -0.1, "lr=-0.1 must be a number >= 0"), ("lr", float("nan"), "lr=nan must be a number >= 0"),
+    ("momentum", 1.0, "momentum=1.0 must be in [0, 1)"), ("weight_decay", -1e-4, "weight_decay=-0.0001 must be"),
+    ("gamma", 0.0, "gamma=0.0 must be a number > 0"), ("warmup_epochs", -1, "warmup_epochs=-1 must be >= 0"),
+    ("label_smoothing", 1.5, "label_smoothing=1.5 must be in [0, 1]"), ("max_batches", 0, "max_batches=0 must be >= 1"),
+    ("milestones", [0.5, -2], "milestones=[0.5, -2] must be numbers >= 0"),
+    ("optimizer", "adam", "unknown schedule.pretrain.optimizer 'adam'; accepted: adamw, sgd"),
+    ("scheduler", "step", "unknown schedule.pretrain.scheduler 'step'; accepted: constant, cosine, multistep"),
+])
+def test_every_training_option_is_checked_with_its_full_name(field, value, message):
+    """check_train_config names the key as the CLI spells it and what is accepted; train()
+    calls it, so a library caller gets the same refusal before any step."""
+    from dataclasses import replace
+    from sosp_cli.errors import SospError
+    from sosp_cli.train import check_train_config
+    cfg = replace(TrainConfig(), **{field: value})
+    prefixed = message if message.startswith("unknown") else f"schedule.pretrain.{message}"
+    with pytest.raises(SospError, match="^" + re.escape(prefixed)):
+        check_train_config(cfg, "schedule.pretrain")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(SospError):
+        train(model, [], [], cfg, torch.device("cpu"), "t")
+    check_train_config(TrainConfig(), "schedule.pretrain")   # the defaults pass
