@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import MethodConfig
+from .errors import SospError
 from .models import create_model as _create_model, list_models
 from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
 from .structures import StructureSet
@@ -49,6 +50,8 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     """
     batches = list(batches)
     if example_input is None:
+        if not batches:
+            raise SospError("saliency() got no batches and no example_input: pass either")
         example_input = batches[0][0][:1]
     if device is None:
         p = next(model.parameters())

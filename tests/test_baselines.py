@@ -7,7 +7,8 @@ import torch_pruning as tp
 from scipy.stats import spearmanr
 
 from sosp_cli.config import MethodConfig
-from sosp_cli.pruning import SaliencyInput, get_criterion
+from sosp_cli.api import structures
+from sosp_cli.pruning import SaliencyInput, get_criterion, list_criteria
 from sosp_cli.structures import StructureSet, dependency_graph
 from test_structures import _Grouped, calibrated
 
@@ -135,3 +136,23 @@ def test_baselines_on_grouped_convolution_structures_use_all_their_channels():
     rows = [modules[p].weight.detach().double().flatten(1) for p in ("c", "skip")]
     want = torch.stack([sum(r[c.channels_of(j)].abs().sum() for r in rows) for j in range(c.size)])
     assert torch.allclose(results["l1"][c.offset:c.offset + c.size], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", list_criteria())
+def test_a_data_driven_method_refuses_an_empty_batch_list(method):
+    """No saliency batches: the criteria that score from data refuse in one line (they would
+    return all-zero scores and prune at random-by-index); the weight-only ones need none."""
+    from sosp_cli.api import create_model, saliency
+    from sosp_cli.errors import SospError
+    model = create_model("resnet20", num_classes=10, width=0.25)
+    x = torch.randn(1, 3, 16, 16)
+    options = {"sparsity": 1e-4} if method == "slimming" else {}
+    data_driven = get_criterion(MethodConfig(name=method, **options)).uses_data
+    assert data_driven == (method in ("sosp_h", "sosp_i", "taylor", "obd", "hrank"))
+    if data_driven:
+        with pytest.raises(SospError, match=f"^method {method} scores structures on saliency batches, and none were given"):
+            saliency(model, [], method, example_input=x, **options)
+    else:
+        assert len(saliency(model, [], method, example_input=x, **options)) == len(structures(model, x))
+    with pytest.raises(SospError, match="no batches and no example_input"):
+        saliency(model, [], method, **options)

@@ -56,6 +56,7 @@ class Criterion:
     # curvatures built from per-sample gate Jacobians J_n: undefined when BatchNorm's batch
     # statistics make every logit depend on every sample's gates (saliency.batchnorm=batch)
     per_sample_curvatures: ClassVar[tuple[str, ...]] = ()
+    uses_data: ClassVar[bool] = False        # scores from the saliency batches (not the weights alone)
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -82,6 +83,9 @@ class Criterion:
         :mod:`sosp_cli.distributed`): every rank computes on its share of the batches and the
         sums over samples are summed across ranks, so every rank returns the scores of all
         batches (every rank must call it)."""
+        if self.uses_data and not inp.batches:
+            raise SospError(f"method {self.name} scores structures on saliency batches, and none "
+                            "were given: pass at least one (inputs, targets) batch")
         sharded = inp.across_ranks and distributed.active()
         if sharded:
             inp = dataclasses.replace(inp, batches=distributed.shard(inp.batches), across_ranks=False)

@@ -17,6 +17,7 @@ from .base import Criterion, Saliency, SaliencyInput, register_criterion
 @register_criterion
 class HRankCriterion(Criterion):
     name = "hrank"
+    uses_data = True
     layer_local = True
 
     @torch.no_grad()

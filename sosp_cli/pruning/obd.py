@@ -20,6 +20,7 @@ from .derivatives import curvature_matrix
 @register_criterion
 class OBD(Criterion):
     name = "obd"
+    uses_data = True
     curvatures = ("gn", "fisher_mc", "hessian")
     per_sample_curvatures = ("gn", "fisher_mc")
 

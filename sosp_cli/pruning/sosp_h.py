@@ -27,6 +27,7 @@ from .derivatives import curvature_product, joint_product
 @register_criterion
 class SospH(Criterion):
     name = "sosp_h"
+    uses_data = True
     curvatures = ("gn", "hessian")
 
     def compute(self, inp: SaliencyInput) -> Saliency:

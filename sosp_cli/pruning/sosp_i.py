@@ -43,6 +43,7 @@ def greedy_order(g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @register_criterion
 class SospI(Criterion):
     name = "sosp_i"
+    uses_data = True
     curvatures = ("gn", "fisher_mc", "hessian")
     per_sample_curvatures = ("gn", "fisher_mc")
 

@@ -16,6 +16,7 @@ from .derivatives import _dtype, batch_gradients
 @register_criterion
 class TaylorCriterion(Criterion):
     name = "taylor"
+    uses_data = True
 
     def compute(self, inp: SaliencyInput) -> Saliency:
         # in the gradients' dtype (the model's: float64 models sum in float64)
