@@ -27,14 +27,33 @@ PERCENT = {"achieved_ratio", "params_reduction", "macs_reduction"}
 REFERENCE_COLUMNS = ["method", "dataset", "model", "baseline_top1", "pruned_top1", "source"]
 
 
+# what a result.json must hold to be a row (the others have defaults for older results)
+REQUIRED = ["dataset", "model", "method", "scope", "prune_ratio", "seed", "latency"] + [
+    m for m in METRICS if not m.startswith("speedup")]
+
+
+def _read_result(path: Path) -> dict:
+    """``path`` as a result dict, or a one-line SospError naming the file and what is wrong
+    (a report that left a point out would show fewer seeds than were run, without saying so)."""
+    try:
+        r = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SospError(f"{path} is not a readable result ({type(exc).__name__}: {exc}); "
+                        "move it out of the folder or rerun that point") from None
+    missing = [k for k in REQUIRED if k not in r] if isinstance(r, dict) else ["(not a JSON object)"]
+    if missing:
+        raise SospError(f"{path} is not a sosp-run result: it lacks {', '.join(missing)}; "
+                        "move it out of the folder or rerun that point")
+    return r
+
+
 def collect(root: Path) -> pd.DataFrame:
     paths = sorted(Path(root).rglob("result.json"))
     if not paths:
         raise SospError(f"no result.json under {root}")
     rows = []
     for p in paths:
-        with open(p) as fh:
-            r = json.load(fh)
+        r = _read_result(p)
         for kind in ("cpu_bs64", "cuda_bs64"):
             r[f"speedup_{kind}"] = r["latency"].get(kind, {}).get("speedup", float("nan"))
         r.setdefault("target", "structures")

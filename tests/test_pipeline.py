@@ -295,6 +295,22 @@ def test_report_on_empty_dir_is_an_error(tmp_path):
     assert proc.returncode == 2 and "no result.json" in proc.stderr
 
 
+@pytest.mark.parametrize("content,needle", [
+    ("{bad json", "is not a readable result (JSONDecodeError"),
+    ('{"dataset": "digits"}', "is not a sosp-run result: it lacks model, method"),
+    ("[1, 2]", "is not a sosp-run result: it lacks (not a JSON object)"),
+])
+def test_report_names_a_result_json_it_cannot_read_and_writes_nothing(tmp_path, capsys, content, needle):
+    from sosp_cli.report import main
+    (tmp_path / "r0_s0").mkdir()
+    (tmp_path / "r0_s0" / "result.json").write_text(content)
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sosp-report: error: ") and "\n" not in err
+    assert f"{tmp_path / 'r0_s0' / 'result.json'} {needle}" in err
+    assert not (tmp_path / "report.csv").exists() and not (tmp_path / "report.md").exists()
+
+
 def test_iterative_pruning_in_three_steps(tmp_path):
     cfg = compose_run(["experiment=smoke", "method=sosp_h", "prune.steps=3", "prune.step_epochs=1",
                        "prune.target=flops", "prune.ratio=0.45", "prune.diagnostics=true",
