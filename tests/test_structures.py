@@ -253,6 +253,14 @@ def test_a_model_torch_pruning_cannot_trace_is_a_one_line_error():
         api.structures(shufflenet_v2_x0_5(num_classes=10), torch.zeros(1, 3, 32, 32))
 
 
+def test_a_model_that_does_not_run_on_the_input_says_so_not_that_tracing_failed():
+    from torchvision.models import alexnet
+    with pytest.raises(SospError, match=r"^AlexNet does not run on an input of shape \(1, 3, 16, 16\) "
+                                        r"\(RuntimeError: .*\); it may need larger images \(dataset.image_size\)$"):
+        api.structures(alexnet(num_classes=10), torch.zeros(1, 3, 16, 16))
+    assert len(api.structures(alexnet(num_classes=10), torch.zeros(1, 3, 64, 64))) > 0
+
+
 class _Grouped(nn.Module):
     """conv → grouped conv (groups=2) → grouped 1×1 conv (groups=3) added to a 1×1 conv → BN →
     linear: channel groups 2, 3 and lcm(2, 3) = 6 in one model, a residual addition of a grouped
