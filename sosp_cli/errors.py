@@ -13,3 +13,9 @@ def check_choice(kind: str, value: str, accepted) -> None:
     accepted = sorted(accepted)
     if value not in accepted:
         raise SospError(f"unknown {kind} '{value}'; accepted: {', '.join(accepted)}")
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception from a library, on one line (whitespace collapsed, the
+    message cut at ``limit`` characters), to quote inside a SospError."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"

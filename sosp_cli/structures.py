@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .errors import SospError
+from .errors import SospError, describe
 
 
 @dataclass
@@ -312,18 +312,16 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
         except SospError:
             raise
         except Exception as exc:   # a model Torch-Pruning cannot trace (e.g. a reshape it cannot map)
-            detail = " ".join(str(exc).split())[:300]
             try:                   # ... or one that does not run on this input at all
                 with torch.no_grad():
                     model(example_input)
             except Exception as own:
-                detail = " ".join(str(own).split())[:300]
                 raise SospError(f"{type(model).__name__} does not run on an input of shape "
-                                f"{tuple(example_input.shape)} ({type(own).__name__}: {detail}); "
+                                f"{tuple(example_input.shape)} ({describe(own)}); "
                                 "it may need larger images (dataset.image_size)") from own
             raise SospError(f"Torch-Pruning could not build the dependency graph of "
                             f"{type(model).__name__} on an input of shape "
-                            f"{tuple(example_input.shape)} ({type(exc).__name__}: {detail})") from exc
+                            f"{tuple(example_input.shape)} ({describe(exc)})") from exc
 
 
 _CHANNEL_NORMS = (nn.GroupNorm, nn.LayerNorm)

@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from .errors import SospError
+from .errors import SospError, describe
 from .structures import StructureSet, dependency_graph
 
 
@@ -59,9 +59,8 @@ def _check_runs(pruned: nn.Module, model: nn.Module, example_input: torch.Tensor
         with torch.no_grad():
             pruned(example_input.to(_device(pruned)))
     except Exception as exc:
-        detail = " ".join(str(exc).split())[:300]
         raise SospError(f"the physically pruned {type(model).__name__} does not run "
-                        f"({type(exc).__name__}: {detail}): Torch-Pruning cannot remove its "
+                        f"({describe(exc)}): Torch-Pruning cannot remove its "
                         "structures") from exc
 
 
