@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +31,19 @@ from .utils import append_jsonl, save_torch
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
+LOG_REFRESH_S = 60.0
+
+
+def bar_refresh(stream=None, environ=os.environ) -> dict:
+    """tqdm's keyword for how often a progress bar redraws. tqdm redraws up to 10 times a
+    second; into a file (a SLURM or ``nohup`` log, CI) every redraw is kept, so a CIFAR-schedule
+    run would write ~10⁵ of them. Off a terminal the bar redraws once every ``LOG_REFRESH_S``
+    seconds (a long epoch still shows its progress); ``TQDM_MININTERVAL`` in the environment
+    (tqdm's own setting) always wins."""
+    stream = sys.stderr if stream is None else stream
+    if "TQDM_MININTERVAL" in environ or getattr(stream, "isatty", lambda: False)():
+        return {}
+    return {"mininterval": LOG_REFRESH_S}
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig):
@@ -232,7 +247,7 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         model.train()
         t0, loss_sum, correct, n = time.time(), 0.0, 0, 0
         bar = tqdm(train_loader, total=steps, desc=f"{stage} {epoch + 1}/{cfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=not main)
+                   leave=False, dynamic_ncols=True, disable=not main, **bar_refresh())
         for i, (x, y) in enumerate(bar):
             if i >= steps:
                 break
@@ -245,7 +260,7 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
             loss_sum += step_loss * len(y)
             correct += step_correct
             n += len(y)
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}")
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}", refresh=False)
         if across_ranks:
             loss_sum, correct, n = distributed.all_sum_numbers(loss_sum, correct, n)
             distributed.broadcast_buffers(model)   # every rank: the model rank 0 evaluates and saves

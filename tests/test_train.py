@@ -1,5 +1,6 @@
 """Training: resume after an interruption gives exactly the uninterrupted run."""
 
+import io
 import re
 
 import pytest
@@ -112,3 +113,25 @@ def test_every_training_option_is_checked_with_its_full_name(field, value, messa
     with pytest.raises(SospError):
         train(model, [], [], cfg, torch.device("cpu"), "t")
     check_train_config(TrainConfig(), "schedule.pretrain")   # the defaults pass
+
+
+class _Terminal:
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_redraw_rarely_off_a_terminal_and_tqdm_env_wins():
+    from sosp_cli.train import LOG_REFRESH_S, bar_refresh
+    assert bar_refresh(_Terminal(), environ={}) == {}   # a terminal: tqdm's own 0.1 s
+    assert bar_refresh(io.StringIO(), environ={}) == {"mininterval": LOG_REFRESH_S}
+    assert bar_refresh(io.StringIO(), environ={"TQDM_MININTERVAL": "5"}) == {}
+
+
+def test_a_training_log_file_gets_few_progress_redraws(capsys):
+    """19 steps in an epoch: on a terminal up to one redraw each, into a log (pytest's
+    captured stderr is not a terminal) the first draw and the bar's close; the epoch's line
+    goes to stdout."""
+    _fit(TrainConfig(epochs=1, batch_size=64, lr=0.05), None)
+    out, err = capsys.readouterr()
+    assert "[t] epoch 1/1" in out
+    assert 1 <= err.count("\r") <= 3, err
