@@ -63,14 +63,20 @@ def _without_wrapper_prefixes(state: dict) -> dict:
     return state
 
 
+def check_checkpoint_path(path: str | Path) -> Path:
+    """``pretrain.checkpoint`` as a Path, or a one-line error when no such file exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise SospError(f"pretrain.checkpoint={path} does not exist")
+    return path
+
+
 def load_weights_into(model: nn.Module, path: str | Path) -> None:
     """Load a user-supplied checkpoint (a sosp checkpoint of an unpruned model, a dict with a
     ``state_dict``/``model`` entry, or a bare state dict such as torchvision's weight files)
     into ``model``, strictly; keys saved from a DDP / DataParallel or ``torch.compile`` wrapper
     (``module.`` / ``_orig_mod.`` on every key) are read without the prefix."""
-    path = Path(path)
-    if not path.is_file():
-        raise SospError(f"pretrain.checkpoint={path} does not exist")
+    path = check_checkpoint_path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's bad input

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import build_from_record, load_weights_into, model_record, save_model
+from .checkpoint import build_from_record, check_checkpoint_path, load_weights_into, model_record, save_model
 from .config import RunConfig
 from .diagnostics import loss_prediction
 from .data import check_dataset_options, load_dataset, make_loader, take_batches
@@ -87,12 +87,15 @@ def _load_stage(path: Path, key: str):
 
 
 def validate(cfg: RunConfig) -> None:
-    """Every check that needs no data, before anything is written."""
+    """Every check that needs no data, before anything is written or read from the run folder
+    (an artefact there of another config would otherwise be reported before the bad value)."""
     from .models import TORCHVISION, check_model
 
     check_dataset_options(cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.val_size,
                           cfg.dataset.num_workers)
     check_model(cfg.model.name, cfg.model.width)
+    if cfg.pretrain.checkpoint:
+        check_checkpoint_path(cfg.pretrain.checkpoint)
     if cfg.model.name.startswith(TORCHVISION):
         # a model outside the registry may be refused (a LayerNorm on its channels, a graph
         # Torch-Pruning cannot trace, ...): say so before pretraining it, from its structures on a dummy input

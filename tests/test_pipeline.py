@@ -195,6 +195,15 @@ BAD_INPUTS = [
      "saliency.num_samples=65 in batches of saliency.batch_size=32 leaves a batch of 1 sample"),
     (["method.stack_batch=halves"], "unknown method.stack_batch 'halves'; accepted: auto, half, pair, whole"),
     (["method=sosp_i", "method.chunk_size=0"], "method.chunk_size=0: expected an integer >= 1"),
+    # every method.* value is checked whichever method reads it
+    (["method=sosp_h", "method.selection=greedy"], "method.selection=greedy is not accepted for sosp_h"),
+    (["method.selection=gredy"], "unknown method.selection 'gredy'; accepted: greedy, score"),
+    (["method=taylor", "method.curvature=hesian"],
+     "unknown method.curvature for taylor 'hesian'; accepted: fisher_mc, gn, hessian"),
+    (["method=sosp_i", "method.max_structures=0"], "method.max_structures=0: expected an integer >= 1"),
+    (["method=sosp_h", "method.sparsity=-1"], "method.sparsity=-1.0: expected a number >= 0"),
+    (["model.width=-1"], "width=-1: every multiplier must be > 0, got -1.0"),
+    (["model.width=[1,0,1]"], "width=[1.0, 0.0, 1.0]: every multiplier must be > 0, got 0.0"),
     (["method=sosp_h", "method.stack_batch=half", "saliency.batchnorm=batch"],
      "method.stack_batch=half is not accepted with saliency.batchnorm=batch: a half batch has other "
      "BatchNorm statistics than the batch; use method.stack_batch=auto, pair or whole"),
@@ -225,17 +234,24 @@ def _one_error_line(stderr: str, needle: str) -> None:
 def test_bad_input_is_one_clear_line_and_nonzero_exit(case, tmp_path, monkeypatch, capsys):
     """Every case through the entry point ``sosp-run`` calls (:func:`sosp_cli.cli.main`, with
     Hydra), in this process: a subprocess per case would be mostly torch's import. The process
-    itself — exit status, nothing else on stderr — is checked on two cases below."""
+    itself — exit status, nothing else on stderr — is checked on two cases below. The run
+    folder already holds a pretrained model of another config (a rerun after a change in a
+    fixed ``hydra.run.dir``): the bad value is named first, and that model is left as it was."""
     from sosp_cli import cli
     args, needle = BAD_INPUTS[case]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)   # leaves this process's malloc as it is
     monkeypatch.setattr(sys, "argv", ["sosp-run", "experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"] + args)
+    earlier = tmp_path / "run" / "pretrained.pt"
+    earlier.parent.mkdir()
+    torch.save({"key": "another config"}, earlier)
+    kept = earlier.read_bytes()
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code not in (0, None)
     _one_error_line(capsys.readouterr().err, needle)
-    assert not [p.name for p in tmp_path.rglob("*") if p.suffix in (".pt", ".json", ".jsonl")]  # nothing ran
+    written = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".json", ".jsonl")]
+    assert written == [earlier] and earlier.read_bytes() == kept   # nothing ran
 
 
 @pytest.mark.parametrize("case", [i for i, (args, _) in enumerate(BAD_INPUTS)

@@ -44,10 +44,14 @@ AUXILIARY_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
 
 
 def check_model(name: str, width: float | Sequence[float] | None = None) -> None:
-    """A registered model or ``torchvision.<classifier>`` (then with width 1, when given), else
-    a one-line SospError naming the value and what is accepted."""
+    """A registered model (with ``width``, when given, one multiplier > 0 or one per stage) or
+    ``torchvision.<classifier>`` (then with width 1, when given), else a one-line SospError
+    naming the value and what is accepted."""
     if not name.startswith(TORCHVISION):
-        return check_choice("model", name, _REGISTRY)
+        check_choice("model", name, _REGISTRY)
+        if width is not None:
+            stage_widths(width, _STAGES[name][0])
+        return
     import torchvision
     if name[len(TORCHVISION):] not in torchvision.models.list_models(module=torchvision.models):
         raise SospError(f"torchvision has no classifier '{name[len(TORCHVISION):]}'; e.g. "
@@ -122,7 +126,8 @@ def stage_widths(width: float | Sequence[float], num_stages: int) -> list[float]
                             f"{num_stages} stages (give one number or {num_stages})")
     for w in widths:
         if w <= 0:
-            raise SospError(f"width multiplier {w} must be > 0")
+            raise SospError(f"width={width if isinstance(width, (int, float)) else list(width)}: "
+                            f"every multiplier must be > 0, got {w}")
     return widths
 
 

@@ -24,6 +24,10 @@ from ..utils import float32_products
 
 _CRITERIA: dict[str, type["Criterion"]] = {}
 COMBINE = ("abs_sum", "abs_joint", "second_only")
+# method.curvature of any method: a first-order method's run reads it too, for the second-order
+# prediction of prune.diagnostics (fisher_mc counts as gn there: :mod:`sosp_cli.diagnostics`)
+CURVATURES = ("gn", "fisher_mc", "hessian")
+SELECTIONS = ("score", "greedy")
 BATCHNORM = ("running", "batch")   # saliency.batchnorm: the statistics BatchNorm normalises with
 
 
@@ -57,14 +61,30 @@ class Criterion:
     # statistics make every logit depend on every sample's gates (saliency.batchnorm=batch)
     per_sample_curvatures: ClassVar[tuple[str, ...]] = ()
     uses_data: ClassVar[bool] = False        # scores from the saliency batches (not the weights alone)
+    selections: ClassVar[tuple[str, ...]] = ("score",)   # accepted ``method.selection`` values
 
     def __init__(self, cfg: MethodConfig):
+        """Every ``method.*`` value is checked whichever method reads it, so a typo never passes
+        unnoticed; ``method.selection=greedy`` is refused for a method that cannot grow the
+        removed set on a curvature matrix (it would silently rank by score instead)."""
         self.cfg = cfg
         check_choice("method.combine", cfg.combine, COMBINE)
         check_choice("method.stack_batch", cfg.stack_batch, STACK_BATCH)
         check_chunk_size(cfg.chunk_size)
-        if self.curvatures:
-            check_choice(f"method.curvature for {self.name}", cfg.curvature, self.curvatures)
+        check_choice(f"method.curvature for {self.name}", cfg.curvature, self.curvatures or CURVATURES)
+        check_choice("method.selection", cfg.selection, SELECTIONS)
+        if cfg.selection not in self.selections:
+            raise SospError(f"method.selection={cfg.selection} is not accepted for {self.name}: greedy "
+                            "selection grows the removed set on sosp_i's S×S curvature matrix, which "
+                            f"{self.name} does not compute; use method=sosp_i, or method.selection=score")
+        if isinstance(cfg.max_structures, bool) or not isinstance(cfg.max_structures, int) \
+                or cfg.max_structures < 1:
+            raise SospError(f"method.max_structures={cfg.max_structures!r}: expected an integer >= 1 "
+                            "(sosp_i's largest S for its S×S matrix)")
+        if isinstance(cfg.sparsity, bool) or not isinstance(cfg.sparsity, (int, float)) \
+                or not 0 <= cfg.sparsity < float("inf"):
+            raise SospError(f"method.sparsity={cfg.sparsity}: expected a number >= 0 (the L1 penalty "
+                            "on BatchNorm γ during pretraining; 0 = none)")
 
     # compute() refuses models with too many structures (check_structures): the pipeline
     # checks the dense model before it pretrains, so a refused run costs no training

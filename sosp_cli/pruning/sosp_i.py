@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SospError, check_choice
+from ..errors import SospError
 from .base import Criterion, Saliency, SaliencyInput, register_criterion
 from .derivatives import curvature_matrix
 
@@ -46,11 +46,7 @@ class SospI(Criterion):
     uses_data = True
     curvatures = ("gn", "fisher_mc", "hessian")
     per_sample_curvatures = ("gn", "fisher_mc")
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        check_choice("method.selection", cfg.selection, ("score", "greedy"))
-
+    selections = ("score", "greedy")
     structure_limited = True
 
     def check_structures(self, num_structures: int) -> None:
