@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
 from .config import RunConfig
-from .errors import SospError, check_choice
+from .errors import SospError, check_choice, describe
 from .utils import retain_freed_memory
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -129,6 +129,13 @@ def precheck(overrides: list[str]) -> None:
     unknown key or wrong type is reported in one line (multirun sweeps keep Hydra's message)."""
     from hydra import compose, initialize_config_dir
 
+    for arg in overrides:   # Hydra creates these itself, and reports a failure as a traceback
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            try:
+                Path(value).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SospError(f"{key}={value} cannot be created ({describe(exc)})") from None
     if any(a in ("-m", "--multirun") or a.startswith("-") for a in overrides):
         return
     plain = [a for a in overrides if not a.lstrip("+~").startswith("hydra")]

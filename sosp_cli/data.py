@@ -169,20 +169,23 @@ def load_imagenet(root: str, image_size: int = 224, val_size: int = 10000,
                   train_eval=Subset(train_eval, train_idx.tolist()))
 
 
-def check_dataset_options(name: str, image_size: int, val_size: int, num_workers: int = 0) -> None:
+def check_dataset_options(name: str, image_size: int, val_size: int, num_workers: int = 0,
+                          split_seed: int = 0) -> None:
     """A one-line SospError for a dataset option that loading would refuse or misread."""
     check_choice("dataset", name, DATASETS)
     if image_size < 1:
         raise SospError(f"dataset.image_size={image_size} must be >= 1")
-    if name != "digits" and val_size < 0:
+    if val_size < 0:   # digits splits 70/10/20 and does not read it; a negative count is a mistake anywhere
         raise SospError(f"dataset.val_size={val_size} must be >= 0")
+    if split_seed < 0:
+        raise SospError(f"dataset.split_seed={split_seed} must be >= 0 (numpy's generator seeds the split)")
     if num_workers < 0:
         raise SospError(f"dataset.num_workers={num_workers} must be >= 0 (0: load in the main process)")
 
 
 def load_dataset(name: str, root: str = "data", download: bool = False, image_size: int = 32,
                  val_size: int = 5000, split_seed: int = 0, augment: bool = True) -> Splits:
-    check_dataset_options(name, image_size, val_size)
+    check_dataset_options(name, image_size, val_size, split_seed=split_seed)
     if name == "digits":
         return load_digits(image_size, split_seed, augment)
     if name in ("cifar10", "cifar100"):

@@ -28,7 +28,7 @@ from .checkpoint import build_from_record, check_checkpoint_path, load_weights_i
 from .config import RunConfig
 from .diagnostics import loss_prediction
 from .data import check_dataset_options, load_dataset, make_loader, take_batches
-from .errors import SospError
+from .errors import SospError, describe
 from .measure import PeakMemory, count_macs, count_params, latency_ms
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion, saliency_model
@@ -92,7 +92,7 @@ def validate(cfg: RunConfig) -> None:
     from .models import TORCHVISION, check_model
 
     check_dataset_options(cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.val_size,
-                          cfg.dataset.num_workers)
+                          cfg.dataset.num_workers, cfg.dataset.split_seed)
     check_model(cfg.model.name, cfg.model.width)
     if cfg.pretrain.checkpoint:
         check_checkpoint_path(cfg.pretrain.checkpoint)
@@ -194,8 +194,16 @@ def stage_pretrain(run: Run) -> torch.nn.Module:
         elif cfg.pretrain.use_cache:
             cache = Path(cfg.pretrain.cache_dir) / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
             main = distributed.is_main()
+            problem = None
             if main:
-                cache.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    problem = describe(exc)
+            problem = distributed.broadcast_object(problem)   # every rank stops, not rank 0 alone
+            if problem:
+                raise SospError(f"pretrain.cache_dir={cfg.pretrain.cache_dir} cannot be created ({problem}); "
+                                "give a writable folder, or pretrain.use_cache=false")
             with distributed.file_lock(str(cache) + ".lock"):   # against other runs sharing the cache
                 if not distributed.broadcast_object(cache.exists()):
                     _train_fresh(run, key, cache, cache.with_suffix(".partial.pt"))

@@ -1,4 +1,5 @@
 """The pipeline end to end on the smoke preset: outputs, resume, cache, errors."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from sosp_cli.config import PretrainConfig
 from sosp_cli.errors import SospError
 from sosp_cli.pipeline import run
 from helpers import compose_run, write_cifar, write_imagefolder
@@ -99,6 +101,15 @@ def test_changed_config_never_overwrites_artefacts(tmp_path):
     with pytest.raises(SospError, match="different config"):
         run(compose_run(["experiment=smoke", "method=l2"], tmp_path), out)
     assert (out / "saliency.pt").read_bytes() == before
+
+
+def test_a_cache_dir_that_cannot_be_created_is_one_clear_error(tmp_path):
+    cfg = dataclasses.replace(compose_run(["experiment=smoke"], tmp_path),
+                              pretrain=PretrainConfig(cache_dir="/dev/null/cache"))
+    with pytest.raises(SospError, match=r"^pretrain.cache_dir=/dev/null/cache cannot be created "
+                                        r"\(NotADirectoryError: .*pretrain.use_cache=false$"):
+        run(cfg, tmp_path / "run")
+    assert not list((tmp_path / "run").glob("*.pt"))
 
 
 def test_pretrained_model_is_shared_through_the_cache(tmp_path):
@@ -202,6 +213,9 @@ BAD_INPUTS = [
      "unknown method.curvature for taylor 'hesian'; accepted: fisher_mc, gn, hessian"),
     (["method=sosp_i", "method.max_structures=0"], "method.max_structures=0: expected an integer >= 1"),
     (["method=sosp_h", "method.sparsity=-1"], "method.sparsity=-1.0: expected a number >= 0"),
+    (["dataset.split_seed=-1"], "dataset.split_seed=-1 must be >= 0"),
+    (["dataset.val_size=-5"], "dataset.val_size=-5 must be >= 0"),
+    (["hydra.run.dir=/dev/null/run"], "hydra.run.dir=/dev/null/run cannot be created (NotADirectoryError"),
     (["model.width=-1"], "width=-1: every multiplier must be > 0, got -1.0"),
     (["model.width=[1,0,1]"], "width=[1.0, 0.0, 1.0]: every multiplier must be > 0, got 0.0"),
     (["method=sosp_h", "method.stack_batch=half", "saliency.batchnorm=batch"],
