@@ -316,9 +316,14 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
                 with torch.no_grad():
                     model(example_input)
             except Exception as own:
+                weight = next(model.parameters(), None)
+                if weight is not None and weight.dtype != example_input.dtype:
+                    hint = (f"the input is {example_input.dtype}, the model's parameters are "
+                            f"{weight.dtype}: convert the input")
+                else:
+                    hint = "it may need larger images (dataset.image_size)"
                 raise SospError(f"{type(model).__name__} does not run on an input of shape "
-                                f"{tuple(example_input.shape)} ({describe(own)}); "
-                                "it may need larger images (dataset.image_size)") from own
+                                f"{tuple(example_input.shape)} ({describe(own)}); {hint}") from own
             raise SospError(f"Torch-Pruning could not build the dependency graph of "
                             f"{type(model).__name__} on an input of shape "
                             f"{tuple(example_input.shape)} ({describe(exc)})") from exc

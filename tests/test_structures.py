@@ -259,6 +259,11 @@ def test_a_model_that_does_not_run_on_the_input_says_so_not_that_tracing_failed(
                                         r"\(RuntimeError: .*\); it may need larger images \(dataset.image_size\)$"):
         api.structures(alexnet(num_classes=10), torch.zeros(1, 3, 16, 16))
     assert len(api.structures(alexnet(num_classes=10), torch.zeros(1, 3, 64, 64))) > 0
+    # an input of another dtype than the model's: the hint names the dtypes, not the image size
+    with pytest.raises(SospError, match=r"^CifarResNet does not run on an input of shape \(1, 3, 32, 32\) "
+                                        r"\(RuntimeError: .*\); the input is torch.uint8, the model's "
+                                        r"parameters are torch.float32: convert the input$"):
+        api.structures(api.create_model("resnet20", 10, 3, 0.25), torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
 class _Grouped(nn.Module):
