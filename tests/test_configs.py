@@ -50,3 +50,23 @@ def test_output_directories_name_what_the_run_varies(overrides, label):
     assert re.fullmatch(rf"outputs/runs/[\d_-]+_digits_resnet20_{label}", cfg.hydra.run.dir)
     cfg.hydra.job.num = 7   # set by the launcher for each sweep point
     assert cfg.hydra.sweep.subdir == f"7_{label}"
+
+
+def test_help_names_the_command_lists_every_option_and_its_examples_compose(tmp_path, monkeypatch, capsys):
+    """``sosp-run --help`` (Hydra's help, with our header): the command's own name, every
+    method / model / dataset, and example commands that compose (sweeps: their first values)."""
+    import sys
+    from sosp_cli import cli
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["sosp-run", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code in (0, None)
+    text = capsys.readouterr().out
+    assert text.startswith("sosp-run: ") and "cli is powered" not in text
+    for group in ("method", "model", "dataset"):
+        assert f"{group}: {', '.join(options(group))}\n" in text
+    examples = [ln.split()[1:] for ln in text.splitlines() if ln.startswith("  sosp-run ")]
+    assert len(examples) >= 3
+    for args in examples:
+        compose_run([a.split(",")[0] for a in args if a != "-m"], tmp_path)
