@@ -20,6 +20,7 @@ the reports.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +32,8 @@ from .errors import SospError
 from .models import create_model, num_stages, stage_of, stage_widths
 from .structures import StructureSet
 from .utils import save_json
+
+log = logging.getLogger(__name__)
 
 
 def stage_ratios(model_name: str, groups: dict[str, int], layer_ratios: dict[str, float],
@@ -92,7 +95,7 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     main = distributed.is_main()
     if main:
         save_json(info, out / "bottlenecks.json")
-        print(f"[bottleneck] stage pruning ratios {[round(r, 3) for r in ratios]} → bottleneck "
+        log.info(f"[bottleneck] stage pruning ratios {[round(r, 3) for r in ratios]} → bottleneck "
               f"stage(s) {bottlenecks}; widened model: {override}")
 
     rows, per_variant_ratios = [], {}
@@ -121,5 +124,5 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
         (out / "bottleneck.md").write_text(md + "\n")
         bottleneck_figures(df, per_variant_ratios, out)
         save_json({**info, "variant_stage_ratios": per_variant_ratios}, out / "bottlenecks.json")
-        print(md)
+        log.info(md)
     return {"bottlenecks": info, "table": table.to_dict(orient="records")}

@@ -7,6 +7,7 @@ output directory and rank 0 alone prints the summary and writes the sweep report
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -25,6 +26,11 @@ from . import distributed
 from .config import RunConfig
 from .errors import SospError, check_choice, describe
 from .utils import retain_freed_memory
+
+# the run's messages (epoch lines, summary, ...) go through ``logging``: Hydra's job logging
+# (configs/config.yaml, hydra.job_logging) prints them and keeps them in the run folder's run.log;
+# named, since under ``python -m sosp_cli.cli`` this module's __name__ is __main__
+log = logging.getLogger("sosp_cli.cli")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -155,11 +161,12 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     from .utils import resolve_device
     run_cfg = to_run_config(cfg)
     out = HydraConfig.get().runtime.output_dir
+    logging.captureWarnings(True)   # warnings on stderr as before, and into run.log
     try:
         distributed.init_from_env(resolve_device(run_cfg.device))
         out = distributed.broadcast_object(out)   # the ranks' clocks may name different directories
         if run_cfg.note and distributed.is_main():
-            print(f"[{run_cfg.experiment_name}] {run_cfg.note}")
+            log.info(f"[{run_cfg.experiment_name}] {run_cfg.note}")
         check_choice("task", run_cfg.task, ("prune", "bottleneck"))
         result = (bottleneck.run if run_cfg.task == "bottleneck" else pipeline.run)(run_cfg, out)
     except SospError as exc:
@@ -172,7 +179,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     if distributed.is_main():
         Path(out, FAILED_FILE).unlink(missing_ok=True)   # an earlier failure of this point, rerun
         if run_cfg.task == "prune":
-            print(summary(result))
+            log.info(summary(result))
     return result
 
 

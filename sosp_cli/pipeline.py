@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +39,9 @@ from .structures import StructureSet
 from .surgery import remove_structures
 from .train import check_train_config, evaluate, train
 from .utils import float32_products, fingerprint, resolve_device, save_json, save_torch, seed_everything
+
+
+log = logging.getLogger(__name__)
 
 
 def _asdict(x):
@@ -288,7 +292,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         sel = select(sal["scores"], ss, cost, ratio, p.target,
                      p.scope, p.min_channels, p.max_layer_ratio, p.normalize, originals)
         if sel.guard_skipped and distributed.is_main():
-            print(f"[prune] step {step}/{k}: the layer guards (min_channels={p.min_channels}, "
+            log.info(f"[prune] step {step}/{k}: the layer guards (min_channels={p.min_channels}, "
                   f"max_layer_ratio={p.max_layer_ratio}) kept {sel.guard_skipped} structures "
                   "that ranked for removal")
         if p.diagnostics and step == 1:
@@ -364,7 +368,7 @@ def _diagnostics(r: Run, model, ss: StructureSet, sel) -> dict:
         d = loss_prediction(model, ss, batches, ss.indices_of(sel.remove), r.device,
                             cfg.method.curvature, cfg.prune.diagnostics_samples, cfg.seed)
     if distributed.is_main():
-        print(f"[diagnostics] loss change of the removed set: predicted {d['predicted_second_order']:.4f} "
+        log.info(f"[diagnostics] loss change of the removed set: predicted {d['predicted_second_order']:.4f} "
               f"(first order {d['predicted_first_order']:.4f}), real {d['real']:.4f}; single-structure "
               f"Spearman {d.get('single_spearman', float('nan')):.3f}")
     return d

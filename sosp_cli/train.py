@@ -13,6 +13,7 @@ and only rank 0 writes the metrics and the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -32,6 +33,7 @@ from .utils import append_jsonl, save_torch
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
 LOG_REFRESH_S = 60.0
+log = logging.getLogger(__name__)
 
 
 def bar_refresh(stream=None, environ=os.environ) -> dict:
@@ -261,6 +263,7 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
             correct += step_correct
             n += len(y)
             bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}", refresh=False)
+        bar.close()   # also after ``max_batches``: the epoch's line below is not drawn over a bar
         if across_ranks:
             loss_sum, correct, n = distributed.all_sum_numbers(loss_sum, correct, n)
             distributed.broadcast_buffers(model)   # every rank: the model rank 0 evaluates and saves
@@ -272,7 +275,7 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         history.append(record)
         if not main:
             continue
-        tqdm.write(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "
+        log.info(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "
                    f"train {record['train_top1']:.1f}% val {val['top1']:.1f}%")
         if metrics_path is not None:
             append_jsonl(record, metrics_path)

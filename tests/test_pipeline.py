@@ -289,6 +289,13 @@ def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(sweep.rglob("result.json"))) == 6
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # pretrained once
+    # every point's messages: on stdout, and kept in its folder's run.log with time and source
+    logs = sorted(sweep.glob("*/run.log"))
+    assert len(logs) == 6 and proc.stdout.count("top-1 after fine-tuning") == 6
+    first = logs[0].read_text()
+    assert "[sosp_cli.train][INFO] [pretrain] epoch 1/" in first
+    assert "[sosp_cli.cli][INFO] digits / resnet20 / l1 / ratio 0.3" in first
+    assert "top-1 after fine-tuning" in first and "[finetune] epoch 1/" in proc.stdout
     report = subprocess.run(["sosp-report", str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0
     rows = [l for l in report.stdout.splitlines() if l.startswith("| digits")]
