@@ -96,7 +96,7 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     if main:
         save_json(info, out / "bottlenecks.json")
         log.info(f"[bottleneck] stage pruning ratios {[round(r, 3) for r in ratios]} → bottleneck "
-              f"stage(s) {bottlenecks}; widened model: {override}")
+                 f"stage(s) {bottlenecks}; widened model: {override}")
 
     rows, per_variant_ratios = [], {}
     for variant, width in info["widths"].items():

@@ -293,8 +293,8 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
                      p.scope, p.min_channels, p.max_layer_ratio, p.normalize, originals)
         if sel.guard_skipped and distributed.is_main():
             log.info(f"[prune] step {step}/{k}: the layer guards (min_channels={p.min_channels}, "
-                  f"max_layer_ratio={p.max_layer_ratio}) kept {sel.guard_skipped} structures "
-                  "that ranked for removal")
+                     f"max_layer_ratio={p.max_layer_ratio}) kept {sel.guard_skipped} structures "
+                     "that ranked for removal")
         if p.diagnostics and step == 1:
             diagnostics = _diagnostics(run, current, ss, sel)
         pruned, new = remove_structures(current.cpu(), ss, sel.remove, run.example)
@@ -369,8 +369,8 @@ def _diagnostics(r: Run, model, ss: StructureSet, sel) -> dict:
                             cfg.method.curvature, cfg.prune.diagnostics_samples, cfg.seed)
     if distributed.is_main():
         log.info(f"[diagnostics] loss change of the removed set: predicted {d['predicted_second_order']:.4f} "
-              f"(first order {d['predicted_first_order']:.4f}), real {d['real']:.4f}; single-structure "
-              f"Spearman {d.get('single_spearman', float('nan')):.3f}")
+                 f"(first order {d['predicted_first_order']:.4f}), real {d['real']:.4f}; single-structure "
+                 f"Spearman {d.get('single_spearman', float('nan')):.3f}")
     return d
 
 

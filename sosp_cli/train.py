@@ -276,7 +276,7 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         if not main:
             continue
         log.info(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "
-                   f"train {record['train_top1']:.1f}% val {val['top1']:.1f}%")
+                 f"train {record['train_top1']:.1f}% val {val['top1']:.1f}%")
         if metrics_path is not None:
             append_jsonl(record, metrics_path)
         if checkpoint_path is not None:
