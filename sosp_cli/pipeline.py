@@ -119,6 +119,12 @@ def validate(cfg: RunConfig) -> None:
         raise SospError(f"latency_repeats={cfg.latency_repeats} must be >= 1")
     resolve_device(cfg.device)
     criterion = get_criterion(cfg.method)
+    if cfg.method.selection == "greedy" and (p.scope != "global" or p.normalize != "none"):
+        # its scores are the steps at which the greedy growth removes each structure: the
+        # removed set is a prefix of that one global order, which these options would reorder
+        raise SospError(f"method.selection=greedy removes a prefix of one global removal order; "
+                        f"prune.scope={p.scope} / prune.normalize={p.normalize} would reorder it by "
+                        "layer: use prune.scope=global prune.normalize=none with it")
     if criterion.layer_local and p.scope != "local":
         raise SospError(f"method {cfg.method.name} is layer-local (its scores compare only within "
                         f"one layer); prune.scope={p.scope} is not accepted, use prune.scope=local")

@@ -208,6 +208,10 @@ BAD_INPUTS = [
     (["method=sosp_i", "method.chunk_size=0"], "method.chunk_size=0: expected an integer >= 1"),
     # every method.* value is checked whichever method reads it
     (["method=sosp_h", "method.selection=greedy"], "method.selection=greedy is not accepted for sosp_h"),
+    (["method=sosp_i", "method.selection=greedy", "prune.normalize=layer_mean"],
+     "prune.scope=global / prune.normalize=layer_mean would reorder it by layer"),
+    (["method=sosp_i", "method.selection=greedy", "prune.scope=local"],
+     "prune.scope=local / prune.normalize=none would reorder it by layer"),
     (["method.selection=gredy"], "unknown method.selection 'gredy'; accepted: greedy, score"),
     (["method=taylor", "method.curvature=hesian"],
      "unknown method.curvature for taylor 'hesian'; accepted: fisher_mc, gn, hessian"),
