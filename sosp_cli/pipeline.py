@@ -279,6 +279,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
     originals = originals_of(dense_cost, ss)
     first_saliency, current, history, record = None, model, [], None
     diagnostics = None   # of the first step's selection, carried into every later step's record
+    seconds = []         # each round's saliency time; a step's record holds those up to it
     for step in range(1, k + 1):
         key = fingerprint(prune_key(cfg), step)
         path = run.out / ("pruned.pt" if step == k else f"pruned_step{step}.pt")
@@ -288,10 +289,12 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         if record is not None:
             current, history = build_from_record(record), record["history"]
             diagnostics = record.get("diagnostics")
+            seconds = list(record.get("saliency_seconds_steps") or [])   # absent: made before it existed
             continue
         if step > 1:
             ss = StructureSet(current.cpu().eval(), run.example)
         sal = first_saliency if step == 1 else stage_saliency(run, current, ss, step)
+        seconds = seconds + [sal["seconds"]]
         ratio = 0.0 if cfg.method.name == "none" else cfg.prune.ratio * step / k
         p = cfg.prune
         cost = dense_cost if step == 1 else CostModel(current.cpu(), ss, run.example)
@@ -311,6 +314,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
             run.remove(run.out / f"step{step}_last.pt")
         record = model_record(pruned.cpu(), run.spec, history, key=key, step=step,
                               selection=dataclasses.asdict(sel), diagnostics=diagnostics,
+                              saliency_seconds_steps=seconds,
                               removed_structures=originals.structures - ss.num_structures + len(sel.remove))
         run.save(record, path)
         current = pruned
@@ -414,6 +418,7 @@ def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetun
         "params_before": p0, "params_after": p1, "params_reduction": 1 - p1 / p0,
         "macs_before": f0, "macs_after": f1, "macs_reduction": 1 - f1 / f0,
         "latency": latency, "saliency_seconds": sal["seconds"],
+        "saliency_seconds_steps": pruned_rec.get("saliency_seconds_steps"),
         "saliency_peak_memory_mb": sal["peak_memory_mb"], "saliency_samples": sal["num_samples"],
         "device": str(r.device), "layer_ratios": sel["layer_ratios"],
     }

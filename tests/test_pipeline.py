@@ -376,6 +376,13 @@ def test_iterative_pruning_in_three_steps(tmp_path):
     assert 0 < largest < 0.05 * r["macs_before"]
     assert abs(r["macs_reduction"] - 0.45) <= 0.5 * largest / r["macs_before"]
     assert (out / "metrics.jsonl").read_text().count("step1-finetune") == 1
+    # every round's saliency time, also after a resume that reads the first rounds' records
+    names = ["saliency.pt", "saliency_step2.pt", "saliency_step3.pt"]
+    seconds = [torch.load(out / n, weights_only=False)["seconds"] for n in names]
+    assert r["saliency_seconds_steps"] == seconds and r["saliency_seconds"] == seconds[0]
+    (out / "pruned.pt").unlink()
+    (out / "finetuned.pt").unlink()
+    assert run(cfg, out)["saliency_seconds_steps"] == seconds
     # the diagnostics of the first step's removed set reach result.json
     step1 = torch.load(out / "pruned_step1.pt", weights_only=False)
     assert r["diagnostics"] == step1["diagnostics"] and r["diagnostics"]["removed"] == len(step1["selection"]["remove"])
