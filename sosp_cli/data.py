@@ -157,11 +157,18 @@ def load_imagenet(root: str, image_size: int = 224, val_size: int = 10000,
     eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize])
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
                           normalize]) if augment else eval_tf
-    train_full = datasets.ImageFolder(str(base / "train"), transform=train_tf)
-    train_eval = datasets.ImageFolder(str(base / "train"), transform=eval_tf)
-    test = datasets.ImageFolder(str(base / "val"), transform=eval_tf)
+    try:   # torchvision refuses a folder without class folders, or a class folder without images
+        train_full = datasets.ImageFolder(str(base / "train"), transform=train_tf)
+        train_eval = datasets.ImageFolder(str(base / "train"), transform=eval_tf)
+        test = datasets.ImageFolder(str(base / "val"), transform=eval_tf)
+    except FileNotFoundError as exc:
+        raise SospError(f"imagenet: {exc} (dataset.root={root} must hold train/<class>/<image> "
+                        "and val/<class>/<image>)") from None
     if test.classes != train_full.classes:
         raise SospError(f"imagenet: class folders of {base / 'val'} differ from {base / 'train'}")
+    if len(train_full.classes) < 2:
+        raise SospError(f"imagenet: {base / 'train'} has {len(train_full.classes)} class folder "
+                        f"({train_full.classes[0]}); a classifier needs at least 2")
     val_size = min(val_size, len(train_full) // 10) if val_size else 0
     train_idx, val_idx = _split_indices(len(train_full), val_size, split_seed)
     return Splits(Subset(train_full, train_idx.tolist()), Subset(train_eval, val_idx.tolist()), test,

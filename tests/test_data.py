@@ -66,3 +66,25 @@ def test_missing_imagenet_and_unknown_dataset(tmp_path):
         load_dataset("imagenet", root=str(tmp_path))
     with pytest.raises(SospError, match="accepted: cifar10, cifar100, digits, imagenet"):
         load_dataset("mnist")
+
+
+@pytest.mark.parametrize("layout, needle", [
+    ("no class folders", "Couldn't find any class folder in .*train"),
+    ("a class without images", "Found no valid file for the classes n01"),
+    ("one class", r".*train has 1 class folder \(n01\); a classifier needs at least 2"),
+    ("other classes in val", "class folders of .*val differ from .*train"),
+])
+def test_an_imagefolder_tree_sosp_cannot_train_on_is_one_line_naming_it(tmp_path, layout, needle):
+    if layout == "no class folders":
+        (tmp_path / "train").mkdir()
+        (tmp_path / "val").mkdir()
+    elif layout == "a class without images":
+        write_imagefolder(tmp_path, ("n01",), n_train=0, n_val=0)
+    elif layout == "one class":
+        write_imagefolder(tmp_path, ("n01",), n_train=2, n_val=1)
+    else:
+        write_imagefolder(tmp_path, ("n01", "n02"), n_train=2, n_val=1)
+        (tmp_path / "val" / "n02").rename(tmp_path / "val" / "n03")
+    with pytest.raises(SospError, match=f"^imagenet: {needle}") as err:
+        load_dataset("imagenet", root=str(tmp_path), image_size=24, val_size=0)
+    assert "\n" not in str(err.value)
