@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
-from .errors import SospError, check_choice
+from .errors import SospError, check_choice, describe
 
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
@@ -100,10 +100,14 @@ def load_digits(image_size: int = 32, split_seed: int = 0, augment: bool = True)
 def _read_cifar_batches(folder: Path, files: list[str], label_key: str):
     images, labels = [], []
     for f in files:
-        with open(folder / f, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry[label_key])
+        try:   # a truncated download, or another file under the expected name
+            with open(folder / f, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry[label_key])
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's bad input
+            raise SospError(f"{folder / f} is not a CIFAR python batch ({describe(exc)}); "
+                            "download it again (dataset.download=true when online)") from None
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long)
 
 

@@ -88,3 +88,13 @@ def test_an_imagefolder_tree_sosp_cannot_train_on_is_one_line_naming_it(tmp_path
     with pytest.raises(SospError, match=f"^imagenet: {needle}") as err:
         load_dataset("imagenet", root=str(tmp_path), image_size=24, val_size=0)
     assert "\n" not in str(err.value)
+
+
+def test_an_unreadable_cifar_batch_is_one_line_naming_the_file(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(bad.read_bytes()[:100])   # a truncated download
+    with pytest.raises(SospError, match=f"^{bad} is not a CIFAR python batch \\(UnpicklingError: .*\\); "
+                                        "download it again") as err:
+        load_dataset("cifar10", root=str(tmp_path))
+    assert "\n" not in str(err.value)
