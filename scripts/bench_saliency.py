@@ -51,7 +51,7 @@ from sosp_cli.models import check_model, create_model
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import AUTO_LAYOUT, curvature_product, gradient
 from sosp_cli.structures import StructureSet
-from sosp_cli.utils import float32_products, retain_freed_memory
+from sosp_cli.utils import float32_products, retain_freed_memory, unwritable
 
 METHODS = ("taylor", "sosp_h", "sosp_i")
 # timed variants of a registered criterion: name -> (criterion, MethodConfig options)
@@ -257,6 +257,8 @@ def main() -> None:
             check_model(args.model, width)
     except SospError as exc:
         parser.error(f"--model {args.model}: {exc}")
+    if args.json and unwritable(args.json):   # refused now, not after the whole benchmark has run
+        parser.error(f"argument --json: {args.json} cannot be written ({unwritable(args.json)})")
     if min(args.classes) < 2:
         parser.error(f"argument --classes: {min(args.classes)} must be >= 2 (a 1-class loss has no gradient)")
     if args.threads:

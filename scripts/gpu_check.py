@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sosp_cli.config import RunConfig
+from sosp_cli.errors import SospError
 from sosp_cli.pipeline import run
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "debug" / "smoke.yaml"
@@ -52,4 +53,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--smoke", action="store_true", help="seconds on a CPU (configs/debug/smoke.yaml's sizes)")
     args = parser.parse_args()
-    main(args.out_dir, args.device, args.smoke)
+    try:
+        main(args.out_dir, args.device, args.smoke)
+    except SospError as exc:
+        parser.error(str(exc))

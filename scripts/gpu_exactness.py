@@ -34,7 +34,7 @@ from test_stacked import WIDTH, float64_model, rel_err  # noqa: E402  (the tests
 from sosp_cli import api  # noqa: E402
 from sosp_cli.pruning.derivatives import curvature_matrix, curvature_product, stackable  # noqa: E402
 from sosp_cli.structures import StructureSet  # noqa: E402
-from sosp_cli.utils import float32_products  # noqa: E402
+from sosp_cli.utils import float32_products, unwritable  # noqa: E402
 
 FLOAT64_TOL, FLOAT32_TOL = 1e-8, 1e-4
 
@@ -78,6 +78,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.batch < 1:
         parser.error(f"argument --batch: {args.batch} must be >= 1")
+    if args.json and unwritable(args.json):   # refused now, not after the checks have run
+        parser.error(f"argument --json: {args.json} cannot be written ({unwritable(args.json)})")
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# device {device} ({name}), torch {torch.__version__}")

@@ -38,6 +38,7 @@ from test_stacked import float64_model, rel_err  # noqa: E402  (the tests' float
 
 from sosp_cli import api  # noqa: E402
 from sosp_cli.errors import SospError  # noqa: E402
+from sosp_cli.utils import unwritable  # noqa: E402
 from sosp_cli.models import TORCHVISION_KWARGS  # noqa: E402
 from sosp_cli.pruning.derivatives import curvature_product  # noqa: E402
 from sosp_cli.structures import StructureSet  # noqa: E402
@@ -152,6 +153,10 @@ def parse(argv=None) -> argparse.Namespace:
         parser.error(f"--batch {args.batch}: must be >= 1")
     if args.max_params is not None and args.max_params <= 0:
         parser.error(f"--max-params {args.max_params:g}: must be > 0")
+    for option in ("json", "markdown"):   # refused now, not after the survey has run
+        path = getattr(args, option)
+        if path and unwritable(path):
+            parser.error(f"--{option} {path}: cannot be written ({unwritable(path)})")
     return args
 
 

@@ -331,7 +331,10 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     """Run (or resume) one experiment; returns the result written to ``result.json``."""
     validate(cfg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SospError(f"the run folder {out} cannot be created ({describe(exc)})") from None
     result_path = out / "result.json"
     r = Run(cfg, out)
     t_start = time.time()

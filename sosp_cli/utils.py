@@ -29,6 +29,16 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
+def unwritable(path: str | Path) -> str | None:
+    """Why a file cannot be written at ``path`` (a folder is there, or its folder is missing),
+    or None: for a script to refuse an output path before its work, not after it."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return "it is a folder"
+    folder = path.resolve().parent
+    return None if folder.is_dir() else f"no folder {folder}"
+
+
 def save_torch(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

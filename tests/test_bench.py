@@ -126,6 +126,8 @@ def test_benchmark_times_a_torchvision_model_on_the_stacked_path(tmp_path):
     (["--classes", "10", "1"], "argument --classes: 1 must be >= 2 (a 1-class loss has no gradient)"),
     (["--widths", "1", "-2"], "argument --widths: -2 must be > 0"),
     (["--batch-size", "x"], "argument --batch-size: 'x' is not an integer"),
+    (["--json", "/dev/null/rows.json"], "argument --json: /dev/null/rows.json cannot be written (no folder /dev/null)"),
+    (["--json", "/tmp"], "argument --json: /tmp cannot be written (it is a folder)"),
     (["--methods", "taylor", "sosp"], None),
     (["--batchnorm", "batch", "--methods", "taylor", "sosp_i"],
      "--methods: saliency.batchnorm=batch is not accepted for sosp_i with method.curvature=gn: its "

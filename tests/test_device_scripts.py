@@ -24,6 +24,14 @@ def test_exactness_script_passes_on_the_cpu(tmp_path):
     assert max(row["float32_g"], row["float32_q"], row["api"]) <= 1e-4
 
 
+def test_exactness_script_refuses_an_output_it_cannot_write_before_checking():
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "gpu_exactness.py"), "--device", "cpu",
+                           "--json", "/dev/null/exactness.json"], capture_output=True, text=True)
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "error: argument --json: /dev/null/exactness.json cannot be written (no folder /dev/null)")
+
+
 def test_pipeline_check_runs_both_methods_on_the_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPTS / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)

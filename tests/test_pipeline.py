@@ -112,6 +112,11 @@ def test_a_cache_dir_that_cannot_be_created_is_one_clear_error(tmp_path):
     assert not list((tmp_path / "run").glob("*.pt"))
 
 
+def test_a_run_folder_that_cannot_be_created_is_one_clear_error(tmp_path):
+    with pytest.raises(SospError, match=r"^the run folder /dev/null/run cannot be created \(NotADirectoryError"):
+        run(compose_run(["experiment=smoke"], tmp_path), "/dev/null/run")
+
+
 def test_pretrained_model_is_shared_through_the_cache(tmp_path):
     a = run(compose_run(["experiment=smoke", "method=l1"], tmp_path), tmp_path / "a")
     b = run(compose_run(["experiment=smoke", "method=random", "prune.ratio=0.3"], tmp_path), tmp_path / "b")

@@ -62,6 +62,8 @@ def test_a_model_without_a_rule_is_surveyed_on_forward_mode(monkeypatch):
     (["--size", "16"], "--size 16: must be >= 32"),
     (["--batch", "0"], "--batch 0: must be >= 1"),
     (["--max-params", "0"], "--max-params 0: must be > 0"),
+    (["--json", "/dev/null/survey.json"], "--json /dev/null/survey.json: cannot be written (no folder /dev/null)"),
+    (["--markdown", "/tmp"], "--markdown /tmp: cannot be written (it is a folder)"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
