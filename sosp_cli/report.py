@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import SospError
+from .errors import SospError, describe
 
 KEYS = ["dataset", "model", "width", "method", "target", "scope", "prune_ratio"]
 # settings that become key columns when the collected runs differ in them (a sweep over
@@ -96,7 +96,10 @@ def reference_table(path: Path, measured: pd.DataFrame) -> pd.DataFrame:
     matches ``resnet56``)."""
     if not Path(path).is_file():
         raise SospError(f"--reference {path} does not exist")
-    ref = pd.read_csv(path)
+    try:
+        ref = pd.read_csv(path)
+    except ValueError as exc:   # empty, not text (UnicodeDecodeError), not CSV (ParserError)
+        raise SospError(f"--reference {path} is not a readable CSV ({describe(exc)})") from None
     missing = [c for c in REFERENCE_COLUMNS if c not in ref.columns]
     if missing:
         raise SospError(f"--reference {path} lacks column '{missing[0]}'; expected at least "
@@ -124,12 +127,13 @@ def write_report(root: Path, reference: Path | None = None) -> str:
     root = Path(root)
     df = collect(root)
     table = summarize(df)
+    cited = None if reference is None else reference_table(reference, df)   # refused before anything is written
     table.to_csv(root / "report.csv", index=False)
     md = to_markdown(table)
-    if reference is not None:
-        cited = reference_table(reference, df)
+    if cited is not None:
         cited.to_csv(root / "report_cited.csv", index=False)
-        md += "\n\nPublished results (cited, not measured here):\n\n" + cited.to_markdown(index=False)
+        md += "\n\nPublished results (cited, not measured here):\n\n" + (
+            cited.to_markdown(index=False) if len(cited) else f"none in {reference} for these datasets and models")
     (root / "report.md").write_text(md + "\n")
     pruned = df[df["method"] != "none"]
     figures = accuracy_curves(df, root) + layer_ratio_bars(pruned, root) + saliency_time_vs_width(df, root)

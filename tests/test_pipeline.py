@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,6 +311,11 @@ def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path
     rows = [l for l in report.stdout.splitlines() if l.startswith("| digits")]
     assert len(rows) == 6
     assert (sweep / "report.csv").exists() and (sweep / "report.md").exists()
+    # the shipped citations hold no digits rows: the report says so rather than show an empty table
+    cited = subprocess.run(["sosp-report", str(sweep), "--reference", str(REFERENCE)], capture_output=True, text=True)
+    assert cited.returncode == 0, cited.stderr[-2000:]
+    assert f"Published results (cited, not measured here):\n\nnone in {REFERENCE} for these datasets" in cited.stdout
+    assert (sweep / "report_cited.csv").exists()
 
 
 def test_a_failed_sweep_point_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -479,3 +485,54 @@ def test_report_keeps_runs_that_differ_in_a_setting_apart(tmp_path):
     assert list(mixed["stack_batch"]) == ["auto", "auto"]
     passes = pd.DataFrame([{**row("gn", 0, 90.0), "stack_batch": "half"}, {**row("gn", 0, 90.0), "stack_batch": "whole"}])
     assert "stack_batch" in key_columns(passes) and len(summarize(passes)) == 2
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference_results.csv"
+
+
+def test_reference_rows_are_those_of_the_measured_datasets_and_models():
+    """``sosp-report --reference``: the shipped citations of the measured (dataset, model) — a
+    cited "resnet56 (option B)" is ResNet-56 —, marked as cited; other models' rows are left out."""
+    import pandas as pd
+    from sosp_cli.report import reference_table
+    shipped = pd.read_csv(REFERENCE)
+    cited = reference_table(REFERENCE, pd.DataFrame({"dataset": ["cifar10"], "model": ["resnet56"]}))
+    assert list(cited.columns[:2]) == ["cited", "method"] and set(cited["cited"]) == {"yes"}
+    assert len(cited) == shipped["model"].str.startswith("resnet56 ").sum() > 0
+    assert set(cited["model"].str.split().str[0]) == {"resnet56"}
+    assert reference_table(REFERENCE, pd.DataFrame({"dataset": ["digits"], "model": ["resnet56"]})).empty
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "does not exist"),
+    ("method,dataset,model\nl1,cifar10,vgg16\n", "lacks column 'baseline_top1'; expected at least method, "
+     "dataset, model, baseline_top1, pruned_top1, source"),
+    ("", "is not a readable CSV (EmptyDataError"),
+    (b"\xb5\x00\xff\xfe", "is not a readable CSV (UnicodeDecodeError"),
+])
+def test_a_reference_file_it_cannot_use_is_one_line(tmp_path, content, needle):
+    import pandas as pd
+    from sosp_cli.report import reference_table
+    path = tmp_path / "ref.csv"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(SospError, match=f"^--reference {path} ") as err:
+        reference_table(path, pd.DataFrame({"dataset": ["cifar10"], "model": ["vgg16"]}))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    # through sosp-report: one line, and no report file of the measured runs either
+    from sosp_cli.report import main
+    (tmp_path / "runs" / "0").mkdir(parents=True)
+    (tmp_path / "runs" / "0" / "result.json").write_text(json.dumps(_result_row()))
+    assert main([str(tmp_path / "runs"), "--reference", str(path)]) == 2
+    assert not list((tmp_path / "runs").glob("report*"))
+
+
+def _result_row(**changes) -> dict:
+    """A result.json with the fields the report reads."""
+    return {"dataset": "digits", "model": "resnet20", "width": "1.0", "method": "sosp_h",
+            "target": "structures", "scope": "global", "prune_ratio": 0.5, "combine": "abs_sum",
+            "curvature": "gn", "seed": 0, "normalize": "none", "steps": 1, "latency": {},
+            **{m: 0.5 for m in ("top1_before", "top1_pruned", "top1_finetuned", "achieved_ratio",
+                                "params_reduction", "macs_reduction", "saliency_seconds")}, **changes}
