@@ -11,12 +11,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import SospError
+from .errors import SospError, describe
 from .models import AUXILIARY_PREFIXES, create_model
 from .surgery import replay
 from .utils import save_torch
 
 FORMAT = "sosp-model/1"
+
+
+def read_torch(path: str | Path, what: str = "", hint: str = ""):
+    """``torch.load`` of ``path`` onto the CPU, or a one-line error naming the file (``what``:
+    the option it came from, e.g. ``pretrain.checkpoint=``; ``hint``: what to do about it)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is a bad input, whatever torch raises
+        raise SospError(f"{what}{path} is not a readable torch file ({describe(exc)}){hint}") from None
 
 
 def model_record(model: nn.Module, spec: dict, history: list | None = None, **extra) -> dict:
@@ -43,7 +52,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     path = Path(path)
     if not path.is_file():
         raise SospError(f"checkpoint not found: {path}")
-    record = torch.load(path, map_location="cpu", weights_only=False)
+    record = read_torch(path)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise SospError(f"{path} is not a sosp model checkpoint (format {FORMAT})")
     return build_from_record(record), record
@@ -77,10 +86,7 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
     into ``model``, strictly; keys saved from a DDP / DataParallel or ``torch.compile`` wrapper
     (``module.`` / ``_orig_mod.`` on every key) are read without the prefix."""
     path = check_checkpoint_path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's bad input
-        raise SospError(f"pretrain.checkpoint={path} is not a torch checkpoint ({exc})") from None
+    obj = read_torch(path, "pretrain.checkpoint=")
     if isinstance(obj, dict) and obj.get("format") == FORMAT and obj["history"]:
         raise SospError(f"pretrain.checkpoint={path} holds a pruned model; pass an unpruned one")
     state = obj

@@ -138,6 +138,24 @@ def test_pretrain_checkpoint_is_used_and_mismatch_is_one_clear_error(tmp_path):
             tmp_path / "c")
 
 
+def test_an_unreadable_torch_file_is_one_line_naming_it_and_is_kept(tmp_path):
+    """A garbage artefact in the run folder, as ``pretrain.checkpoint``, or given to load_model."""
+    from sosp_cli.checkpoint import load_model
+    garbage = b"not a torch file"
+    artefact = tmp_path / "run" / "pretrained.pt"
+    artefact.parent.mkdir()
+    artefact.write_bytes(garbage)
+    with pytest.raises(SospError, match=f"^{artefact} is not a readable torch file \\(UnpicklingError: .*\\); "
+                                        "it is kept — delete it, or run in a new output directory$"):
+        run(compose_run(["experiment=smoke", "method=l1"], tmp_path), artefact.parent)
+    assert artefact.read_bytes() == garbage
+    with pytest.raises(SospError, match=f"^pretrain.checkpoint={artefact} is not a readable torch file"):
+        run(compose_run(["experiment=smoke", "method=l1", f"pretrain.checkpoint={artefact}"], tmp_path),
+            tmp_path / "other")
+    with pytest.raises(SospError, match=f"^{artefact} is not a readable torch file"):
+        load_model(artefact)
+
+
 def test_sosp_i_beyond_max_structures_is_refused_before_pretraining(tmp_path):
     cfg = compose_run(["experiment=smoke", "method=sosp_i", "method.max_structures=100"], tmp_path)
     with pytest.raises(SospError, match=r"S=\d+ structures \(> method.max_structures=100.*use method=sosp_h"):
