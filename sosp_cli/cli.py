@@ -130,9 +130,31 @@ def one_line(exc: BaseException) -> str:
     return " ".join(lines[:2]) or type(exc).__name__
 
 
+def sweep_variants(overrides: list[str]) -> list[list[str]] | None:
+    """The command lines that put every value of a multirun sweep to the test once: each sweep
+    override at each of its values, the others at their first (k compositions for k values in
+    all, not their product). None if a sweep cannot be expanded here (``glob(...)`` needs
+    Hydra's config loader): Hydra then reports it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+    values = []
+    try:
+        for o in parsed:
+            values.append(list(o.sweep_string_iterator()) if o.is_sweep_override() else [None])
+    except Exception:  # noqa: BLE001 - any sweep this cannot expand is left to Hydra
+        return None
+    first = [o.input_line if v[0] is None else f"{o.get_key_element()}={v[0]}" for o, v in zip(parsed, values)]
+    variants = [first]
+    for i, (o, vs) in enumerate(zip(parsed, values)):
+        variants += [first[:i] + [f"{o.get_key_element()}={v}"] + first[i + 1:] for v in vs[1:]]
+    return variants
+
+
 def precheck(overrides: list[str]) -> None:
-    """Compose a single-run command line once before Hydra runs it, so that a bad group choice,
-    unknown key or wrong type is reported in one line (multirun sweeps keep Hydra's message)."""
+    """Compose the command line once before Hydra runs it — a multirun once per sweep value
+    (:func:`sweep_variants`) — so that a bad group choice, unknown key or wrong type is reported
+    in one line, before any job of a sweep has run."""
     from hydra import compose, initialize_config_dir
 
     for arg in overrides:   # Hydra creates these itself, and reports a failure as a traceback
@@ -142,12 +164,15 @@ def precheck(overrides: list[str]) -> None:
                 Path(value).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise SospError(f"{key}={value} cannot be created ({describe(exc)})") from None
-    if any(a in ("-m", "--multirun") or a.startswith("-") for a in overrides):
-        return
-    plain = [a for a in overrides if not a.lstrip("+~").startswith("hydra")]
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in overrides):
+        return   # --help, --cfg, ...: Hydra's own
+    plain = [a for a in overrides if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
     try:
+        variants = sweep_variants(plain) if multirun else [plain]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            to_run_config(compose("config", overrides=plain))
+            for variant in variants or ():
+                to_run_config(compose("config", overrides=variant))
     except SospError:
         raise
     except Exception as exc:  # noqa: BLE001 - every composition error is the user's input

@@ -70,3 +70,17 @@ def test_help_names_the_command_lists_every_option_and_its_examples_compose(tmp_
     assert len(examples) >= 3
     for args in examples:
         compose_run([a.split(",")[0] for a in args if a != "-m"], tmp_path)
+
+
+def test_sweep_variants_put_every_value_to_the_test_once():
+    """k compositions for k sweep values in all (not their product): each sweep at each value,
+    the others at their first; a sweep it cannot expand (glob) is left to Hydra (None)."""
+    from sosp_cli.cli import sweep_variants
+    assert sweep_variants(["experiment=smoke", "method=l1,l2,taylor", "seed=range(0,2)", "+x=1"]) == [
+        ["experiment=smoke", "method=l1", "seed=0", "+x=1"],
+        ["experiment=smoke", "method=l2", "seed=0", "+x=1"],
+        ["experiment=smoke", "method=taylor", "seed=0", "+x=1"],
+        ["experiment=smoke", "method=l1", "seed=1", "+x=1"],
+    ]
+    assert sweep_variants(["model.width=[1,2,1],0.5"]) == [["model.width=[1,2,1]"], ["model.width=0.5"]]
+    assert sweep_variants(["method=glob(sosp*)"]) is None
