@@ -71,7 +71,8 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return run_cfg
 
 
-def summary(result: dict) -> str:
+def summary(result: dict, out: str | Path | None = None) -> str:
+    """The lines printed at the end of a run (``out``: its folder, named last)."""
     rows = [("top-1 before pruning", f"{result['top1_before']:.2f} %"),
             ("top-1 after pruning", f"{result['top1_pruned']:.2f} %"),
             ("top-1 after fine-tuning", f"{result['top1_finetuned']:.2f} %"),
@@ -82,6 +83,8 @@ def summary(result: dict) -> str:
                      f"(−{100 * result['macs_reduction']:.1f} %)"),
             ("CPU latency bs64", f"×{result['latency']['cpu_bs64']['speedup']:.2f} speed-up"),
             ("saliency time", f"{result['saliency_seconds']:.2f} s")]
+    if out is not None:
+        rows.append(("run folder", str(out)))
     width = max(len(k) for k, _ in rows)
     target = "" if result.get("target", "structures") == "structures" else f" of {result['target']}"
     head = f"{result['dataset']} / {result['model']} / {result['method']} / ratio {result['prune_ratio']}{target}"
@@ -204,7 +207,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     if distributed.is_main():
         Path(out, FAILED_FILE).unlink(missing_ok=True)   # an earlier failure of this point, rerun
         if run_cfg.task == "prune":
-            log.info(summary(result))
+            log.info(summary(result, out))
     return result
 
 

@@ -327,6 +327,7 @@ def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path
     assert "[sosp_cli.train][INFO] [pretrain] epoch 1/" in first
     assert "[sosp_cli.cli][INFO] digits / resnet20 / l1 / ratio 0.3" in first
     assert "top-1 after fine-tuning" in first and "[finetune] epoch 1/" in proc.stdout
+    assert f"  run folder               {logs[0].parent}\n" in proc.stdout   # the summary names each point's folder
     report = subprocess.run(["sosp-report", str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0
     rows = [l for l in report.stdout.splitlines() if l.startswith("| digits")]
