@@ -257,8 +257,8 @@ def main() -> None:
             check_model(args.model, width)
     except SospError as exc:
         parser.error(f"--model {args.model}: {exc}")
-    if args.json and unwritable(args.json):   # refused now, not after the whole benchmark has run
-        parser.error(f"argument --json: {args.json} cannot be written ({unwritable(args.json)})")
+    if args.json and (why := unwritable(args.json)):   # refused now, not after the whole benchmark has run
+        parser.error(f"argument --json: {args.json} cannot be written ({why})")
     if min(args.classes) < 2:
         parser.error(f"argument --classes: {min(args.classes)} must be >= 2 (a 1-class loss has no gradient)")
     if args.threads:

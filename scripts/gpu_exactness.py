@@ -78,8 +78,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.batch < 1:
         parser.error(f"argument --batch: {args.batch} must be >= 1")
-    if args.json and unwritable(args.json):   # refused now, not after the checks have run
-        parser.error(f"argument --json: {args.json} cannot be written ({unwritable(args.json)})")
+    if args.json and (why := unwritable(args.json)):   # refused now, not after the checks have run
+        parser.error(f"argument --json: {args.json} cannot be written ({why})")
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# device {device} ({name}), torch {torch.__version__}")

@@ -155,8 +155,8 @@ def parse(argv=None) -> argparse.Namespace:
         parser.error(f"--max-params {args.max_params:g}: must be > 0")
     for option in ("json", "markdown"):   # refused now, not after the survey has run
         path = getattr(args, option)
-        if path and unwritable(path):
-            parser.error(f"--{option} {path}: cannot be written ({unwritable(path)})")
+        if path and (why := unwritable(path)):
+            parser.error(f"--{option} {path}: cannot be written ({why})")
     return args
 
 

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
 from .config import RunConfig
-from .errors import SospError, check_choice, describe
-from .utils import retain_freed_memory
+from .errors import SospError, check_choice
+from .utils import make_folder, retain_freed_memory
 
 # the run's messages (epoch lines, summary, ...) go through ``logging``: Hydra's job logging
 # (configs/config.yaml, hydra.job_logging) prints them and keeps them in the run folder's run.log;
@@ -163,10 +163,7 @@ def precheck(overrides: list[str]) -> None:
     for arg in overrides:   # Hydra creates these itself, and reports a failure as a traceback
         key, _, value = arg.lstrip("+").partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
-            try:
-                Path(value).mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise SospError(f"{key}={value} cannot be created ({describe(exc)})") from None
+            make_folder(value, f"{key}={value}")
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in overrides):
         return   # --help, --cfg, ...: Hydra's own

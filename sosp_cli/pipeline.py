@@ -30,7 +30,7 @@ from .checkpoint import (build_from_record, check_checkpoint_path, load_weights_
 from .config import RunConfig
 from .diagnostics import loss_prediction
 from .data import check_dataset_options, load_dataset, make_loader, take_batches
-from .errors import SospError, describe
+from .errors import SospError
 from .measure import PeakMemory, count_macs, count_params, latency_ms
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion, saliency_model
@@ -39,7 +39,8 @@ from .selection import originals_of, select, validate as validate_selection
 from .structures import StructureSet
 from .surgery import remove_structures
 from .train import check_train_config, evaluate, train
-from .utils import float32_products, fingerprint, resolve_device, save_json, save_torch, seed_everything
+from .utils import (float32_products, fingerprint, make_folder, resolve_device, save_json, save_torch,
+                    seed_everything)
 
 
 log = logging.getLogger(__name__)
@@ -209,13 +210,12 @@ def stage_pretrain(run: Run) -> torch.nn.Module:
             problem = None
             if main:
                 try:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    problem = describe(exc)
+                    make_folder(cache.parent, f"pretrain.cache_dir={cfg.pretrain.cache_dir}")
+                except SospError as exc:
+                    problem = str(exc)
             problem = distributed.broadcast_object(problem)   # every rank stops, not rank 0 alone
             if problem:
-                raise SospError(f"pretrain.cache_dir={cfg.pretrain.cache_dir} cannot be created ({problem}); "
-                                "give a writable folder, or pretrain.use_cache=false")
+                raise SospError(f"{problem}; give a writable folder, or pretrain.use_cache=false")
             with distributed.file_lock(str(cache) + ".lock"):   # against other runs sharing the cache
                 if not distributed.broadcast_object(cache.exists()):
                     _train_fresh(run, key, cache, cache.with_suffix(".partial.pt"))
@@ -333,10 +333,7 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     """Run (or resume) one experiment; returns the result written to ``result.json``."""
     validate(cfg)
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SospError(f"the run folder {out} cannot be created ({describe(exc)})") from None
+    make_folder(out, f"the run folder {out}")
     result_path = out / "result.json"
     r = Run(cfg, out)
     t_start = time.time()

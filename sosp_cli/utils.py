@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SospError, check_choice
+from .errors import SospError, check_choice, describe
 
 
 def atomic_write(path: Path, write) -> None:
@@ -27,6 +27,14 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def make_folder(path: str | Path, name: str) -> None:
+    """``mkdir -p path``, or a one-line error: ``<name> cannot be created (<OSError>)``."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SospError(f"{name} cannot be created ({describe(exc)})") from None
 
 
 def unwritable(path: str | Path) -> str | None:
