@@ -205,6 +205,8 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         Path(out, FAILED_FILE).unlink(missing_ok=True)   # an earlier failure of this point, rerun
         if run_cfg.task == "prune":
             log.info(summary(result, out))
+    if HydraConfig.get().mode == RunMode.RUN or "SUBMITIT_EXECUTOR" in os.environ:
+        distributed.finish()   # this process runs no further job (a submitit job runs one point)
     return result
 
 
@@ -217,6 +219,7 @@ def main() -> None:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         sys.exit(2)
     hydra_main()
+    distributed.finish()   # after a multirun's last point in this process (a no-op if left already)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ the same variables from submitit (:func:`export_submitit_environment`). Then:
   single process computes on all batches;
 - **evaluation** runs each rank on its share of the split (:func:`shard_dataset`) and sums the
   counts;
-- only rank 0 writes files (:func:`is_main`); the others wait where they need them (:func:`barrier`).
+- only rank 0 writes files (:func:`is_main`); the others wait where they need them (:func:`barrier`);
+- a process that runs no further job leaves the group (:func:`finish`).
 
 With ``WORLD_SIZE`` unset or 1 nothing here does anything. The tests run every collective on
 CPU with gloo (``tests/test_distributed.py``).
@@ -86,6 +87,17 @@ def init_from_env(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def finish() -> None:
+    """Leave the process group, once every rank has got here, after work that ended normally.
+    A process that exits still in a gloo group can abort in gloo's teardown (SIGABRT,
+    "terminate called without an active exception": pytorch/pytorch#190489); the barrier first,
+    so that no rank closes its connections while another still uses them. Not after an error:
+    a rank still inside a collective would never reach the barrier (pytorch/torchtitan#1342)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

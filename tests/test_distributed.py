@@ -92,12 +92,17 @@ def _worker(rank: int, store: str, job: str, tmp):
         else:
             out = scores(True) if job == "saliency" else trained(tmp, batchnorm=job == "train_bn")
         torch.save(out, tmp / f"{job}{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    distributed.finish()   # as sosp-run ends: every rank leaves the group after a barrier
+    if not dist.is_initialized():
+        (tmp / f"{job}{rank}.left").touch()
 
 
 def run_ranks(job: str, tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / f"store_{job}"), job, tmp_path), nprocs=WORLD)
+    assert all((tmp_path / f"{job}{r}.left").exists() for r in range(WORLD))
     return [torch.load(tmp_path / f"{job}{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -213,6 +218,33 @@ def test_torchrun_pretrains_prunes_in_steps_and_resumes(tmp_path):
     again, stdout = sosp_run(tmp_path, "two", 2, *args)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")} == made
     assert json.loads((out / "result.json").read_text())["top1_finetuned"] == result["top1_finetuned"]
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+def test_sosp_run_leaves_the_process_group_after_its_last_job(multirun, tmp_path, monkeypatch):
+    """``sosp-run`` leaves the process group (:func:`distributed.finish`) once this process runs
+    no further job: a single run at its end, a multirun after its last point, not before. In
+    this process (``cli.main``, with Hydra), in a gloo group of one process."""
+    import sys
+    from sosp_cli import cli
+    calls, finish = [], distributed.finish
+    def recorded():
+        calls.append((dist.is_initialized(), len(list(tmp_path.rglob("result.json")))))
+        finish()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)
+    monkeypatch.setattr(distributed, "finish", recorded)
+    where = [f"hydra.sweep.dir={tmp_path / 'sweep'}", "prune.ratio=0.3,0.5", "-m"] if multirun else \
+        [f"hydra.run.dir={tmp_path / 'run'}"]
+    monkeypatch.setattr(sys, "argv", ["sosp-run", "experiment=smoke", "method=l1",
+                                      f"pretrain.cache_dir={tmp_path / 'cache'}", *where])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cli.main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert calls == ([(True, 2)] if multirun else [(True, 1), (False, 1)])
 
 
 def test_torchrun_output_directories_are_named_alike_on_every_rank():
