@@ -74,6 +74,7 @@ class PruneConfig:
     min_channels: int = 1         # no structure group keeps fewer channels than this
     max_layer_ratio: float = 1.0  # no structure group loses more than this fraction
     normalize: str = "none"       # none | layer_mean | layer_max (scores per layer group)
+    round_to: int = 1             # every pruned group keeps a multiple of this many structures
     steps: int = 1                # iterative pruning: k rounds, saliency recomputed in between
     step_epochs: int = 0          # fine-tuning epochs between rounds
     diagnostics: bool = False     # predicted vs real loss change of the removed set

@@ -73,6 +73,8 @@ def prune_key(cfg: RunConfig) -> str:
     prune = {k: v for k, v in _asdict(cfg.prune).items() if not k.startswith("diagnostics")}
     if cfg.prune.steps == 1:
         prune.pop("step_epochs")
+    if prune["round_to"] == 1:   # the default keeps the keys of runs made before it existed
+        del prune["round_to"]
     return fingerprint(saliency_key(cfg), prune)
 
 
@@ -111,7 +113,8 @@ def validate(cfg: RunConfig) -> None:
     for stage in ("pretrain", "finetune"):
         check_train_config(getattr(cfg.schedule, stage), f"schedule.{stage}")
     p = cfg.prune
-    validate_selection(p.ratio, p.target, p.scope, p.min_channels, p.max_layer_ratio, p.normalize)
+    validate_selection(p.ratio, p.target, p.scope, p.min_channels, p.max_layer_ratio, p.normalize,
+                       p.round_to)
     cfg_steps(cfg)
     if p.step_epochs < 0:
         raise SospError(f"prune.step_epochs={p.step_epochs} must be >= 0")
@@ -301,7 +304,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         p = cfg.prune
         cost = dense_cost if step == 1 else CostModel(current.cpu(), ss, run.example)
         sel = select(sal["scores"], ss, cost, ratio, p.target,
-                     p.scope, p.min_channels, p.max_layer_ratio, p.normalize, originals)
+                     p.scope, p.min_channels, p.max_layer_ratio, p.normalize, originals, p.round_to)
         if sel.guard_skipped and distributed.is_main():
             log.info(f"[prune] step {step}/{k}: the layer guards (min_channels={p.min_channels}, "
                      f"max_layer_ratio={p.max_layer_ratio}) kept {sel.guard_skipped} structures "

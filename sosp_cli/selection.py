@@ -12,6 +12,14 @@ setting); ``scope=local`` takes structures in order of their rank *within* their
 divided by the group's size, so every group loses the same fraction (±1 channel).
 ``normalize=layer_mean|layer_max`` divides each group's scores by their mean / max first.
 
+Rounding: with ``round_to=k`` every group that loses structures keeps a multiple of k of them
+(per channel group for a grouped convolution: its channels per group), as Torch-Pruning's
+``round_to`` — the channel counts that CPU and GPU kernels run fastest on (README, "Budgets and
+selection"). A group then loses structures only in blocks: its first block takes it down to a
+multiple of k, every later block is k structures, and a block is removed when the walk has
+reached all of its members (the group's lowest-ranked ones), at their summed cost — so the
+achieved ratio is within half a block's cost of the target. ``k = 1`` is the plain walk.
+
 Guards: no group keeps fewer than ``min_channels`` channels, and no group loses more than
 ``max_layer_ratio`` of its original channels. A structure the guards keep is skipped, counted
 (``guard_skipped``) and reported.
@@ -59,7 +67,7 @@ def validate_ratio(ratio: float) -> None:
 
 
 def validate(ratio: float, target: str, scope: str, min_channels: int, max_layer_ratio: float,
-             normalize: str) -> None:
+             normalize: str, round_to: int = 1) -> None:
     validate_ratio(ratio)
     check_choice("prune.target", target, TARGETS)
     check_choice("prune.scope", scope, ("global", "local"))
@@ -68,6 +76,9 @@ def validate(ratio: float, target: str, scope: str, min_channels: int, max_layer
         raise SospError(f"prune.min_channels={min_channels} must be >= 1 (a layer is never emptied)")
     if not 0.0 < max_layer_ratio <= 1.0:
         raise SospError(f"prune.max_layer_ratio={max_layer_ratio} must be in (0, 1]")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise SospError(f"prune.round_to={round_to!r} must be an integer >= 1 (every pruned group "
+                        "keeps a multiple of it; 1 = any count)")
 
 
 def originals_of(cost: CostModel, ss: StructureSet) -> Originals:
@@ -102,10 +113,10 @@ def order(scores: torch.Tensor, ss: StructureSet, scope: str) -> list[int]:
 def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float,
            target: str = "structures", scope: str = "global", min_channels: int = 1,
            max_layer_ratio: float = 1.0, normalize: str = "none",
-           originals: Originals | None = None) -> Selection:
+           originals: Originals | None = None, round_to: int = 1) -> Selection:
     """Choose the structures to remove from the current model so that, counted against
     ``originals`` (default: the current model), ``ratio`` of ``target`` is removed."""
-    validate(ratio, target, scope, min_channels, max_layer_ratio, normalize)
+    validate(ratio, target, scope, min_channels, max_layer_ratio, normalize, round_to)
     S = ss.num_structures
     if scores.shape != (S,):
         raise SospError(f"expected {S} scores, got shape {tuple(scores.shape)}")
@@ -120,23 +131,30 @@ def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float
     size_now = [g.size for g in ss.groups]
     size_orig = [orig.group_sizes.get(g.root, g.size) for g in ss.groups]
     chosen, skipped = [], 0
+    reached = [[] for _ in ss.groups]   # per group: structures the walk passed, not yet removed
     for s in order(normalized(scores, ss, normalize), ss, scope):
         if removed[target] >= goal:
             break
         gi = group[s]
-        if size_now[gi] - 1 < min_channels or size_orig[gi] - size_now[gi] + 1 > max_layer_ratio * size_orig[gi]:
-            skipped += 1
+        reached[gi].append(s)
+        if len(reached[gi]) < (size_now[gi] % round_to or round_to):
+            continue   # the group's block is not complete yet (module docstring: rounding)
+        block, reached[gi] = reached[gi], []
+        n = len(block)
+        if size_now[gi] - n < min_channels or size_orig[gi] - size_now[gi] + n > max_layer_ratio * size_orig[gi]:
+            skipped += n
             continue
-        params, macs = cost.removal_cost(s)
-        step = {"structures": 1, "params": params, "flops": macs}[target]
+        params, macs = cost.removal_cost_of(block)
+        step = {"structures": n, "params": params, "flops": macs}[target]
         if removed[target] + step - goal > goal - removed[target]:
-            break  # stopping short of the target is closer to it than taking s
-        cost.remove(s)
-        removed["structures"] += 1
+            break  # stopping short of the target is closer to it than taking the block
+        for t in block:
+            cost.remove(t)
+        removed["structures"] += n
         removed["params"] += params
         removed["flops"] += macs
-        size_now[gi] -= 1
-        chosen.append(s)
+        size_now[gi] -= n
+        chosen += block
     names = ss.names()
     ratios = {k: removed[k] / total[k] for k in TARGETS}
     return Selection(remove=[names[i] for i in sorted(chosen)], target=target, requested_ratio=ratio,

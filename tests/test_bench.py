@@ -174,3 +174,72 @@ def test_peak_tensor_bytes_follow_allocations_and_frees():
         return torch.empty(1 << 20)                             # 8 + 4 MiB: not above it
     assert peak_tensor_mb(work) == 12.0
     assert peak_tensor_mb(lambda: None) == 0.0
+
+
+def _script(name: str):
+    path = SCRIPT.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _saved_models(tmp_path):
+    """A dense ResNet-20 (×0.25) and a copy with 6 structures removed, saved as sosp-run saves
+    them; the pruned one in a run folder's ``pruned.pt``."""
+    from sosp_cli import api
+    from sosp_cli.checkpoint import save_model
+    from sosp_cli.structures import StructureSet
+    from sosp_cli.surgery import remove_structures
+    torch.manual_seed(0)
+    x = torch.zeros(1, 3, 16, 16)
+    dense = api.create_model("resnet20", width=0.25).eval()
+    spec = {"model": "resnet20", "num_classes": 10, "in_channels": 3, "width": 0.25, "input_shape": [3, 16, 16]}
+    ss = StructureSet(dense, x)
+    pruned, history = remove_structures(dense, ss, ss.names()[:6], x)
+    save_model(tmp_path / "dense.pt", dense, spec)
+    (tmp_path / "run").mkdir()
+    save_model(tmp_path / "run" / "pruned.pt", pruned, spec, history)
+    return dense, pruned
+
+
+def test_latency_comparison_times_each_model_in_turn_against_the_first(tmp_path, monkeypatch, capsys):
+    """``scripts/compare_latency.py``: a row per model and batch size, the reference's speed-up
+    exactly 1, each model's own size; a run folder stands for its pruned.pt."""
+    from sosp_cli.measure import count_params
+    dense, pruned = _saved_models(tmp_path)
+    out = tmp_path / "latency.json"
+    monkeypatch.setattr(sys, "argv", ["compare_latency.py", str(tmp_path / "dense.pt"), str(tmp_path / "run"),
+                                      "--batch-sizes", "4", "1", "--repeats", "3", "--json", str(out)])
+    _script("compare_latency").main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["batch_size"]) for r in rows] == [
+        (str(tmp_path / "dense.pt"), 4), (str(tmp_path / "run"), 4), (str(tmp_path / "dense.pt"), 1), (str(tmp_path / "run"), 1)]
+    assert [r["params"] for r in rows[:2]] == [count_params(dense), count_params(pruned)]
+    assert rows[0]["speedup"] == rows[2]["speedup"] == 1.0 and all(r["ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert f"| {tmp_path / 'run'} | {count_params(pruned):,} |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["one model", "not a checkpoint", "missing", "another input"])
+def test_latency_comparison_rejects_bad_input_in_one_line(case, tmp_path, monkeypatch, capsys):
+    _saved_models(tmp_path)
+    (tmp_path / "notes.pt").write_text("not a model")
+    if case == "another input":
+        from sosp_cli import api
+        from sosp_cli.checkpoint import save_model
+        save_model(tmp_path / "big.pt", api.create_model("resnet20", width=0.25), {
+            "model": "resnet20", "num_classes": 10, "in_channels": 3, "width": 0.25, "input_shape": [3, 32, 32]})
+    dense = str(tmp_path / "dense.pt")
+    args, message = {
+        "one model": ([dense], "give a reference and at least one model to compare with it"),
+        "not a checkpoint": ([dense, str(tmp_path / "notes.pt")], f"{tmp_path / 'notes.pt'}: "),
+        "missing": ([dense, str(tmp_path / "nosuch")], f"{tmp_path / 'nosuch'}: checkpoint not found: {tmp_path / 'nosuch'}"),
+        "another input": ([dense, str(tmp_path / "big.pt")], f"the models take different inputs: {dense} [3, 16, 16], "
+                                                               f"{tmp_path / 'big.pt'} [3, 32, 32]"),
+    }[case]
+    monkeypatch.setattr(sys, "argv", ["compare_latency.py", *args])
+    with pytest.raises(SystemExit) as exit_:
+        _script("compare_latency").main()
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"compare_latency.py: error: {message}")

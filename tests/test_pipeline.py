@@ -212,6 +212,7 @@ BAD_INPUTS = [
     (["prune.ratio=-0.1"], "prune.ratio=-0.1"),
     (["method.num_batchs=4"], "num_batchs"),
     (["prune.ratio=abc"], "abc"),
+    (["prune.round_to=0"], "prune.round_to=0 must be an integer >= 1"),
     (["dataset=cifar10", "dataset.root=/nonexistent/cifar"], "/nonexistent/cifar"),
     (["dataset=imagenet", "dataset.root=/nonexistent/inet"], "/nonexistent/inet"),
     (["pretrain.checkpoint=/nonexistent/model.pt"], "/nonexistent/model.pt"),

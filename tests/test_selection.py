@@ -83,3 +83,57 @@ def test_normalize_and_bad_values():
                            ({"ratio": 0.5, "normalize": "zscore"}, "zscore")]:
         with pytest.raises(SospError, match=needle):
             select(scores, ss, cost, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["resnet56", "densenet40", "resnext29_8x64d"])
+@pytest.mark.parametrize("target", ["structures", "flops"])
+def test_round_to_leaves_multiples_of_the_lowest_ranked_in_blocks(name, target):
+    """``round_to=k``: every group that loses structures keeps a multiple of k — per channel
+    group of a grouped convolution, in the physically pruned model —, loses its lowest-ranked
+    ones, and the budget is met within half a block's cost (a block costs at most what k
+    structures of its group cost in the dense model)."""
+    model, ss, scores = setup(name)
+    k, ratio = 4, 0.4
+    sel = select(scores, ss, CostModel(model, ss, X), ratio, target, round_to=k)
+    lost = set(ss.indices_of(sel.remove).tolist())
+    pruned, _ = remove_structures(model, ss, sel.remove, X)
+    modules = dict(pruned.named_modules())
+    cost = CostModel(model, ss, X)
+    total = {"structures": ss.num_structures, "params": cost.params_total, "flops": cost.macs_total}[target]
+    largest_block, touched = 0, 0
+    for g in ss.groups:
+        mine = [s for s in range(g.offset, g.offset + g.size) if s in lost]
+        block = list(range(g.offset, g.offset + min(k, g.size)))
+        largest_block = max(largest_block, len(block) if target == "structures" else cost.removal_cost_of(block)[1])
+        if not mine:
+            continue
+        touched += 1
+        assert (g.size - len(mine)) % k == 0, g.root
+        ranked = sorted(range(g.offset, g.offset + g.size), key=lambda s: (float(scores[s]), s))
+        assert sorted(mine) == sorted(ranked[:len(mine)]), g.root
+        for producer in g.producers:
+            assert modules[producer].weight.shape[0] // g.channel_groups % k == 0, producer
+    assert touched > 1
+    measured = len(sel.remove) / ss.num_structures if target == "structures" else \
+        1 - count_macs(pruned, X) / count_macs(model, X)
+    assert sel.achieved_ratio == pytest.approx(measured, abs=1e-12)
+    assert abs(measured - ratio) * total <= largest_block / 2 + 1e-6
+    plain = select(scores, ss, CostModel(model, ss, X), ratio, target)
+    assert select(scores, ss, CostModel(model, ss, X), ratio, target, round_to=1).remove == plain.remove
+
+
+def test_round_to_is_validated_and_only_a_set_value_changes_the_prune_key():
+    """A bad ``prune.round_to`` is one line; the default leaves the artefact key of runs made
+    before the option existed as it was."""
+    from sosp_cli.config import RunConfig
+    from sosp_cli.pipeline import prune_key
+    model, ss, scores = setup("resnet20")
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(SospError, match=rf"^prune.round_to={bad!r} must be an integer >= 1"):
+            select(scores, ss, CostModel(model, ss, X), 0.5, round_to=bad)
+    cfg = RunConfig()
+    default = prune_key(cfg)
+    cfg.prune.round_to = 8
+    assert prune_key(cfg) != default
+    cfg.prune.round_to = 1
+    assert prune_key(cfg) == default
