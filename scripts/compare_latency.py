@@ -6,9 +6,8 @@ run's ``pretrained.pt``). Every repeat times one forward pass of each model in t
 on the same input (the models' input shape, each of ``--batch-sizes``), so that a host whose
 speed drifts slows every model alike. Per model and batch size: the median milliseconds, and the
 speed-up against the reference — the median of the per-repeat ratios — with the model's
-parameters and MACs (``sosp_cli.measure``). What ``result.json``'s ``latency`` measures for one
-run, made comparable across runs: e.g. ``prune.round_to=1`` against ``8`` (README, "Budgets and
-selection").
+parameters and MACs. The timing is ``result.json``'s (``sosp_cli.measure.latencies_in_turn``),
+across runs: e.g. ``prune.round_to=1`` against ``8`` (README, "Budgets and selection").
 
     python scripts/compare_latency.py outputs/runs/A/pretrained.pt outputs/runs/A outputs/runs/B --batch-sizes 64 1
 """
@@ -16,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +25,7 @@ from bench_saliency import cpu_name, positive  # noqa: E402
 
 from sosp_cli.checkpoint import load_model  # noqa: E402
 from sosp_cli.errors import SospError  # noqa: E402
-from sosp_cli.measure import count_macs, count_params  # noqa: E402
+from sosp_cli.measure import count_macs, count_params, latencies_in_turn  # noqa: E402
 from sosp_cli.utils import unwritable  # noqa: E402
 
 
@@ -37,20 +34,11 @@ def model_file(arg: str) -> Path:
     return path / "pruned.pt" if path.is_dir() else path
 
 
-@torch.no_grad()
 def compare(models: dict[str, torch.nn.Module], shape: list[int], batch_size: int, repeats: int) -> list[dict]:
-    """One row per model: median ms and the median per-repeat speed-up against the first."""
-    x = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
-    times = {name: [] for name in models}
-    for i in range(repeats + 2):   # two warm-up rounds
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            model(x)
-            if i >= 2:
-                times[name].append(1000 * (time.perf_counter() - t0))
-    reference = times[next(iter(models))]
-    return [{"model": name, "batch_size": batch_size, "ms": statistics.median(t),
-             "speedup": statistics.median(r / m for r, m in zip(reference, t))} for name, t in times.items()]
+    """One row per model: median ms and the median per-repeat speed-up against the first
+    (:func:`sosp_cli.measure.latencies_in_turn`, the timing of ``result.json``'s ``latency``)."""
+    timed = latencies_in_turn(list(models.values()), torch.zeros(1, *shape), batch_size, repeats)
+    return [{"model": name, "batch_size": batch_size, **t} for name, t in zip(models, timed)]
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import os
 import statistics
 import threading
 import time
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -81,25 +82,32 @@ def peak_tensor_mb(fn) -> float:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, example_input: torch.Tensor, batch_size: int, repeats: int = 10,
-               device: torch.device | str = "cpu") -> float:
-    """Median wall time of one forward pass (ms) on ``device`` after two warm-up passes."""
+def latencies_in_turn(models: Sequence[nn.Module], example_input: torch.Tensor, batch_size: int,
+                      repeats: int = 10, device: torch.device | str = "cpu") -> list[dict]:
+    """Wall time of one forward pass of each model in eval mode, timed in turn: every repeat runs
+    each model once (after two warm-up rounds), so that a host whose speed drifts slows every
+    model alike. Per model: ``ms``, the median time, and ``speedup``, the median of the
+    per-repeat ratios (first model's time) / (this model's time) — 1 for the first."""
     device = torch.device(device)
-    was_training = model.training
-    model.eval().to(device)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval().to(device)
     x = example_input[:1].to(device).expand(batch_size, *example_input.shape[1:]).contiguous()
-    times = []
+    times = [[] for _ in models]
     for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(1000 * (time.perf_counter() - t0))
-    model.train(was_training)
-    return statistics.median(times)
+        for m, t in zip(models, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                t.append(1000 * (time.perf_counter() - t0))
+    for m, mode in zip(models, modes):
+        m.train(mode)
+    return [{"ms": statistics.median(t), "speedup": statistics.median(a / b for a, b in zip(times[0], t))}
+            for t in times]
 
 
 def _rss_mb() -> float:

@@ -31,7 +31,7 @@ from .config import RunConfig
 from .diagnostics import loss_prediction
 from .data import check_dataset_options, load_dataset, make_loader, take_batches
 from .errors import SospError
-from .measure import PeakMemory, count_macs, count_params, latency_ms
+from .measure import PeakMemory, count_macs, count_params, latencies_in_turn
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion, saliency_model
 from .budget import CostModel
@@ -396,15 +396,12 @@ def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetun
     p0, p1 = count_params(dense_model), count_params(pruned_model)
     f0, f1 = count_macs(dense_model.cpu(), x), count_macs(pruned_model.cpu(), x)
     latency = {}
-    for bs in (1, 64):
-        d = latency_ms(dense_model.cpu(), x, bs, cfg.latency_repeats)
-        p = latency_ms(pruned_model.cpu(), x, bs, cfg.latency_repeats)
-        latency[f"cpu_bs{bs}"] = {"dense_ms": d, "pruned_ms": p, "speedup": d / p}
-    if r.device.type == "cuda":
-        d = latency_ms(dense_model, x, 64, cfg.latency_repeats, r.device)
-        p = latency_ms(pruned_model, x, 64, cfg.latency_repeats, r.device)
-        latency["cuda_bs64"] = {"dense_ms": d, "pruned_ms": p, "speedup": d / p}
-        dense_model.cpu(), pruned_model.cpu()
+    timed = [("cpu", bs) for bs in (1, 64)] + [("cuda", 64)] * (r.device.type == "cuda")
+    for kind, bs in timed:   # dense and pruned in turn (measure.latencies_in_turn)
+        d, p = latencies_in_turn([dense_model, pruned_model], x, bs, cfg.latency_repeats,
+                                 r.device if kind == "cuda" else "cpu")
+        latency[f"{kind}_bs{bs}"] = {"dense_ms": d["ms"], "pruned_ms": p["ms"], "speedup": p["speedup"]}
+    dense_model.cpu(), pruned_model.cpu()
     return {
         "experiment": cfg.experiment_name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "width": cfg.model.width, "method": cfg.method.name, "combine": cfg.method.combine,
@@ -412,7 +409,8 @@ def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetun
         "saliency_batchnorm": cfg.saliency.batchnorm,
         "scope": cfg.prune.scope, "seed": cfg.seed,
         "prune_ratio": cfg.prune.ratio, "target": cfg.prune.target, "steps": cfg.prune.steps,
-        "normalize": cfg.prune.normalize, "achieved_ratio": sel["achieved_ratio"],
+        "normalize": cfg.prune.normalize, "round_to": cfg.prune.round_to,
+        "achieved_ratio": sel["achieved_ratio"],
         "achieved_structures_ratio": sel["structures_ratio"], "achieved_params_ratio": sel["params_ratio"],
         "achieved_flops_ratio": sel["flops_ratio"],
         "removed_structures": pruned_rec["removed_structures"], "guard_skipped": sel["guard_skipped"],

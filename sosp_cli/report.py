@@ -20,7 +20,7 @@ from .errors import SospError, describe
 KEYS = ["dataset", "model", "width", "method", "target", "scope", "prune_ratio"]
 # settings that become key columns when the collected runs differ in them (a sweep over
 # ``method.curvature=gn,hessian`` gives two rows, not one row averaging both as if seeds)
-VARIED_KEYS = ["combine", "curvature", "stack_batch", "saliency_batchnorm", "normalize", "steps"]
+VARIED_KEYS = ["combine", "curvature", "stack_batch", "saliency_batchnorm", "normalize", "steps", "round_to"]
 METRICS = ["top1_before", "top1_pruned", "top1_finetuned", "achieved_ratio", "params_reduction",
            "macs_reduction", "speedup_cpu_bs64", "speedup_cuda_bs64", "saliency_seconds"]
 PERCENT = {"achieved_ratio", "params_reduction", "macs_reduction"}
@@ -59,6 +59,7 @@ def collect(root: Path) -> pd.DataFrame:
         r.setdefault("target", "structures")
         r.setdefault("saliency_batchnorm", "running")   # results written before the options
         r.setdefault("stack_batch", "auto")
+        r.setdefault("round_to", 1)
         r["width"] = json.dumps(r.get("width", 1.0))
         r["path"] = str(p.parent)
         rows.append(r)

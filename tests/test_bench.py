@@ -243,3 +243,28 @@ def test_latency_comparison_rejects_bad_input_in_one_line(case, tmp_path, monkey
     assert exit_.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith(f"compare_latency.py: error: {message}")
+
+
+def test_latencies_are_timed_in_turn_and_the_speedup_is_the_median_ratio():
+    """``measure.latencies_in_turn`` (``result.json``'s latency, ``compare_latency.py``): every
+    repeat runs each model once; the first model's speed-up is 1, a model 4× slower ~0.25;
+    each model's train / eval mode is restored."""
+    import time
+    from sosp_cli.measure import latencies_in_turn
+
+    class Sleep(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds, self.calls = seconds, 0
+
+        def forward(self, x):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return x
+
+    fast, slow = Sleep(0.002), Sleep(0.008)
+    slow.train(), fast.eval()
+    rows = latencies_in_turn([fast, slow], torch.zeros(1, 3), 4, repeats=5)
+    assert fast.calls == slow.calls == 7 and slow.training and not fast.training
+    assert rows[0]["speedup"] == 1.0 and 0.1 < rows[1]["speedup"] < 0.45
+    assert rows[1]["ms"] > rows[0]["ms"] >= 2.0

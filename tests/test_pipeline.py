@@ -477,8 +477,8 @@ def test_retain_freed_memory_keeps_pages_and_respects_opt_outs():
 
 def test_report_keeps_runs_that_differ_in_a_setting_apart(tmp_path):
     """Two curvatures of one sweep are two rows (not averaged as if seeds); settings all runs
-    share add no column; results from before ``saliency.batchnorm`` / ``method.stack_batch``
-    count as ``running`` / ``auto``."""
+    share add no column; results from before ``saliency.batchnorm`` / ``method.stack_batch`` /
+    ``prune.round_to`` count as ``running`` / ``auto`` / 1."""
     import pandas as pd
     from sosp_cli.report import collect, key_columns, summarize, to_markdown
 
@@ -505,7 +505,9 @@ def test_report_keeps_runs_that_differ_in_a_setting_apart(tmp_path):
         (tmp_path / str(k) / "result.json").write_text(json.dumps({**r, "latency": {}}))
     mixed = collect(tmp_path)
     assert sorted(mixed["saliency_batchnorm"]) == ["batch", "running"] and len(summarize(mixed)) == 2
-    assert list(mixed["stack_batch"]) == ["auto", "auto"]
+    assert list(mixed["stack_batch"]) == ["auto", "auto"] and list(mixed["round_to"]) == [1, 1]
+    rounded = pd.DataFrame([row("gn", 0, 90.0), {**row("gn", 0, 92.0), "round_to": 8}])
+    assert "round_to" in key_columns(rounded.fillna({"round_to": 1})) and len(summarize(rounded.fillna({"round_to": 1}))) == 2
     passes = pd.DataFrame([{**row("gn", 0, 90.0), "stack_batch": "half"}, {**row("gn", 0, 90.0), "stack_batch": "whole"}])
     assert "stack_batch" in key_columns(passes) and len(summarize(passes)) == 2
 
