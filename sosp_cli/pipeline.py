@@ -253,6 +253,10 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
     if record is not None:
         return record
     criterion = get_criterion(cfg.method)
+    available = len(run.splits.train_eval)
+    if cfg.saliency.num_samples > available and step == 1 and distributed.is_main():
+        log.warning(f"[saliency] saliency.num_samples={cfg.saliency.num_samples} is more than the "
+                    f"{available} training images: the saliency uses all {available}")
     batches = take_batches(run.splits.train_eval, cfg.saliency.num_samples, cfg.saliency.batch_size,
                            seed=cfg.seed)
     model = saliency_model(model.to(run.device), cfg.saliency.batchnorm, batches)

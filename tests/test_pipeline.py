@@ -164,12 +164,22 @@ def test_sosp_i_beyond_max_structures_is_refused_before_pretraining(tmp_path):
     assert not list((tmp_path / "cache").glob("*.pt"))
 
 
-def test_sosp_methods_run_end_to_end(tmp_path):
+def test_sosp_methods_run_end_to_end(tmp_path, caplog):
     for method in ("sosp_h", "sosp_i", "taylor", "obd", "bn_scale", "slimming", "fpgm", "none"):
         extra = ["prune.diagnostics=true", "prune.diagnostics_samples=4"] if method == "sosp_h" else []
+        if method == "taylor":   # more saliency samples than training images: all of them, said once
+            extra = ["saliency.num_samples=100000"]
+        caplog.clear()
         r = run(compose_run(["experiment=smoke", f"method={method}"] + extra, tmp_path), tmp_path / method)
         assert r["method"] == method
-        if extra:
+        said = [rec.getMessage() for rec in caplog.records if "saliency.num_samples" in rec.getMessage()]
+        if method == "taylor":
+            n = r["saliency_samples"]
+            assert said == [f"[saliency] saliency.num_samples=100000 is more than the {n} training images: "
+                            f"the saliency uses all {n}"] and n > 32
+        else:
+            assert said == []
+        if method == "sosp_h":
             d = r["diagnostics"]
             assert {"predicted_first_order", "predicted_second_order", "real", "single_spearman"} <= set(d)
             assert d["removed"] == r["removed_structures"]
