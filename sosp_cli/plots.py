@@ -6,6 +6,11 @@
   colour per method;
 - saliency time vs width multiplier, one line per method (the scaling experiment);
 - bottleneck experiment: accuracy vs parameters per model variant, and per-stage ratios.
+
+"Per method" is per configuration (:func:`series_labels`): a method whose runs differ in a
+setting of the report's table (``method.curvature=gn,hessian``, ``prune.round_to=1,8``, two
+widths, ...) gets a line / colour per value, named by it ("sosp_h curvature=hessian"), so that
+no figure averages two settings as if they were seeds.
 """
 from __future__ import annotations
 
@@ -16,6 +21,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from .report import KEYS, VARIED_KEYS  # noqa: E402
+
+# what a saliency's time and memory do not depend on (the scaling figure averages over them)
+NOT_SALIENCY = {"prune_ratio", "target", "scope", "normalize", "steps", "round_to"}
+
+
+def series_labels(df: pd.DataFrame, skip=()) -> pd.Series:
+    """Each row's line / colour label: its method, plus ``key=value`` for every setting of the
+    report's table (``report.KEYS`` / ``VARIED_KEYS``) but those in ``skip`` that differs
+    between that method's rows."""
+    labels = df["method"].astype(str)
+    for _, rows in df.groupby("method", sort=False):
+        for k in KEYS + VARIED_KEYS:
+            if k != "method" and k not in skip and k in rows and rows[k].astype(str).nunique() > 1:
+                labels.loc[rows.index] += f" {k}=" + rows[k].astype(str)
+    return labels
 
 
 def _lines(ax, df: pd.DataFrame, x: str, y: str, by: str, x_scale: float = 1.0,
@@ -41,10 +63,11 @@ def accuracy_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     """Top-1 after fine-tuning vs MAC reduction and vs parameters, per (dataset, model)."""
     written = []
     for (dataset, model), part in df.groupby(["dataset", "model"], sort=True):
+        part = part.assign(series=series_labels(part, {"dataset", "model", "prune_ratio"}))
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        _lines(axes[0], part, "macs_reduction", "top1_finetuned", "method", 100.0)
+        _lines(axes[0], part, "macs_reduction", "top1_finetuned", "series", 100.0)
         axes[0].set_xlabel("MAC (FLOPs) reduction [%]")
-        _lines(axes[1], part, "params_after", "top1_finetuned", "method", 1e-6)
+        _lines(axes[1], part, "params_after", "top1_finetuned", "series", 1e-6)
         axes[1].set_xlabel("parameters [M]")
         for ax in axes:
             ax.set_ylabel("top-1 after fine-tuning [%]")
@@ -61,14 +84,15 @@ def layer_ratio_bars(df: pd.DataFrame, out: Path) -> list[Path]:
     written = []
     keys = ["dataset", "model", "target", "prune_ratio"]
     for key, part in df.groupby(keys, sort=True):
-        methods = sorted(part["method"].unique())
+        part = part.assign(series=series_labels(part, keys))
+        methods = sorted(part["series"].unique())
         groups = list(part.iloc[0]["layer_ratios"].keys())
         if not groups:
             continue
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(groups) * max(1, len(methods)) / 3), 4))
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
-            rows = part[part["method"] == method]["layer_ratios"]
+            rows = part[part["series"] == method]["layer_ratios"]
             means = pd.DataFrame(list(rows)).reindex(columns=groups).mean()
             ax.bar([g + i * width for g in range(len(groups))], means.to_numpy() * 100, width, label=method)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
@@ -84,11 +108,11 @@ def saliency_time_vs_width(df: pd.DataFrame, out: Path) -> list[Path]:
     widths = pd.to_numeric(df["width"], errors="coerce")
     if widths.isna().any() or widths.nunique() < 2:
         return []
-    df = df.assign(width_value=widths)
+    df = df.assign(width_value=widths, series=series_labels(df, NOT_SALIENCY | {"width"}))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    _lines(axes[0], df, "width_value", "saliency_seconds", "method", point="width_value")
+    _lines(axes[0], df, "width_value", "saliency_seconds", "series", point="width_value")
     axes[0].set_ylabel("saliency time [s]")
-    _lines(axes[1], df, "width_value", "saliency_peak_memory_mb", "method", point="width_value")
+    _lines(axes[1], df, "width_value", "saliency_peak_memory_mb", "series", point="width_value")
     axes[1].set_ylabel("saliency peak memory [MiB]")
     for ax in axes:
         ax.set_xlabel("width multiplier")

@@ -522,6 +522,32 @@ def test_report_keeps_runs_that_differ_in_a_setting_apart(tmp_path):
     assert "stack_batch" in key_columns(passes) and len(summarize(passes)) == 2
 
 
+def test_report_figures_draw_a_line_per_configuration_not_an_average_of_settings():
+    """A sweep over ``method.curvature`` (and a baseline that does not read it): the accuracy
+    figure has one line per curvature, each point the mean over that curvature's seeds only; the
+    baseline keeps its plain name; settings a figure splits by are not in the labels."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from sosp_cli.plots import _lines, series_labels
+
+    def row(method, curvature, ratio, seed, top1):
+        return {"dataset": "digits", "model": "resnet20", "width": "1.0", "method": method, "target": "structures",
+                "scope": "global", "prune_ratio": ratio, "curvature": curvature, "seed": seed,
+                "macs_reduction": ratio, "top1_finetuned": top1}
+
+    df = pd.DataFrame([row("sosp_h", c, r, seed, {"gn": 90.0, "hessian": 70.0}[c] - 10 * r + seed)
+                       for c in ("gn", "hessian") for r in (0.3, 0.6) for seed in (0, 1)]
+                      + [row("l1", "gn", r, 0, 50.0) for r in (0.3, 0.6)])
+    labels = series_labels(df, {"dataset", "model", "prune_ratio"})
+    assert sorted(set(labels)) == ["l1", "sosp_h curvature=gn", "sosp_h curvature=hessian"]
+    fig, ax = plt.subplots()
+    _lines(ax, df.assign(series=labels), "macs_reduction", "top1_finetuned", "series")
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+    plt.close(fig)
+    assert lines == {"l1": [50.0, 50.0], "sosp_h curvature=gn": [87.5, 84.5], "sosp_h curvature=hessian": [67.5, 64.5]}
+    assert set(series_labels(df[df["curvature"] == "gn"], {"prune_ratio"})) == {"l1", "sosp_h"}
+
+
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference_results.csv"
 
 
