@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .report import KEYS, VARIED_KEYS  # noqa: E402
+from .report import key_columns  # noqa: E402
 
 # what a saliency's time and memory do not depend on (the scaling figure averages over them)
 NOT_SALIENCY = {"prune_ratio", "target", "scope", "normalize", "steps", "round_to"}
@@ -30,12 +30,12 @@ NOT_SALIENCY = {"prune_ratio", "target", "scope", "normalize", "steps", "round_t
 
 def series_labels(df: pd.DataFrame, skip=()) -> pd.Series:
     """Each row's line / colour label: its method, plus ``key=value`` for every setting of the
-    report's table (``report.KEYS`` / ``VARIED_KEYS``) but those in ``skip`` that differs
-    between that method's rows."""
+    report's table (:func:`.report.key_columns`) but those in ``skip`` that differs between that
+    method's rows."""
     labels = df["method"].astype(str)
     for _, rows in df.groupby("method", sort=False):
-        for k in KEYS + VARIED_KEYS:
-            if k != "method" and k not in skip and k in rows and rows[k].astype(str).nunique() > 1:
+        for k in key_columns(rows):
+            if k != "method" and k not in skip and rows[k].astype(str).nunique() > 1:
                 labels.loc[rows.index] += f" {k}=" + rows[k].astype(str)
     return labels
 

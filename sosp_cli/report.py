@@ -5,6 +5,11 @@ number of seeds ``n``), ``report.md`` (the same as ``mean ± std``; with ``--ref
 also the published numbers for the same datasets and models, marked as cited), and PNG plots:
 accuracy vs MAC reduction and vs parameters per (dataset, model), layer-wise pruning ratios,
 and saliency time / memory vs width when the sweep varies the width.
+
+A row is one configuration: :data:`KEYS`, plus every setting in which the collected runs differ
+— of :data:`VARIED_KEYS` (result.json's own fields) and of each run's saved config
+(``.hydra/config.yaml``, read with OmegaConf; a dotted column such as ``method.selection`` or
+``saliency.num_samples``) — so runs of different settings are never averaged as if seeds.
 """
 from __future__ import annotations
 
@@ -20,7 +25,21 @@ from .errors import SospError, describe
 KEYS = ["dataset", "model", "width", "method", "target", "scope", "prune_ratio"]
 # settings that become key columns when the collected runs differ in them (a sweep over
 # ``method.curvature=gn,hessian`` gives two rows, not one row averaging both as if seeds)
-VARIED_KEYS = ["combine", "curvature", "stack_batch", "saliency_batchnorm", "normalize", "steps", "round_to"]
+VARIED_KEYS = ["combine", "curvature", "stack_batch", "saliency_batchnorm", "normalize", "steps", "round_to",
+               "experiment", "device", "processes"]
+# saved-config entries that are result.json fields already (under these names), or that do not
+# change what a run computes: neither becomes a config column
+CONFIG_AS_FIELD = {"dataset.name": "dataset", "model.name": "model", "model.width": "width",
+                   "method.name": "method", "prune.target": "target", "prune.scope": "scope",
+                   "prune.ratio": "prune_ratio", "method.combine": "combine", "method.curvature": "curvature",
+                   "method.stack_batch": "stack_batch", "saliency.batchnorm": "saliency_batchnorm",
+                   "prune.normalize": "normalize", "prune.steps": "steps", "prune.round_to": "round_to",
+                   "seed": "seed", "experiment_name": "experiment", "device": "device"}
+CONFIG_IGNORED = {"pretrain.cache_dir", "pretrain.use_cache", "dataset.root", "dataset.download",
+                  "dataset.num_workers", "note", "latency_repeats", "prune.diagnostics",
+                  "prune.diagnostics_samples", "method.max_structures", "method.chunk_size"}
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+CONFIG_TOP = ("amp", "channels_last", "task")   # the config columns without a dot in their name
 METRICS = ["top1_before", "top1_pruned", "top1_finetuned", "achieved_ratio", "params_reduction",
            "macs_reduction", "speedup_cpu_bs64", "speedup_cuda_bs64", "saliency_seconds"]
 PERCENT = {"achieved_ratio", "params_reduction", "macs_reduction"}
@@ -47,6 +66,40 @@ def _read_result(path: Path) -> dict:
     return r
 
 
+def _flat(tree, prefix: str = "") -> dict[str, str]:
+    """``{"a.b": "value"}`` for a nested dict (lists and values as text, comparable across runs)."""
+    if not isinstance(tree, dict):
+        return {prefix: json.dumps(tree) if isinstance(tree, list) else str(tree)}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}."if isinstance(v, dict) else f"{prefix}{k}"))
+    return out
+
+
+def run_config(result: Path, root: Path) -> dict[str, str]:
+    """The settings of the run that wrote ``result`` (a result.json), flattened: its folder's
+    ``.hydra/config.yaml``, or the nearest one above it within ``root`` (the runs of one
+    ``task=bottleneck`` job share their job's); {} if there is none (a result written through
+    the API), or if it cannot be read."""
+    from omegaconf import OmegaConf
+    root = Path(root).resolve()
+    for folder in Path(result).resolve().parents:
+        if (folder / CONFIG_FILE).is_file():
+            try:
+                tree = OmegaConf.to_container(OmegaConf.load(folder / CONFIG_FILE), resolve=False)
+            except Exception:   # noqa: BLE001 - a damaged config: the run is reported without its settings
+                return {}
+            return {k: v for k, v in _flat(tree).items() if k not in CONFIG_AS_FIELD and k not in CONFIG_IGNORED}
+        if folder == root or root not in folder.parents:
+            return {}
+    return {}
+
+
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """The saved-config columns of ``df`` (:func:`run_config`: dotted names, and :data:`CONFIG_TOP`)."""
+    return [c for c in df.columns if "." in c or c in CONFIG_TOP]
+
+
 def collect(root: Path) -> pd.DataFrame:
     paths = sorted(Path(root).rglob("result.json"))
     if not paths:
@@ -54,29 +107,35 @@ def collect(root: Path) -> pd.DataFrame:
     rows = []
     for p in paths:
         r = _read_result(p)
+        r.update(run_config(p, root))
         for kind in ("cpu_bs64", "cuda_bs64"):
             r[f"speedup_{kind}"] = r["latency"].get(kind, {}).get("speedup", float("nan"))
         r.setdefault("target", "structures")
         r.setdefault("saliency_batchnorm", "running")   # results written before the options
         r.setdefault("stack_batch", "auto")
         r.setdefault("round_to", 1)
+        r.setdefault("processes", 1)
         r["width"] = json.dumps(r.get("width", 1.0))
         r["path"] = str(p.parent)
         rows.append(r)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    return df.fillna({c: "?" for c in config_columns(df)})   # a run without a saved config
 
 
 def key_columns(df: pd.DataFrame) -> list[str]:
-    """:data:`KEYS`, plus the :data:`VARIED_KEYS` whose value differs between the rows of ``df``."""
-    return KEYS + [k for k in VARIED_KEYS if k in df and df[k].astype(str).nunique() > 1]
+    """:data:`KEYS`, plus the :data:`VARIED_KEYS` and saved-config columns whose value differs
+    between the rows of ``df`` (a config column: between the runs that have a saved config)."""
+    known = [df[k][df[k] != "?"] for k in config_columns(df)]
+    return KEYS + [k for k in VARIED_KEYS if k in df and df[k].astype(str).nunique() > 1] + [
+        k.name for k in known if k.astype(str).nunique() > 1]
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (0 for a single seed) and number of seeds per configuration."""
     keys = key_columns(df)
-    grouped = df.groupby(keys, sort=True)[METRICS]
+    grouped = df.groupby(keys, sort=True, dropna=False)[METRICS]
     mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
-    n = df.groupby(keys, sort=True)["seed"].nunique().rename("n")
+    n = df.groupby(keys, sort=True, dropna=False)["seed"].nunique().rename("n")
     return pd.concat([mean.add_suffix("_mean"), std.add_suffix("_std"), n], axis=1).reset_index()
 
 

@@ -522,6 +522,49 @@ def test_report_keeps_runs_that_differ_in_a_setting_apart(tmp_path):
     assert "stack_batch" in key_columns(passes) and len(summarize(passes)) == 2
 
 
+def test_report_rows_split_by_every_setting_the_saved_configs_differ_in(tmp_path):
+    """A sweep over a setting result.json does not carry (``method.selection``,
+    ``saliency.num_samples``) gives a row per value, read from each run's ``.hydra/config.yaml``;
+    settings that change nothing computed (``pretrain.cache_dir``) add no row; a run without a
+    saved config is its own row ("?"), not dropped; a nested run (a bottleneck job's) reads its
+    job's config."""
+    from omegaconf import OmegaConf
+    from sosp_cli.report import collect, key_columns, summarize, to_markdown
+
+    def write(folder, seed, top1, selection="score", samples=512, cache="a", config_at=None):
+        folder = tmp_path / folder
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({
+            "dataset": "digits", "model": "resnet20", "width": 1.0, "method": "sosp_i", "target": "structures",
+            "scope": "global", "prune_ratio": 0.5, "seed": seed, "latency": {},
+            **{m: 0.5 for m in ("top1_before", "top1_pruned", "achieved_ratio", "params_reduction",
+                                "macs_reduction", "saliency_seconds")}, "top1_finetuned": top1}))
+        if config_at is not False:
+            at = tmp_path / config_at if config_at else folder
+            (at / ".hydra").mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.create({
+                "seed": seed, "method": {"name": "sosp_i", "selection": selection, "chunk_size": 16},
+                "saliency": {"num_samples": samples}, "pretrain": {"cache_dir": cache},
+                "schedule": {"finetune": {"milestones": [0.5, 0.75]}}}), at / ".hydra" / "config.yaml")
+
+    write("score0", 0, 80.0, cache="a")
+    write("score1", 1, 82.0, cache="b")
+    write("greedy0", 0, 90.0, selection="greedy")
+    write("job/runs/n64", 0, 70.0, samples=64, config_at="job")
+    write("api", 0, 60.0, config_at=False)
+    df = collect(tmp_path)
+    assert key_columns(df)[-2:] == ["method.selection", "saliency.num_samples"]
+    table = summarize(df)
+    rows = {(r["method.selection"], r["saliency.num_samples"]): (r["top1_finetuned_mean"], r["n"])
+            for _, r in table.iterrows()}
+    assert rows == {("score", "512"): (81.0, 2), ("greedy", "512"): (90.0, 1), ("score", "64"): (70.0, 1),
+                    ("?", "?"): (60.0, 1)}
+    assert "method.selection" in to_markdown(table).splitlines()[0]
+    assert "pretrain.cache_dir" not in df.columns and "method.chunk_size" not in df.columns
+    from sosp_cli.plots import series_labels   # the figures' lines split alike
+    assert set(series_labels(df)) == {f"sosp_i method.selection={a} saliency.num_samples={b}" for a, b in rows}
+
+
 def test_report_figures_draw_a_line_per_configuration_not_an_average_of_settings():
     """A sweep over ``method.curvature`` (and a baseline that does not read it): the accuracy
     figure has one line per curvature, each point the mean over that curvature's seeds only; the
