@@ -72,7 +72,7 @@ def _flat(tree, prefix: str = "") -> dict[str, str]:
         return {prefix: json.dumps(tree) if isinstance(tree, list) else str(tree)}
     out = {}
     for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}."if isinstance(v, dict) else f"{prefix}{k}"))
+        out.update(_flat(v, f"{prefix}{k}" + ("." if isinstance(v, dict) else "")))
     return out
 
 
