@@ -137,3 +137,16 @@ def test_round_to_is_validated_and_only_a_set_value_changes_the_prune_key():
     assert prune_key(cfg) != default
     cfg.prune.round_to = 1
     assert prune_key(cfg) == default
+
+
+def test_round_to_leaves_groups_of_at_most_round_to_structures_whole():
+    """ResNet-56 ×0.5 (groups of 8, 16 and 32 structures) with ``round_to=16``: a block would
+    empty the groups of 8 and 16, so the guards refuse it and count its structures; the groups
+    of 32 lose 16 or nothing."""
+    model, ss, scores = setup("resnet56")
+    sel = select(scores, ss, CostModel(model, ss, X), 0.3, round_to=16)
+    assert sorted({g.size for g in ss.groups}) == [8, 16, 32]
+    lost = {g.root: round(r * g.size) for g, r in zip(ss.groups, sel.layer_ratios.values())}
+    assert all(lost[g.root] == 0 for g in ss.groups if g.size <= 16)
+    assert {lost[g.root] for g in ss.groups if g.size == 32} <= {0, 16} and len(sel.remove) > 0
+    assert sel.guard_skipped > 0 and len(sel.remove) % 16 == 0
