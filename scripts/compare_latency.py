@@ -51,6 +51,9 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.models) < 2:
         parser.error("give a reference and at least one model to compare with it")
+    twice = sorted({a for a in args.models if args.models.count(a) > 1})
+    if twice:
+        parser.error(f"{twice[0]} is given twice; give each model once")
     if args.json and (why := unwritable(args.json)):
         parser.error(f"argument --json: {args.json} cannot be written ({why})")
     models, shapes = {}, {}

@@ -220,7 +220,7 @@ def test_latency_comparison_times_each_model_in_turn_against_the_first(tmp_path,
     assert f"| {tmp_path / 'run'} | {count_params(pruned):,} |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["one model", "not a checkpoint", "missing", "another input"])
+@pytest.mark.parametrize("case", ["one model", "twice", "not a checkpoint", "missing", "another input"])
 def test_latency_comparison_rejects_bad_input_in_one_line(case, tmp_path, monkeypatch, capsys):
     _saved_models(tmp_path)
     (tmp_path / "notes.pt").write_text("not a model")
@@ -232,6 +232,7 @@ def test_latency_comparison_rejects_bad_input_in_one_line(case, tmp_path, monkey
     dense = str(tmp_path / "dense.pt")
     args, message = {
         "one model": ([dense], "give a reference and at least one model to compare with it"),
+        "twice": ([dense, dense], f"{dense} is given twice; give each model once"),
         "not a checkpoint": ([dense, str(tmp_path / "notes.pt")], f"{tmp_path / 'notes.pt'}: "),
         "missing": ([dense, str(tmp_path / "nosuch")], f"{tmp_path / 'nosuch'}: checkpoint not found: {tmp_path / 'nosuch'}"),
         "another input": ([dense, str(tmp_path / "big.pt")], f"the models take different inputs: {dense} [3, 16, 16], "
