@@ -29,6 +29,11 @@ CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+# the python-pickle batches torchvision downloads: folder, train files, test files, label key, classes
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
+}
 
 
 @dataclass
@@ -115,21 +120,13 @@ def load_cifar(name: str, root: str, download: bool = False, val_size: int = 500
                split_seed: int = 0, augment: bool = True, image_size: int = 32) -> Splits:
     """CIFAR-10/100 from the python-pickle batches (the format torchvision downloads); resized
     per image to ``image_size`` when it is not 32 (after augmentation, at 32 × 32)."""
-    if name == "cifar10":
-        folder, train_files, test_files, key, classes = (
-            "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10)
-    else:
-        folder, train_files, test_files, key, classes = (
-            "cifar-100-python", ["train"], ["test"], "fine_labels", 100)
+    folder, train_files, test_files, key, classes = CIFAR_FILES[name]
     path = Path(root).expanduser() / folder
     if download and not path.exists():
         from torchvision import datasets
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         cls(root=str(Path(root).expanduser()), download=True)
-    missing = [f for f in train_files + test_files if not (path / f).exists()]
-    if missing:
-        raise SospError(f"{name} not found: looked for {path}/{missing[0]}; pass dataset.root=DIR "
-                        f"(the folder holding '{folder}') or dataset.download=true when online")
+    check_dataset_present(name, root)
     x_train, y_train = _read_cifar_batches(path, train_files, key)
     x_test, y_test = _read_cifar_batches(path, test_files, key)
     mean = torch.tensor(CIFAR_MEAN[name]).view(3, 1, 1)
@@ -152,10 +149,7 @@ def load_imagenet(root: str, image_size: int = 224, val_size: int = 10000,
     from torchvision import datasets, transforms as T
 
     base = Path(root).expanduser()
-    for sub in ("train", "val"):
-        if not (base / sub).is_dir():
-            raise SospError(f"imagenet not found: looked for the folder {base / sub}; pass "
-                            "dataset.root=DIR holding train/<class>/* and val/<class>/*")
+    check_dataset_present("imagenet", root)
     resize = int(round(image_size / 0.875))
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize])
@@ -192,6 +186,25 @@ def check_dataset_options(name: str, image_size: int, val_size: int, num_workers
         raise SospError(f"dataset.split_seed={split_seed} must be >= 0 (numpy's generator seeds the split)")
     if num_workers < 0:
         raise SospError(f"dataset.num_workers={num_workers} must be >= 0 (0: load in the main process)")
+
+
+def check_dataset_present(name: str, root: str, download: bool = False) -> None:
+    """A one-line SospError naming where ``name`` was looked for, if its files are not under
+    ``root`` (DESIGN.md §6: a missing dataset is an error, never a silent substitute). Digits
+    ships with scikit-learn; a CIFAR set with ``download`` is fetched by the run."""
+    base = Path(root).expanduser()
+    if name in CIFAR_FILES and not download:
+        folder, train_files, test_files = CIFAR_FILES[name][:3]
+        missing = [f for f in train_files + test_files if not (base / folder / f).exists()]
+        if missing:
+            raise SospError(f"{name} not found: looked for {base / folder}/{missing[0]}; pass "
+                            f"dataset.root=DIR (the folder holding '{folder}') or "
+                            "dataset.download=true when online")
+    if name == "imagenet":
+        for sub in ("train", "val"):
+            if not (base / sub).is_dir():
+                raise SospError(f"imagenet not found: looked for the folder {base / sub}; pass "
+                                "dataset.root=DIR holding train/<class>/* and val/<class>/*")
 
 
 def load_dataset(name: str, root: str = "data", download: bool = False, image_size: int = 32,
