@@ -55,11 +55,12 @@ def _sub(cfg: RunConfig, width, ratio: float, seed: int, target: str) -> RunConf
     return sub
 
 
-def run(cfg: RunConfig, out_dir: str | Path) -> dict:
-    from .pipeline import run as run_one
-    from .plots import bottleneck_figures
+def validate(cfg: RunConfig, here: bool = True) -> None:
+    """Every check that needs no data: the ``bottleneck.*`` options, then everything the
+    detection run would refuse (:func:`sosp_cli.pipeline.validate` on its config; ``here`` as
+    there)."""
+    from .pipeline import validate as validate_run
 
-    out = Path(out_dir)
     b = cfg.bottleneck
     stages = num_stages(cfg.model.name)
     if stages < 2:
@@ -78,6 +79,17 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     for key in ("widen_factor", "uniform_factor"):
         if not getattr(b, key) > 0:
             raise SospError(f"bottleneck.{key}={getattr(b, key)} must be > 0")
+    validate_run(_sub(cfg, stage_widths(cfg.model.width, stages), b.detect_ratio, b.seeds[0], "structures"), here)
+
+
+def run(cfg: RunConfig, out_dir: str | Path) -> dict:
+    from .pipeline import run as run_one
+    from .plots import bottleneck_figures
+
+    validate(cfg)
+    out = Path(out_dir)
+    b = cfg.bottleneck
+    stages = num_stages(cfg.model.name)
     base = stage_widths(cfg.model.width, stages)
 
     detect = run_one(_sub(cfg, base, b.detect_ratio, b.seeds[0], "structures"), out / "detect")

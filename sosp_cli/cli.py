@@ -154,10 +154,26 @@ def sweep_variants(overrides: list[str]) -> list[list[str]] | None:
     return variants
 
 
+def check_point(cfg: RunConfig, here: bool = True) -> None:
+    """What a sweep point would refuse before it trains — every option (:func:`pipeline.validate`,
+    :func:`bottleneck.validate`) and a dataset that is not where ``dataset.root`` says — checked
+    for each sweep value before the first point runs, not hours into the sweep. ``here=False``
+    (the points run on other machines: SLURM) leaves out what only their machine can answer:
+    its CUDA devices and its files."""
+    from . import bottleneck, pipeline
+    from .data import check_dataset_present
+
+    check_choice("task", cfg.task, ("prune", "bottleneck"))
+    (bottleneck.validate if cfg.task == "bottleneck" else pipeline.validate)(cfg, here)
+    if here:
+        check_dataset_present(cfg.dataset.name, cfg.dataset.root, cfg.dataset.download)
+
+
 def precheck(overrides: list[str]) -> None:
     """Compose the command line once before Hydra runs it — a multirun once per sweep value
     (:func:`sweep_variants`) — so that a bad group choice, unknown key or wrong type is reported
-    in one line, before any job of a sweep has run."""
+    in one line, before any job of a sweep has run; a multirun's values are also checked as
+    its points would check them (:func:`check_point`). A single run checks them itself, at once."""
     from hydra import compose, initialize_config_dir
 
     for arg in overrides:   # Hydra creates these itself, and reports a failure as a traceback
@@ -165,6 +181,10 @@ def precheck(overrides: list[str]) -> None:
         if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
             make_folder(value, f"{key}={value}")
     multirun = any(a in ("-m", "--multirun") for a in overrides)
+    # the points run on this machine, unless a launcher other than Hydra's basic one or
+    # submitit_local (local processes) sends them elsewhere
+    here = all(a.lstrip("+").partition("=")[2] in ("basic", "submitit_local")
+               for a in overrides if a.lstrip("+").startswith("hydra/launcher="))
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in overrides):
         return   # --help, --cfg, ...: Hydra's own
     plain = [a for a in overrides if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
@@ -172,7 +192,9 @@ def precheck(overrides: list[str]) -> None:
         variants = sweep_variants(plain) if multirun else [plain]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             for variant in variants or ():
-                to_run_config(compose("config", overrides=variant))
+                run_cfg = to_run_config(compose("config", overrides=variant))
+                if multirun:
+                    check_point(run_cfg, here)
     except SospError:
         raise
     except Exception as exc:  # noqa: BLE001 - every composition error is the user's input

@@ -30,7 +30,7 @@ from .checkpoint import (build_from_record, check_checkpoint_path, load_weights_
 from .config import RunConfig
 from .diagnostics import loss_prediction
 from .data import check_dataset_options, load_dataset, make_loader, take_batches
-from .errors import SospError
+from .errors import SospError, check_choice
 from .measure import PeakMemory, count_macs, count_params, latencies_in_turn
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion, saliency_model
@@ -39,8 +39,8 @@ from .selection import originals_of, select, validate as validate_selection
 from .structures import StructureSet
 from .surgery import remove_structures
 from .train import check_train_config, evaluate, train
-from .utils import (float32_products, fingerprint, make_folder, resolve_device, save_json, save_torch,
-                    seed_everything)
+from .utils import (DEVICES, float32_products, fingerprint, make_folder, resolve_device, save_json,
+                    save_torch, seed_everything)
 
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,11 @@ def _load_stage(path: Path, key: str):
     return record
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, here: bool = True) -> None:
     """Every check that needs no data, before anything is written or read from the run folder
-    (an artefact there of another config would otherwise be reported before the bad value)."""
+    (an artefact there of another config would otherwise be reported before the bad value).
+    ``here=False``: the run will run on another machine (a SLURM sweep checked where it is
+    submitted), whose devices this one cannot answer for."""
     from .models import TORCHVISION, check_model
 
     check_dataset_options(cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.val_size,
@@ -123,7 +125,10 @@ def validate(cfg: RunConfig) -> None:
                         "single-structure check) or >= 3 (a Spearman correlation needs 3 points)")
     if cfg.latency_repeats < 1:
         raise SospError(f"latency_repeats={cfg.latency_repeats} must be >= 1")
-    resolve_device(cfg.device)
+    if here:
+        resolve_device(cfg.device)   # also refuses device=cuda where no CUDA device is
+    else:
+        check_choice("device", cfg.device, DEVICES)
     criterion = get_criterion(cfg.method)
     if cfg.method.selection == "greedy" and (p.scope != "global" or p.normalize != "none"):
         # its scores are the steps at which the greedy growth removes each structure: the

@@ -78,8 +78,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def resolve_device(name: str) -> torch.device:
-    check_choice("device", name, ("auto", "cpu", "cuda"))
+    check_choice("device", name, DEVICES)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -231,6 +231,11 @@ BAD_INPUTS = [
     # a multirun: every sweep value composed before any point runs
     (["-m", "method=l1,nosuch", "seed=0,1"], "unknown method 'nosuch'; accepted: bn_scale, fpgm"),
     (["-m", "method=l1,l2", "prune.ratio=0.3,abc"], "prune.ratio=abc Value 'abc' of type 'str' could not be converted to Float"),
+    # ... and checked as its point would check it, before any point runs (not hours into the sweep)
+    (["-m", "prune.ratio=0.3,1.2"], "prune.ratio=1.2 is outside [0, 1)"),
+    (["-m", "task=prune,bottleneck", "bottleneck.ratios=[0.3,1.2]"], "bottleneck.ratios=[0.3, 1.2] must hold fractions"),
+    (["-m", "task=bottleneck", "prune.round_to=1,0"], "prune.round_to=0 must be an integer >= 1"),
+    (["-m", "dataset=digits,cifar10", "dataset.root=/nonexistent/cifar"], "cifar10 not found: looked for /nonexistent/cifar"),
     (["seed=x"], "'x'"),
     (["device=tpu"], "tpu"),
     (["model.width=[1,2]"], "width=[1.0, 2.0]"),
