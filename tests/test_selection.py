@@ -14,14 +14,14 @@ X = torch.zeros(1, 3, 32, 32)
 
 
 def setup(name, width=None):
-    width = width if width is not None else {"resnext29_8x64d": 0.125}.get(name, 0.5)
+    width = width if width is not None else {"resnext29_8x64d": 0.125, "mobilenet_v2": 0.25}.get(name, 0.5)
     model = api.create_model(name, width=width).eval()
     ss = StructureSet(model, X)
     scores = torch.rand(ss.num_structures, generator=torch.Generator().manual_seed(0))
     return model, ss, scores
 
 
-@pytest.mark.parametrize("name", ["resnet56", "densenet40", "resnext29_8x64d"])
+@pytest.mark.parametrize("name", ["resnet56", "densenet40", "resnext29_8x64d", "vgg16", "mobilenet_v2"])
 @pytest.mark.parametrize("target", ["structures", "params", "flops"])
 def test_budget_target_is_met_within_one_structure(name, target):
     model, ss, scores = setup(name)
