@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -357,27 +358,31 @@ def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path
 
 
 def test_a_failed_sweep_point_is_recorded_and_the_sweep_goes_on(tmp_path):
-    """A multirun point with a one-line error writes it into its own directory (error.txt); the
-    other points run and are reported; the sweep ends listing the failure, with exit status 2.
-    Rerunning the sweep with the point fixed removes its error.txt."""
+    """A multirun point that fails with a one-line error — here a weights file that exists (the
+    check before the sweep passes) but is not a checkpoint — writes it into its own directory
+    (error.txt); the other points run and are reported; the sweep ends listing the failure, with
+    exit status 2. Rerunning the sweep once the file is fixed removes its error.txt."""
     sweep = tmp_path / "sweep"
+    weights = tmp_path / "weights.pt"
+    weights.write_text("not a checkpoint")
     args = ["sosp-run", "-m", "experiment=smoke", "method=random", f"hydra.sweep.dir={sweep}",
-            f"pretrain.cache_dir={tmp_path / 'cache'}"]
-    proc = subprocess.run(args + ["prune.ratio=0.3,1.5,0.4"], cwd=tmp_path, capture_output=True, text=True)
+            f"pretrain.cache_dir={tmp_path / 'cache'}", f"pretrain.checkpoint={weights},null", "prune.ratio=0.3,0.4"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert sorted(p.parent.name for p in sweep.rglob("result.json")) == ["0_random_r0.3_s0", "2_random_r0.4_s0"]
-    (failed,) = sweep.rglob("error.txt")
-    assert failed.parent.name == "1_random_r1.5_s0" and failed.read_text().startswith("prune.ratio=1.5 is outside [0, 1)")
-    assert "sosp-run: error: 1 of 3 sweep points failed (the others are in the report):\n  1_random_r1.5_s0: " \
-        "prune.ratio=1.5 is outside [0, 1)" in proc.stderr
+    assert sorted(p.parent.name for p in sweep.rglob("result.json")) == ["2_random_r0.3_s0", "3_random_r0.4_s0"]
+    failed = sorted(sweep.rglob("error.txt"))
+    assert [f.parent.name for f in failed] == ["0_random_r0.3_s0", "1_random_r0.4_s0"]
+    assert all(f.read_text().startswith(f"pretrain.checkpoint={weights} is not a readable") for f in failed)
+    assert f"sosp-run: error: 2 of 4 sweep points failed (the others are in the report):\n  0_random_r0.3_s0: " \
+        f"pretrain.checkpoint={weights} is not a readable" in proc.stderr
     assert len([l for l in (sweep / "report.md").read_text().splitlines() if l.startswith("| digits")]) == 2
     report = subprocess.run(["sosp-report", str(sweep)], capture_output=True, text=True)
-    assert report.returncode == 0 and "not in the report, 1 failed sweep point(s):\n  1_random_r1.5_s0: " \
-        "prune.ratio=1.5" in report.stdout
-    failed.parent.rename(sweep / "1_random_r0.5_s0")   # the same job directory, now a valid point
-    rerun = subprocess.run(args + ["prune.ratio=0.3,0.5,0.4"], cwd=tmp_path, capture_output=True, text=True)
+    assert report.returncode == 0 and "not in the report, 2 failed sweep point(s):\n  0_random_r0.3_s0: " \
+        f"pretrain.checkpoint={weights}" in report.stdout
+    shutil.copyfile(sweep / "2_random_r0.3_s0" / "pretrained.pt", weights)   # the file fixed
+    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert not list(sweep.rglob("error.txt")) and len(list(sweep.rglob("result.json"))) == 3
+    assert not list(sweep.rglob("error.txt")) and len(list(sweep.rglob("result.json"))) == 4
 
 
 def test_report_on_empty_dir_is_an_error(tmp_path):
