@@ -99,13 +99,13 @@ def validate(cfg: RunConfig, here: bool = True) -> None:
     """Every check that needs no data, before anything is written or read from the run folder
     (an artefact there of another config would otherwise be reported before the bad value).
     ``here=False``: the run will run on another machine (a SLURM sweep checked where it is
-    submitted), whose devices this one cannot answer for."""
+    submitted), whose devices and files this one cannot answer for."""
     from .models import TORCHVISION, check_model
 
     check_dataset_options(cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.val_size,
                           cfg.dataset.num_workers, cfg.dataset.split_seed)
     check_model(cfg.model.name, cfg.model.width)
-    if cfg.pretrain.checkpoint:
+    if cfg.pretrain.checkpoint and here:
         check_checkpoint_path(cfg.pretrain.checkpoint)
     if cfg.model.name.startswith(TORCHVISION):
         # a model outside the registry may be refused (a LayerNorm on its channels, a graph

@@ -88,18 +88,22 @@ def test_sweep_variants_put_every_value_to_the_test_once():
 
 def test_sweep_points_are_checked_on_this_machine_unless_slurm_runs_them(monkeypatch, tmp_path):
     """A multirun's values are checked as its points would check them, before any runs — also
-    what only the machine that runs a point can answer (a CUDA device, the dataset's files),
-    unless a launcher sends the points elsewhere (SLURM): then only that is left out."""
+    what only the machine that runs a point can answer (a CUDA device, the dataset's and the
+    weights' files), unless a launcher sends the points elsewhere (SLURM): then only that is
+    left out."""
     from sosp_cli import cli, utils
     from sosp_cli.errors import SospError
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: False)
-    machine = ["device=cpu,cuda", "dataset=digits,cifar10", f"dataset.root={tmp_path / 'none'}"]
+    machine = ["device=cpu,cuda", "dataset=digits,cifar10", f"dataset.root={tmp_path / 'none'}",
+               f"pretrain.checkpoint=null,{tmp_path / 'none.pt'}"]
     for launcher in ([], ["hydra/launcher=basic"], ["hydra/launcher=submitit_local"]):
         with pytest.raises(SospError, match="device=cuda but no CUDA device is available"):
             cli.precheck(["-m", "experiment=smoke"] + launcher + machine)
         with pytest.raises(SospError, match=f"cifar10 not found: looked for {tmp_path / 'none'}"):
             cli.precheck(["-m", "experiment=smoke"] + launcher + machine[1:])
+        with pytest.raises(SospError, match=f"pretrain.checkpoint={tmp_path / 'none.pt'} does not exist"):
+            cli.precheck(["-m", "experiment=smoke"] + launcher + machine[3:])
     cli.precheck(["-m", "experiment=smoke", "hydra/launcher=submitit_slurm"] + machine)
     for bad, needle in ((["device=cpu,gpu"], "unknown device 'gpu'"),
                         (["prune.ratio=0.3,1.2"], r"prune.ratio=1.2 is outside \[0, 1\)")):
