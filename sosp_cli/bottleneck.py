@@ -61,6 +61,14 @@ def validate(cfg: RunConfig, here: bool = True) -> None:
     there)."""
     from .pipeline import validate as validate_run
 
+    _check_options(cfg)
+    stages = num_stages(cfg.model.name)
+    validate_run(_sub(cfg, stage_widths(cfg.model.width, stages), cfg.bottleneck.detect_ratio,
+                      cfg.bottleneck.seeds[0], "structures"), here)
+
+
+def _check_options(cfg: RunConfig) -> None:
+    """The ``bottleneck.*`` options, one line for a bad one."""
     b = cfg.bottleneck
     stages = num_stages(cfg.model.name)
     if stages < 2:
@@ -79,14 +87,13 @@ def validate(cfg: RunConfig, here: bool = True) -> None:
     for key in ("widen_factor", "uniform_factor"):
         if not getattr(b, key) > 0:
             raise SospError(f"bottleneck.{key}={getattr(b, key)} must be > 0")
-    validate_run(_sub(cfg, stage_widths(cfg.model.width, stages), b.detect_ratio, b.seeds[0], "structures"), here)
 
 
 def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     from .pipeline import run as run_one
     from .plots import bottleneck_figures
 
-    validate(cfg)
+    _check_options(cfg)   # the rest of validate() is the detection run's, which run_one does first
     out = Path(out_dir)
     b = cfg.bottleneck
     stages = num_stages(cfg.model.name)

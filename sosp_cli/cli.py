@@ -154,17 +154,25 @@ def sweep_variants(overrides: list[str]) -> list[list[str]] | None:
     return variants
 
 
+TASKS = ("prune", "bottleneck")
+
+
+def task_module(task: str):
+    """The module whose ``run`` and ``validate`` carry out ``task``."""
+    from . import bottleneck, pipeline
+    check_choice("task", task, TASKS)
+    return bottleneck if task == "bottleneck" else pipeline
+
+
 def check_point(cfg: RunConfig, here: bool = True) -> None:
     """What a sweep point would refuse before it trains — every option (:func:`pipeline.validate`,
     :func:`bottleneck.validate`) and a dataset that is not where ``dataset.root`` says — checked
     for each sweep value before the first point runs, not hours into the sweep. ``here=False``
     (the points run on other machines: SLURM) leaves out what only their machine can answer:
     its CUDA devices and its files."""
-    from . import bottleneck, pipeline
     from .data import check_dataset_present
 
-    check_choice("task", cfg.task, ("prune", "bottleneck"))
-    (bottleneck.validate if cfg.task == "bottleneck" else pipeline.validate)(cfg, here)
+    task_module(cfg.task).validate(cfg, here)
     if here:
         check_dataset_present(cfg.dataset.name, cfg.dataset.root, cfg.dataset.download)
 
@@ -203,7 +211,6 @@ def precheck(overrides: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> dict | None:
-    from . import bottleneck, pipeline
     from .report import FAILED_FILE
     from .utils import resolve_device
     run_cfg = to_run_config(cfg)
@@ -214,8 +221,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         out = distributed.broadcast_object(out)   # the ranks' clocks may name different directories
         if run_cfg.note and distributed.is_main():
             log.info(f"[{run_cfg.experiment_name}] {run_cfg.note}")
-        check_choice("task", run_cfg.task, ("prune", "bottleneck"))
-        result = (bottleneck.run if run_cfg.task == "bottleneck" else pipeline.run)(run_cfg, out)
+        result = task_module(run_cfg.task).run(run_cfg, out)
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:   # the other sweep points still run

@@ -229,6 +229,7 @@ BAD_INPUTS = [
     (["pretrain.checkpoint=/nonexistent/model.pt"], "/nonexistent/model.pt"),
     (["method.combine=bogus"], "bogus"),
     (["experiment=nosuch"], "nosuch"),
+    (["task=nosuch"], "unknown task 'nosuch'; accepted: bottleneck, prune"),
     # a multirun: every sweep value composed before any point runs
     (["-m", "method=l1,nosuch", "seed=0,1"], "unknown method 'nosuch'; accepted: bn_scale, fpgm"),
     (["-m", "method=l1,l2", "prune.ratio=0.3,abc"], "prune.ratio=abc Value 'abc' of type 'str' could not be converted to Float"),
