@@ -35,7 +35,7 @@ from .measure import PeakMemory, count_macs, count_params, latencies_in_turn
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion, saliency_model
 from .budget import CostModel
-from .selection import originals_of, select, validate as validate_selection
+from .selection import Originals, originals_of, removal_caps, select, validate as validate_selection
 from .structures import StructureSet
 from .surgery import remove_structures
 from .train import check_train_config, evaluate, train
@@ -66,6 +66,10 @@ def saliency_key(cfg: RunConfig) -> str:
         del sal["tf32"]
     if method["stack_batch"] == "auto":
         del method["stack_batch"]
+    if cfg.method.selection == "greedy":   # the greedy growth stays within the guards' caps
+        p = cfg.prune
+        return fingerprint(pretrain_key(cfg), method, sal, {"removable": [p.min_channels, p.max_layer_ratio,
+                                                                         p.round_to]})
     return fingerprint(pretrain_key(cfg), method, sal)
 
 
@@ -249,8 +253,10 @@ def _train_fresh(run: Run, key: str, path: Path, partial: Path) -> None:
     run.remove(partial)
 
 
-def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
-    """Scores of the current model (step 1: the dense model; step k: after k−1 prune steps)."""
+def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1,
+                   originals: Originals | None = None) -> dict:
+    """Scores of the current model (step 1: the dense model; step k: after k−1 prune steps,
+    ``originals`` the dense model's totals, for the guards that sosp_i's greedy growth obeys)."""
     cfg = run.cfg
     key = saliency_key(cfg) if step == 1 else fingerprint(prune_key(cfg), "saliency", step)
     path = run.out / ("saliency.pt" if step == 1 else f"saliency_step{step}.pt")
@@ -267,8 +273,11 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1) -> dict:
     model = saliency_model(model.to(run.device), cfg.saliency.batchnorm, batches)
     with PeakMemory(run.device) as peak:
         t0 = time.perf_counter()
+        p = cfg.prune
+        removable = None if cfg.method.selection != "greedy" else \
+            removal_caps(ss, originals, p.min_channels, p.max_layer_ratio, p.round_to)
         sal = criterion.run(SaliencyInput(model, ss, batches, run.device, cfg.seed, cfg.saliency.tf32,
-                                          across_ranks=run.ranks))
+                                          across_ranks=run.ranks, removable=removable))
         if run.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -307,7 +316,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
             continue
         if step > 1:
             ss = StructureSet(current.cpu().eval(), run.example)
-        sal = first_saliency if step == 1 else stage_saliency(run, current, ss, step)
+        sal = first_saliency if step == 1 else stage_saliency(run, current, ss, step, originals)
         seconds = seconds + [sal["seconds"]]
         ratio = 0.0 if cfg.method.name == "none" else cfg.prune.ratio * step / k
         p = cfg.prune

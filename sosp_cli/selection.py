@@ -21,11 +21,13 @@ reached all of its members (the group's lowest-ranked ones), at their summed cos
 achieved ratio is within half a block's cost of the target. ``k = 1`` is the plain walk.
 
 Guards: no group keeps fewer than ``min_channels`` channels, and no group loses more than
-``max_layer_ratio`` of its original channels. A structure the guards keep is skipped, counted
+``max_layer_ratio`` of its original channels (:func:`removal_caps`: per group, the most
+structures a selection may remove). A structure the guards keep is skipped, counted
 (``guard_skipped``) and reported.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +88,24 @@ def originals_of(cost: CostModel, ss: StructureSet) -> Originals:
                      {g.root: g.size for g in ss.groups})
 
 
+def removal_caps(ss: StructureSet, originals: Originals | None, min_channels: int,
+                 max_layer_ratio: float, round_to: int = 1) -> list[int]:
+    """Per layer group (``ss.groups`` order): the most structures the guards let a selection
+    remove from the current model — it keeps ``min_channels`` and loses at most
+    ``max_layer_ratio`` of its original size, counted with what earlier steps removed — rounded
+    down so that the group keeps a count :func:`select`'s ``round_to`` blocks can reach (a
+    multiple of ``round_to``, or all it has now)."""
+    caps = []
+    for g in ss.groups:
+        orig = originals.group_sizes.get(g.root, g.size) if originals else g.size
+        # the guard compares an integer with max_layer_ratio · orig, so its floor is exact
+        cap = max(0, min(g.size - min_channels, math.floor(max_layer_ratio * orig) - (orig - g.size)))
+        if cap and round_to > 1:
+            cap = max(0, g.size - math.ceil((g.size - cap) / round_to) * round_to)
+        caps.append(cap)
+    return caps
+
+
 def normalized(scores: torch.Tensor, ss: StructureSet, how: str) -> torch.Tensor:
     if how == "none":
         return scores
@@ -130,6 +150,7 @@ def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float
     group = ss.group_of().tolist()
     size_now = [g.size for g in ss.groups]
     size_orig = [orig.group_sizes.get(g.root, g.size) for g in ss.groups]
+    caps = removal_caps(ss, orig, min_channels, max_layer_ratio, round_to)
     chosen, skipped = [], 0
     reached = [[] for _ in ss.groups]   # per group: structures the walk passed, not yet removed
     for s in order(normalized(scores, ss, normalize), ss, scope):
@@ -141,7 +162,7 @@ def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float
             continue   # the group's block is not complete yet (module docstring: rounding)
         block, reached[gi] = reached[gi], []
         n = len(block)
-        if size_now[gi] - n < min_channels or size_orig[gi] - size_now[gi] + n > max_layer_ratio * size_orig[gi]:
+        if ss.groups[gi].size - size_now[gi] + n > caps[gi]:
             skipped += n
             continue
         params, macs = cost.removal_cost_of(block)

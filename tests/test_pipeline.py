@@ -190,6 +190,41 @@ def test_sosp_methods_run_end_to_end(tmp_path, caplog):
             assert r["params_after"] < r["params_before"]
 
 
+def test_greedy_growth_gets_each_steps_guard_caps_and_they_key_its_saliency(tmp_path, monkeypatch):
+    """``method.selection=greedy`` grows the removed set within what the prune guards let each
+    group lose (selection.removal_caps): every step's criterion call gets the caps of the model
+    it scores, counted against the dense model, and the guards are part of the saliency's key
+    (other guards, other scores) — for greedy only."""
+    from sosp_cli.budget import CostModel
+    from sosp_cli.checkpoint import load_model
+    from sosp_cli.pipeline import saliency_key
+    from sosp_cli.pruning.sosp_i import SospI
+    from sosp_cli.selection import originals_of, removal_caps
+    from sosp_cli.structures import StructureSet
+    seen, compute = [], SospI.compute
+    monkeypatch.setattr(SospI, "compute", lambda self, inp: seen.append(inp.removable) or compute(self, inp))
+    guards = ["prune.min_channels=2", "prune.max_layer_ratio=0.6"]
+    cfg = compose_run(["experiment=smoke", "method=sosp_i", "method.selection=greedy", "prune.steps=2",
+                       "prune.ratio=0.5"] + guards, tmp_path)
+    out = tmp_path / "run"
+    r = run(cfg, out)
+    x = torch.zeros(1, 1, 16, 16)
+    dense, _ = load_model(out / "pretrained.pt")
+    step1, _ = load_model(out / "pruned_step1.pt")
+    ss0, ss1 = StructureSet(dense.eval(), x), StructureSet(step1.eval(), x)
+    originals = originals_of(CostModel(dense, ss0, x), ss0)
+    assert seen == [removal_caps(ss0, None, 2, 0.6), removal_caps(ss1, originals, 2, 0.6)]
+    assert seen[1] != removal_caps(ss1, None, 2, 0.6)          # counted against the dense model
+    assert max(r["layer_ratios"].values()) <= 0.6
+    key = saliency_key(cfg)
+    cfg.prune.min_channels = 3
+    assert saliency_key(cfg) != key
+    cfg.method.selection = "score"
+    plain = saliency_key(cfg)
+    cfg.prune.min_channels = 2
+    assert saliency_key(cfg) == plain
+
+
 def test_batch_statistics_saliency_runs_end_to_end_and_diagnostics_use_the_same_model(tmp_path):
     """``saliency.batchnorm=batch``: the saliency record, result.json and the diagnostics all
     come from the model whose BatchNorm uses the batch statistics: the diagnostics' first-order

@@ -209,6 +209,57 @@ def test_greedy_order_is_exhaustive_optimum_on_small_problem():
         chosen.append(s)
 
 
+def _constrained_greedy(g, Q, group, caps, steps):
+    """Brute force: each step adds, among the structures whose group is under its cap, the one
+    whose addition gives the smallest quadratic model Σ_M(−g) + ½ 1_Mᵀ Q 1_M."""
+    model = lambda m: (-g[m]).sum() + 0.5 * Q[m][:, m].sum()  # noqa: E731
+    chosen, lost = [], [0] * len(caps)
+    for _ in range(steps):
+        rest = [t for t in range(len(g)) if t not in chosen and lost[group[t]] < caps[group[t]]]
+        best = min(rest, key=lambda t: model(torch.tensor(chosen + [t])).item())
+        chosen.append(best)
+        lost[group[best]] += 1
+    return chosen
+
+
+def test_greedy_growth_within_caps_is_the_constrained_optimum_step_by_step():
+    """With per-group caps (the prune guards), every step takes the best structure among those
+    whose group is under its cap; once no group is, the others follow."""
+    gen = torch.Generator().manual_seed(4)
+    A = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    Q, g = A @ A.T, torch.randn(8, generator=gen, dtype=torch.float64)
+    group, caps = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2]), [1, 2, 0]
+    order = greedy_order(g, Q, group, caps)
+    steps = [int((order == k).nonzero()) for k in range(8)]
+    assert steps[:3] == _constrained_greedy(g, Q, group.tolist(), caps, 3)
+    assert sorted(order.tolist()) == list(range(8))
+    assert {int(group[s]) for s in steps[:3]} == {0, 1}                  # within the caps first
+    assert torch.equal(greedy_order(g, Q, group, [3, 3, 2]), greedy_order(g, Q))   # caps never hit
+
+
+def test_greedy_selection_under_guards_removes_the_constrained_greedy_set():
+    """``min_channels=2`` on the tiny ResNet (two groups of 3): each group may lose one structure.
+    The unconstrained growth takes two of one group first, so the selection would skip the
+    second and remove a set chosen on a curvature sum that included it; the growth within the
+    caps removes exactly the brute-force constrained greedy set, and nothing is skipped."""
+    from sosp_cli.budget import CostModel
+    from sosp_cli.selection import removal_caps, select
+    torch.manual_seed(2)   # data on which the unconstrained growth takes two of one group first
+    model, ss, x, y, batches = setup("resnet")
+    g, Q, _ = brute_force(model, ss, x, y)
+    caps = removal_caps(ss, None, min_channels=2, max_layer_ratio=1.0)
+    assert caps == [1, 1]
+    crit = get_criterion(MethodConfig(name="sosp_i", selection="greedy"))
+    sal = crit.compute(SaliencyInput(model, ss, batches, torch.device("cpu"), removable=caps))
+    sel = select(sal.scores, ss, CostModel(model, ss, x[:1]), 2 / 6, min_channels=2)
+    names = ss.names()
+    want = _constrained_greedy(g, Q, ss.group_of().tolist(), caps, 2)
+    assert sel.remove == [names[i] for i in sorted(want)] and sel.guard_skipped == 0
+    free = crit.compute(SaliencyInput(model, ss, batches, torch.device("cpu")))
+    old = select(free.scores, ss, CostModel(model, ss, x[:1]), 2 / 6, min_channels=2)
+    assert old.guard_skipped == 2 and old.remove != sel.remove       # what the caps change
+
+
 def test_api_saliency_returns_one_score_per_structure():
     model = api.create_model("resnet20", width=0.25)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))

@@ -6,7 +6,7 @@ from sosp_cli import api
 from sosp_cli.budget import CostModel
 from sosp_cli.errors import SospError
 from sosp_cli.measure import count_macs, count_params
-from sosp_cli.selection import normalized, select
+from sosp_cli.selection import normalized, originals_of, removal_caps, select
 from sosp_cli.structures import StructureSet
 from sosp_cli.surgery import remove_structures
 
@@ -150,3 +150,28 @@ def test_round_to_leaves_groups_of_at_most_round_to_structures_whole():
     assert all(lost[g.root] == 0 for g in ss.groups if g.size <= 16)
     assert {lost[g.root] for g in ss.groups if g.size == 32} <= {0, 16} and len(sel.remove) > 0
     assert sel.guard_skipped > 0 and len(sel.remove) % 16 == 0
+
+
+@pytest.mark.parametrize("guards", [dict(min_channels=2), dict(max_layer_ratio=0.6),
+                                    dict(min_channels=3, max_layer_ratio=0.7, round_to=4)])
+def test_removal_caps_are_what_the_walk_lets_each_group_lose(guards):
+    """``removal_caps`` (what sosp_i's greedy growth stays within) equals what a selection that
+    asks for nearly everything removes from each group — on the dense model and, counted against
+    the dense model, after a first step."""
+    model, ss, scores = setup("resnet56", 0.25)
+    cost = CostModel(model, ss, X)
+    originals = originals_of(cost, ss)
+    first = select(scores, ss, cost, 0.3, **guards)
+    for current, now, sel_ratio, orig in ((model, ss, 0.99, None), (None, None, 0.99, originals)):
+        if current is None:
+            current, _ = remove_structures(model, ss, first.remove, X)
+            now = StructureSet(current.eval(), X)
+        caps = removal_caps(now, orig, guards.get("min_channels", 1), guards.get("max_layer_ratio", 1.0),
+                            guards.get("round_to", 1))
+        s = torch.rand(now.num_structures, generator=torch.Generator().manual_seed(1))
+        sel = select(s, now, CostModel(current, now, X), sel_ratio, originals=orig, **guards)
+        lost = dict.fromkeys((g.root for g in now.groups), 0)
+        for n in sel.remove:
+            lost[n.rsplit(":", 1)[0]] += 1
+        assert [lost[g.root] for g in now.groups] == caps
+        assert any(c < g.size - 1 for c, g in zip(caps, now.groups))     # the guards bind

@@ -40,6 +40,9 @@ class SaliencyInput:
     seed: int = 0
     tf32: bool = False               # saliency.tf32: TensorFloat-32 products on CUDA (Criterion.run)
     across_ranks: bool = False       # several processes: each takes its share of ``batches`` (Criterion.run)
+    # per layer group, the most structures the selection may remove (selection.removal_caps);
+    # read by sosp_i's greedy selection, which grows the removed set within them. None: no limit
+    removable: list[int] | None = None
 
 
 @dataclass

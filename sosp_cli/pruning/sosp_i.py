@@ -13,7 +13,12 @@ chunk_size·B·S): Q is summed one chunk of ``method.chunk_size`` classes' facto
 structure at a time, each step taking the s that least increases the quadratic model
 m(M) = Σ_{t∈M} (−g_t) + ½ 1_Mᵀ Q 1_M. Adding s changes m by −g_s + ½ Q_ss + (Q 1_M)_s, and
 a = Q 1_M is updated in O(S) per step. The score is the step at which s would be removed
-(later = more important), so taking the lowest scores reproduces the greedy set.
+(later = more important), so taking the lowest scores reproduces the greedy set. The growth
+respects the prune guards (``SaliencyInput.removable``, from :func:`..selection.removal_caps`):
+once a layer group has lost as many structures as they allow, its others are no longer
+candidates, so a structure the selection would have to skip never enters M — every later step
+is taken on the set that is really removed. They come after every candidate, in the order the
+growth continues.
 """
 from __future__ import annotations
 
@@ -24,17 +29,28 @@ from .base import Criterion, Saliency, SaliencyInput, register_criterion
 from .derivatives import curvature_matrix
 
 
-def greedy_order(g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Removal order minimising the quadratic model step by step; returns [S] step indices."""
+def greedy_order(g: torch.Tensor, q: torch.Tensor, group: torch.Tensor | None = None,
+                 caps: list[int] | None = None) -> torch.Tensor:
+    """Removal order minimising the quadratic model step by step; returns [S] step indices.
+    With ``group`` (each structure's group index) and ``caps`` (per group, the most structures
+    that may be removed), a structure is a candidate only while its group is under its cap."""
     S = len(g)
     a = torch.zeros(S, dtype=q.dtype)
     step_cost = -g + 0.5 * q.diagonal()
     removed = torch.zeros(S, dtype=torch.bool)
+    left = None if caps is None else torch.tensor(caps, dtype=torch.long)
+    closed = torch.zeros(S, dtype=torch.bool) if left is None else left[group] <= 0
     order = torch.empty(S, dtype=torch.long)
     for step in range(S):
         delta = (step_cost + a).masked_fill(removed, float("inf"))
+        if not bool((removed | closed).all()):
+            delta = delta.masked_fill(closed, float("inf"))   # candidates first (module docstring)
         s = int(delta.argmin())
         order[s] = step
+        if left is not None and not closed[s]:
+            left[group[s]] -= 1
+            if left[group[s]] == 0:
+                closed |= group == group[s]
         removed[s] = True
         a += q[:, s]
     return order
@@ -65,7 +81,8 @@ class SospI(Criterion):
         g, q = g.cpu(), q.cpu()
         r = q.abs().sum(1)
         if self.cfg.selection == "greedy":
-            scores = greedy_order(g.double(), q.double()).float()
+            group = None if inp.removable is None else inp.structures.group_of()
+            scores = greedy_order(g.double(), q.double(), group, inp.removable).float()
         else:
             scores = self.combine(g, r)
         return Saliency(scores, grad=g, second_order=r, matrix=q)
