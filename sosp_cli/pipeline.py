@@ -271,11 +271,11 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1,
     batches = take_batches(run.splits.train_eval, cfg.saliency.num_samples, cfg.saliency.batch_size,
                            seed=cfg.seed)
     model = saliency_model(model.to(run.device), cfg.saliency.batchnorm, batches)
+    p = cfg.prune
+    removable = None if cfg.method.selection != "greedy" else \
+        removal_caps(ss, originals, p.min_channels, p.max_layer_ratio, p.round_to)
     with PeakMemory(run.device) as peak:
         t0 = time.perf_counter()
-        p = cfg.prune
-        removable = None if cfg.method.selection != "greedy" else \
-            removal_caps(ss, originals, p.min_channels, p.max_layer_ratio, p.round_to)
         sal = criterion.run(SaliencyInput(model, ss, batches, run.device, cfg.seed, cfg.saliency.tf32,
                                           across_ranks=run.ranks, removable=removable))
         if run.device.type == "cuda":
