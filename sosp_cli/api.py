@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Iterable, Sequence
 
 import torch
@@ -57,6 +58,11 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
         p = next(model.parameters())
         device = p.device
     device = torch.device(device)
+    accepted = sorted(f.name for f in dataclasses.fields(MethodConfig) if f.name != "name")
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SospError(f"saliency() got unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                        f"accepted: {', '.join(accepted)} (the method.* options)")
     cfg = MethodConfig(name=method, **options)
     criterion = get_criterion(cfg)
     criterion.check_batchnorm(batchnorm)

@@ -270,6 +270,10 @@ def test_api_saliency_returns_one_score_per_structure():
         assert all(s == s for s in scores.values())  # no NaN
     a = api.saliency(model, [(x, y)], "sosp_h", combine="abs_joint", curvature="hessian")
     assert len(a) == len(names)
+    from sosp_cli.errors import SospError
+    with pytest.raises(SospError, match=r"^saliency\(\) got unknown option combin; accepted: chunk_size, "
+                                        r"combine, curvature, max_structures, selection, sparsity, stack_batch"):
+        api.saliency(model, [(x, y)], "sosp_h", combin="abs_sum")
 
 
 @pytest.mark.parametrize("curvature", ["gn", "hessian"])
