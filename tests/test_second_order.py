@@ -120,6 +120,31 @@ def test_hessian_diagonal_holds_no_s_by_s_matrix():
                                                    diagonal_only=True)) < square
 
 
+@pytest.mark.parametrize("selection", ["score", "greedy"])
+def test_sosp_i_scores_hold_no_second_s_by_s_matrix(selection, monkeypatch):
+    """Beside Q itself, scoring (Σ_s'|Q_ss'|, a block of rows at a time) and the greedy growth
+    (float64 column by column) hold less than an S×S float32 temporary — with S = 20000 (the
+    default max_structures) Q alone is 1.5 GiB."""
+    from sosp_cli.pruning import sosp_i
+    S = 4096   # Q 64 MiB; a block of 1024 rows 16 MiB
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(S, 16, generator=gen)
+    Q, g = A @ A.T, torch.randn(S, generator=gen)
+    monkeypatch.setattr(sosp_i, "curvature_matrix", lambda *args, **kwargs: (g, Q))
+    ss = type("Structures", (), {"num_structures": S, "group_of": lambda self: torch.arange(S) // 16})()
+    crit = get_criterion(MethodConfig(name="sosp_i", selection=selection))
+    inp = SaliencyInput(None, ss, [None], torch.device("cpu"), removable=[8] * (S // 16))
+    out = {}
+    peak = peak_tensor_mb(lambda: out.update(sal=crit.compute(inp)))
+    assert peak < 0.5 * S * S * 4 / 2**20
+    want = Q.abs().sum(1)
+    assert torch.allclose(out["sal"].second_order, want, rtol=1e-6)
+    if selection == "score":
+        assert torch.allclose(out["sal"].scores, g.abs() + 0.5 * want, rtol=1e-6)
+    else:
+        assert torch.equal(out["sal"].scores.long(), greedy_order(g.double(), Q.double(), ss.group_of(), inp.removable))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_gauss_newton_is_symmetric_psd_and_rows_sum_to_sosp_h(case):
     model, ss, x, y, batches = setup(case)

@@ -35,8 +35,9 @@ def greedy_order(g: torch.Tensor, q: torch.Tensor, group: torch.Tensor | None = 
     With ``group`` (each structure's group index) and ``caps`` (per group, the most structures
     that may be removed), a structure is a candidate only while its group is under its cap."""
     S = len(g)
-    a = torch.zeros(S, dtype=q.dtype)
-    step_cost = -g + 0.5 * q.diagonal()
+    # in float64 (the growth adds up to S columns), column by column: no float64 copy of Q
+    a = torch.zeros(S, dtype=torch.float64)
+    step_cost = -g.double() + 0.5 * q.diagonal().double()
     removed = torch.zeros(S, dtype=torch.bool)
     left = None if caps is None else torch.tensor(caps, dtype=torch.long)
     closed = torch.zeros(S, dtype=torch.bool) if left is None else left[group] <= 0
@@ -54,6 +55,11 @@ def greedy_order(g: torch.Tensor, q: torch.Tensor, group: torch.Tensor | None = 
         removed[s] = True
         a += q[:, s]
     return order
+
+
+def abs_row_sums(q: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """Σ_s' |Q_ss'| for every s, a block of rows at a time: no S×S temporary beside Q."""
+    return torch.cat([q[i:i + rows].abs().sum(1) for i in range(0, len(q), rows)])
 
 
 @register_criterion
@@ -79,10 +85,10 @@ class SospI(Criterion):
         g, q = curvature_matrix(inp.model, inp.structures, inp.batches, inp.device,
                                 self.cfg.curvature, self.cfg.chunk_size, gen)
         g, q = g.cpu(), q.cpu()
-        r = q.abs().sum(1)
+        r = abs_row_sums(q)
         if self.cfg.selection == "greedy":
             group = None if inp.removable is None else inp.structures.group_of()
-            scores = greedy_order(g.double(), q.double(), group, inp.removable).float()
+            scores = greedy_order(g, q, group, inp.removable).float()
         else:
             scores = self.combine(g, r)
         return Saliency(scores, grad=g, second_order=r, matrix=q)
