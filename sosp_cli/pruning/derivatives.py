@@ -404,4 +404,15 @@ def _hessian_matrix(model, ss: StructureSet, batches, device, chunk_size: int, d
         g += _hessian_rows_batch(model, ss, x.to(device), y.to(device), n, dt, chunk_size, h,
                                  diagonal_only)
     g, h = _summed(g, h)
-    return g, (h if diagonal_only else (h + h.T).mul_(0.5))
+    return g, (h if diagonal_only else _symmetrised_(h))
+
+
+def _symmetrised_(h: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """(H + Hᵀ)/2 in place, a block pair at a time: no S×S temporary beside H."""
+    S = len(h)
+    for i in range(0, S, block):
+        for j in range(i, S, block):
+            mean = (h[i:i + block, j:j + block] + h[j:j + block, i:i + block].T) * 0.5
+            h[i:i + block, j:j + block] = mean
+            h[j:j + block, i:i + block] = mean.T
+    return h
