@@ -3,7 +3,7 @@
 >>> model = create_model("resnet20", num_classes=10)
 >>> x = torch.randn(8, 3, 32, 32); y = torch.randint(0, 10, (8,))
 >>> scores = saliency(model, [(x, y)], "sosp_h", example_input=x[:1])
->>> small = prune(model, sorted(scores, key=scores.get)[:50], x[:1])
+>>> small = prune(model, select(model, scores, 0.5, x[:1], target="flops").remove, x[:1])
 """
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ import torch.nn as nn
 from .config import MethodConfig
 from .errors import SospError
 from .models import create_model as _create_model, list_models
+from .budget import CostModel
 from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
+from .selection import Selection, select as _select
 from .structures import StructureSet
 from .surgery import remove_structures
 from .utils import retain_freed_memory
 
-__all__ = ["create_model", "list_models", "list_criteria", "structures", "saliency", "mask", "prune",
-           "check_gates", "retain_freed_memory"]
+__all__ = ["create_model", "list_models", "list_criteria", "structures", "saliency", "select", "mask",
+           "prune", "check_gates", "retain_freed_memory"]
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
@@ -71,6 +73,28 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     work = saliency_model(work, batchnorm, batches, inplace=True)   # ``work`` is a copy already
     sal = criterion.run(SaliencyInput(work.to(device), ss, batches, device, seed, tf32))
     return dict(zip(ss.names(), sal.scores.tolist()))
+
+
+def select(model: nn.Module, scores: dict[str, float], ratio: float, example_input: torch.Tensor,
+           target: str = "structures", scope: str = "global", min_channels: int = 1,
+           max_layer_ratio: float = 1.0, normalize: str = "none", round_to: int = 1) -> Selection:
+    """The structures ``sosp-run`` would remove for ``scores`` (:func:`saliency`'s, or your own:
+    one per structure name, higher = keep): lowest first until ``ratio`` of ``target``
+    (``structures|params|flops``) is gone, with the exact cost of each removal, the same
+    ``prune.*`` options and guards (DESIGN §4, :func:`sosp_cli.selection.select`). Returns a
+    :class:`~sosp_cli.selection.Selection`: ``.remove`` (names, for :func:`prune`), the achieved
+    ratios and each layer group's."""
+    ss = StructureSet(model, example_input[:1].cpu())
+    names = ss.names()
+    missing, extra = [n for n in names if n not in scores], sorted(set(scores) - set(names))
+    if missing or extra:
+        raise SospError(f"select() needs one score per structure of this model ({len(names)}); "
+                        + (f"missing {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}" if missing else "")
+                        + ("; " if missing and extra else "")
+                        + (f"not structures of it: {', '.join(extra[:3])}{' ...' * (len(extra) > 3)}" if extra else ""))
+    values = torch.tensor([float(scores[n]) for n in names], dtype=torch.float64)
+    return _select(values, ss, CostModel(model, ss, example_input[:1].cpu()), ratio, target, scope,
+                   min_channels, max_layer_ratio, normalize, round_to=round_to)
 
 
 def mask(model: nn.Module, remove: Iterable[str], example_input: torch.Tensor) -> nn.Module:

@@ -175,3 +175,25 @@ def test_removal_caps_are_what_the_walk_lets_each_group_lose(guards):
             lost[n.rsplit(":", 1)[0]] += 1
         assert [lost[g.root] for g in now.groups] == caps
         assert any(c < g.size - 1 for c, g in zip(caps, now.groups))     # the guards bind
+
+
+def test_api_select_is_the_runners_selection_on_named_scores():
+    """``api.select`` takes a name → score dict and returns what :func:`select` returns for the
+    same scores in structure order, with every option passed through; the budget is met on the
+    physically pruned model; scores that do not name exactly the model's structures are one line."""
+    model, ss, scores = setup("resnet20")
+    named = dict(zip(ss.names(), scores.tolist()))
+    options = dict(target="flops", min_channels=2, round_to=2)
+    got = api.select(model, named, 0.4, X, **options)
+    want = select(scores.double(), ss, CostModel(model, ss, X), 0.4, **options)
+    assert got == want and got.remove
+    pruned = api.prune(model, got.remove, X)
+    assert got.flops_ratio == pytest.approx(1 - count_macs(pruned, X) / count_macs(model, X), abs=1e-12)
+    first = ss.names()[0]
+    with pytest.raises(SospError, match=rf"^select\(\) needs one score per structure of this model "
+                                        rf"\({ss.num_structures}\); missing {first}"):
+        api.select(model, {k: v for k, v in named.items() if k != first}, 0.4, X)
+    with pytest.raises(SospError, match=r"; not structures of it: nosuch:0$"):
+        api.select(model, {**named, "nosuch:0": 1.0}, 0.4, X)
+    with pytest.raises(SospError, match=r"^prune.ratio=1.5 is outside \[0, 1\)"):
+        api.select(model, named, 1.5, X)
