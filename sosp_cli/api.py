@@ -19,7 +19,7 @@ from .errors import SospError
 from .models import create_model as _create_model, list_models
 from .budget import CostModel
 from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
-from .selection import Selection, select as _select
+from .selection import Selection, removal_caps, select as _select, validate as validate_selection
 from .structures import StructureSet
 from .surgery import remove_structures
 from .utils import retain_freed_memory
@@ -42,7 +42,7 @@ def structures(model: nn.Module, example_input: torch.Tensor) -> list[str]:
 
 def saliency(model: nn.Module, batches: Iterable, method: str, example_input: torch.Tensor | None = None,
              seed: int = 0, device: str | torch.device | None = None, batchnorm: str = "running",
-             tf32: bool = False, **options) -> dict[str, float]:
+             tf32: bool = False, guards: dict | None = None, **options) -> dict[str, float]:
     """Score per structure (higher = keep) with the registered criterion ``method``.
 
     ``batches`` yields ``(inputs, targets)``; the loss is the mean cross-entropy over all
@@ -50,6 +50,9 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     ``curvature``, ``selection``, ``chunk_size``, ...). The model is scored in eval mode, on a
     copy; ``batchnorm='batch'``: with BatchNorm on each batch's statistics (``saliency.batchnorm``).
     On CUDA the float32 products run in IEEE float32 unless ``tf32=True`` (``saliency.tf32``).
+    ``guards`` (``selection='greedy'`` only): the :func:`select` guards its growth stays within,
+    e.g. ``{"min_channels": 2}`` (keys ``min_channels``, ``max_layer_ratio``, ``round_to``) —
+    pass the same ones to :func:`select`.
     """
     batches = list(batches)
     if example_input is None:
@@ -71,8 +74,26 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     work = copy.deepcopy(model).eval()
     ss = StructureSet(work.cpu(), example_input[:1].cpu())
     work = saliency_model(work, batchnorm, batches, inplace=True)   # ``work`` is a copy already
-    sal = criterion.run(SaliencyInput(work.to(device), ss, batches, device, seed, tf32))
+    removable = None if guards is None else _removable(ss, guards, cfg.selection)
+    sal = criterion.run(SaliencyInput(work.to(device), ss, batches, device, seed, tf32, removable=removable))
     return dict(zip(ss.names(), sal.scores.tolist()))
+
+
+GUARDS = ("max_layer_ratio", "min_channels", "round_to")
+
+
+def _removable(ss: StructureSet, guards: dict, selection: str) -> list[int]:
+    """Per layer group, what ``guards`` let a selection remove (:func:`selection.removal_caps`)."""
+    if selection != "greedy":
+        raise SospError(f"saliency() got guards={guards} with selection={selection!r}: only the "
+                        "greedy growth (selection='greedy') reads them; pass them to select()")
+    unknown = sorted(set(guards) - set(GUARDS))
+    if unknown:
+        raise SospError(f"saliency() got unknown guard{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                        f"accepted: {', '.join(GUARDS)}")
+    g = {"min_channels": 1, "max_layer_ratio": 1.0, "round_to": 1, **guards}
+    validate_selection(0.0, "structures", "global", g["min_channels"], g["max_layer_ratio"], "none", g["round_to"])
+    return removal_caps(ss, None, g["min_channels"], g["max_layer_ratio"], g["round_to"])
 
 
 def select(model: nn.Module, scores: dict[str, float], ratio: float, example_input: torch.Tensor,

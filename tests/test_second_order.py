@@ -298,6 +298,30 @@ def test_greedy_selection_under_guards_removes_the_constrained_greedy_set():
     assert old.guard_skipped == 2 and old.remove != sel.remove       # what the caps change
 
 
+def test_api_greedy_growth_takes_the_guards_select_will_apply():
+    """``api.saliency(..., selection="greedy", guards=...)`` grows within the caps of those
+    guards, so ``api.select`` with the same guards removes the constrained greedy set; guards
+    with score selection, unknown ones and bad values are one line each."""
+    from sosp_cli.errors import SospError
+    from sosp_cli.selection import removal_caps
+    torch.manual_seed(2)   # the data of test_greedy_selection_under_guards_removes_the_constrained_greedy_set
+    model, ss, x, y, batches = setup("resnet")
+    g, Q, _ = brute_force(model, ss, x, y)
+    scores = api.saliency(model, batches, "sosp_i", selection="greedy", guards={"min_channels": 2})
+    caps = removal_caps(ss, None, 2, 1.0)
+    assert torch.equal(torch.tensor(list(scores.values())).long(), greedy_order(g, Q, ss.group_of(), caps))
+    sel = api.select(model, scores, 2 / 6, x[:1], min_channels=2)
+    names = ss.names()
+    assert sel.remove == [names[i] for i in sorted(_constrained_greedy(g, Q, ss.group_of().tolist(), caps, 2))]
+    for kwargs, needle in [(dict(guards={"min_channels": 2}), r"^saliency\(\) got guards=\{'min_channels': 2\} "
+                                                              r"with selection='score': only the greedy growth"),
+                           (dict(selection="greedy", guards={"min_chanels": 2}),
+                            r"^saliency\(\) got unknown guard min_chanels; accepted: max_layer_ratio, min_channels, round_to$"),
+                           (dict(selection="greedy", guards={"round_to": 0}), r"^prune.round_to=0 must be an integer >= 1")]:
+        with pytest.raises(SospError, match=needle):
+            api.saliency(model, batches, "sosp_i", **kwargs)
+
+
 def test_api_saliency_returns_one_score_per_structure():
     model = api.create_model("resnet20", width=0.25)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
