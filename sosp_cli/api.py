@@ -14,10 +14,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from .budget import CostModel
 from .config import MethodConfig
 from .errors import SospError
 from .models import create_model as _create_model, list_models
-from .budget import CostModel
 from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
 from .selection import Selection, removal_caps, select as _select, validate as validate_selection
 from .structures import StructureSet
