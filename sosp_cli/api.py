@@ -19,7 +19,7 @@ from .config import MethodConfig
 from .errors import SospError
 from .models import create_model as _create_model, list_models
 from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
-from .selection import Selection, removal_caps, select as _select, validate as validate_selection
+from .selection import Selection, removal_caps, select as _select, validate_guards
 from .structures import StructureSet
 from .surgery import remove_structures
 from .utils import retain_freed_memory
@@ -70,20 +70,22 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
                         f"accepted: {', '.join(accepted)} (the method.* options)")
     cfg = MethodConfig(name=method, **options)
     criterion = get_criterion(cfg)
+    limits = None if guards is None else _guards(guards, cfg.selection)
     criterion.check_batchnorm(batchnorm)
     work = copy.deepcopy(model).eval()
     ss = StructureSet(work.cpu(), example_input[:1].cpu())
     work = saliency_model(work, batchnorm, batches, inplace=True)   # ``work`` is a copy already
-    removable = None if guards is None else _removable(ss, guards, cfg.selection)
+    removable = None if limits is None else removal_caps(ss, None, **limits)
     sal = criterion.run(SaliencyInput(work.to(device), ss, batches, device, seed, tf32, removable=removable))
     return dict(zip(ss.names(), sal.scores.tolist()))
 
 
-GUARDS = ("max_layer_ratio", "min_channels", "round_to")
+GUARDS = {"max_layer_ratio": 1.0, "min_channels": 1, "round_to": 1}   # select()'s defaults
 
 
-def _removable(ss: StructureSet, guards: dict, selection: str) -> list[int]:
-    """Per layer group, what ``guards`` let a selection remove (:func:`selection.removal_caps`)."""
+def _guards(guards: dict, selection: str) -> dict:
+    """``guards`` checked and completed with :func:`select`'s defaults (for
+    :func:`selection.removal_caps`), before the model is copied."""
     if selection != "greedy":
         raise SospError(f"saliency() got guards={guards} with selection={selection!r}: only the "
                         "greedy growth (selection='greedy') reads them; pass them to select()")
@@ -91,9 +93,9 @@ def _removable(ss: StructureSet, guards: dict, selection: str) -> list[int]:
     if unknown:
         raise SospError(f"saliency() got unknown guard{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
                         f"accepted: {', '.join(GUARDS)}")
-    g = {"min_channels": 1, "max_layer_ratio": 1.0, "round_to": 1, **guards}
-    validate_selection(0.0, "structures", "global", g["min_channels"], g["max_layer_ratio"], "none", g["round_to"])
-    return removal_caps(ss, None, g["min_channels"], g["max_layer_ratio"], g["round_to"])
+    limits = {**GUARDS, **guards}
+    validate_guards(**limits)
+    return limits
 
 
 def select(model: nn.Module, scores: dict[str, float], ratio: float, example_input: torch.Tensor,
@@ -108,11 +110,11 @@ def select(model: nn.Module, scores: dict[str, float], ratio: float, example_inp
     ss = StructureSet(model, example_input[:1].cpu())
     names = ss.names()
     missing, extra = [n for n in names if n not in scores], sorted(set(scores) - set(names))
-    if missing or extra:
+    problems = [f"{what} {', '.join(found[:3])}{' ...' * (len(found) > 3)}"
+                for what, found in (("missing", missing), ("not structures of it:", extra)) if found]
+    if problems:
         raise SospError(f"select() needs one score per structure of this model ({len(names)}); "
-                        + (f"missing {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}" if missing else "")
-                        + ("; " if missing and extra else "")
-                        + (f"not structures of it: {', '.join(extra[:3])}{' ...' * (len(extra) > 3)}" if extra else ""))
+                        + "; ".join(problems))
     values = torch.tensor([float(scores[n]) for n in names], dtype=torch.float64)
     return _select(values, ss, CostModel(model, ss, example_input[:1].cpu()), ratio, target, scope,
                    min_channels, max_layer_ratio, normalize, round_to=round_to)

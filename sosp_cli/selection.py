@@ -74,6 +74,11 @@ def validate(ratio: float, target: str, scope: str, min_channels: int, max_layer
     check_choice("prune.target", target, TARGETS)
     check_choice("prune.scope", scope, ("global", "local"))
     check_choice("prune.normalize", normalize, ("none", "layer_mean", "layer_max"))
+    validate_guards(min_channels, max_layer_ratio, round_to)
+
+
+def validate_guards(min_channels: int, max_layer_ratio: float, round_to: int = 1) -> None:
+    """The layer guards (and ``round_to``), one line for a bad one."""
     if min_channels < 1:
         raise SospError(f"prune.min_channels={min_channels} must be >= 1 (a layer is never emptied)")
     if not 0.0 < max_layer_ratio <= 1.0:
