@@ -146,8 +146,9 @@ def to_markdown(table: pd.DataFrame) -> str:
             continue
         scale = 100.0 if m in PERCENT else 1.0
         digits = 2 if m.startswith(("speedup", "saliency")) else 1
-        shown[m] = [f"{a * scale:.{digits}f} ± {b * scale:.{digits}f}"
-                    for a, b in zip(table[f"{m}_mean"], table[f"{m}_std"])]
+        # one seed has no spread: its mean alone, not "± 0.0" (report.csv keeps std 0 and n)
+        shown[m] = [f"{a * scale:.{digits}f}" + (f" ± {b * scale:.{digits}f}" if n > 1 else "")
+                    for a, b, n in zip(table[f"{m}_mean"], table[f"{m}_std"], table["n"])]
     return shown.to_markdown(index=False)
 
 

@@ -553,7 +553,11 @@ def test_report_keeps_runs_that_differ_in_a_setting_apart(tmp_path):
     table = summarize(df)
     assert key_columns(df)[-1] == "curvature" and len(table) == 2
     assert sorted(table["top1_finetuned_mean"]) == [80.0, 91.0]
-    assert "curvature" in to_markdown(table).splitlines()[0]
+    md = to_markdown(table).splitlines()
+    assert "curvature" in md[0]
+    # two seeds: mean ± sample std; one seed: the value alone (no spread to show)
+    col = [c.strip() for c in md[0].split("|")].index("top1_finetuned")
+    assert [l.split("|")[col].strip() for l in md[2:]] == ["91.0 ± 1.4", "80.0"]
     same = pd.DataFrame([row("gn", 0, 90.0), row("gn", 1, 92.0)])
     assert key_columns(same) == key_columns(same.drop(columns=["curvature"])) and len(summarize(same)) == 1
     for k, r in enumerate([row("gn", 0, 90.0, "batch"), row("gn", 0, 92.0)]):
