@@ -15,14 +15,26 @@ import torch
 from .errors import SospError, check_choice, describe
 
 
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a killed run never leaves half a file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a killed run never leaves half a file.
+
+    The file gets the permissions any new file gets (0o666 less the umask), as ``open`` would
+    give it: ``mkstemp`` makes its file private (0o600), which would hide a run's artefacts — and
+    a ``pretrain.cache_dir`` shared by a group — from everyone but their owner."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -22,11 +22,20 @@ RESULT_KEYS = {"dataset", "model", "method", "prune_ratio", "seed", "top1_before
 
 
 def test_smoke_run_writes_every_artefact_and_resumes(tmp_path):
+    """... and every artefact has the mode any new file gets (0o666 less the umask), as
+    ``metrics.jsonl`` (opened, not written atomically) has — not the private 0o600 of a temporary
+    file renamed into place."""
     cfg = compose_run(["experiment=smoke", "method=l1", "prune.ratio=0.4"], tmp_path)
     out = tmp_path / "run"
-    result = run(cfg, out)
+    old_mask = os.umask(0o027)
+    try:
+        result = run(cfg, out)
+    finally:
+        os.umask(old_mask)
     for name in ("pretrained.pt", "saliency.pt", "pruned.pt", "finetuned.pt", "metrics.jsonl", "result.json"):
         assert (out / name).exists(), name
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name
+    assert all(p.stat().st_mode & 0o777 == 0o640 for p in (tmp_path / "cache").glob("*.pt"))
     assert RESULT_KEYS <= set(result)
     assert result["params_after"] < result["params_before"]
     assert result["macs_after"] < result["macs_before"]
