@@ -13,6 +13,7 @@ and only rank 0 writes the metrics and the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import TrainConfig
 from .errors import SospError, check_choice
-from .utils import append_jsonl, save_torch
+from .utils import append_jsonl, atomic_write, save_torch
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
@@ -217,6 +218,30 @@ def bn_momentum(model: nn.Module, momentum: float | None):
             m.momentum = value
 
 
+def sync_stage_rows(path: Path, stage: str, history: list[dict]) -> None:
+    """Make ``stage``'s rows of the metrics file the epochs a (re)started training keeps — its
+    checkpoint's ``history``, none when it starts afresh — so that a run killed between an epoch's
+    checkpoint and its metrics row, or after a row of an epoch whose checkpoint it never wrote,
+    neither loses nor repeats a row on resume. Other stages' rows stay as they are, in order;
+    the file is rewritten (atomically) only when it differs."""
+    path = Path(path)
+    rows, torn = [], 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:   # a row cut short by a kill while it was written
+            torn += 1
+    if torn:
+        log.warning(f"{path}: dropped {torn} unreadable line(s), cut short when a run was stopped")
+    wanted = [r for r in rows if r.get("stage") != stage] + list(history)
+    if rows == wanted and not torn:
+        return
+    atomic_write(path, lambda tmp: Path(tmp).write_text(
+        "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in wanted)))
+
+
 def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, metrics_path, checkpoint_path,
            seed, amp, channels_last, bn_sparsity, across_ranks) -> list[dict]:
     model.to(device)
@@ -242,6 +267,8 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         history, start = state["history"], state["epoch"] + 1
+    if main and metrics_path is not None:
+        sync_stage_rows(metrics_path, stage, history)
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(seed * 100003 + epoch)
         if getattr(train_loader, "generator", None) is not None:
@@ -275,12 +302,13 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         history.append(record)
         if not main:
             continue
-        log.info(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "
-                 f"train {record['train_top1']:.1f}% val {val['top1']:.1f}%")
-        if metrics_path is not None:
-            append_jsonl(record, metrics_path)
+        # checkpoint first: an epoch that is printed and in metrics.jsonl is one a resume keeps
         if checkpoint_path is not None:
             save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                         "history": history, "epoch": epoch}, checkpoint_path)
+        if metrics_path is not None:
+            append_jsonl(record, metrics_path)
+        log.info(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "
+                 f"train {record['train_top1']:.1f}% val {val['top1']:.1f}%")
     return history

@@ -1,6 +1,7 @@
 """Training: resume after an interruption gives exactly the uninterrupted run."""
 
 import io
+import json
 import logging
 import re
 
@@ -29,12 +30,48 @@ def _fit(cfg, ckpt, seed=0, metrics=None):
 def test_resume_equals_uninterrupted(tmp_path):
     full, hist_full, _ = _fit(CFG, tmp_path / "full.pt")
     interrupted = _interrupt_after(CFG, tmp_path / "killed.pt", epochs_done=1)
+    kept = torch.load(interrupted, weights_only=False)["history"]
     resumed, hist_resumed, _ = _fit(CFG, interrupted, metrics=tmp_path / "m.jsonl")
-    assert (tmp_path / "m.jsonl").read_text().count("\n") == CFG.epochs - 1  # epoch 1 not redone
+    rows = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[0] == kept[0]   # epoch 1 not redone
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
     assert [h["train_loss"] for h in hist_full] == [h["train_loss"] for h in hist_resumed]
     assert len(hist_resumed) == CFG.epochs
+
+
+def test_metrics_rows_are_the_epochs_a_resume_keeps(tmp_path, monkeypatch, caplog):
+    """Killed after epoch 2's checkpoint but before its metrics row, with a row cut short at the
+    file's end: the resumed run's file holds the other stages' rows as they were, then every
+    epoch once, as the uninterrupted run's file does — no row lost, none repeated."""
+    import sosp_cli.train as tr
+
+    _fit(CFG, tmp_path / "full.pt", metrics=tmp_path / "full.jsonl")
+    metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "killed.pt"
+    metrics.write_text(json.dumps({"stage": "earlier", "epoch": 1}) + "\n")
+    original, calls = tr.append_jsonl, {"n": 0}
+
+    def killing_append(record, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        original(record, path)
+
+    monkeypatch.setattr(tr, "append_jsonl", killing_append)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(CFG, ckpt, metrics=metrics)
+    monkeypatch.setattr(tr, "append_jsonl", original)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1 and metrics.read_text().count("\n") == 2
+    with open(metrics, "a") as fh:
+        fh.write('{"stage": "t", "epo')
+    with caplog.at_level(logging.WARNING, logger="sosp_cli"):
+        _fit(CFG, ckpt, metrics=metrics)
+    assert "dropped 1 unreadable line" in caplog.text
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+    full = [json.loads(l) for l in (tmp_path / "full.jsonl").read_text().splitlines()]
+    assert rows[0] == {"stage": "earlier", "epoch": 1}
+    assert [r["epoch"] for r in rows[1:]] == [1, 2, 3]
+    assert [r["train_loss"] for r in rows[1:]] == [r["train_loss"] for r in full]
 
 
 def _interrupt_after(cfg, path, epochs_done):
