@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -209,6 +210,21 @@ def precheck(overrides: list[str]) -> None:
         raise SospError(one_line(exc)) from None
 
 
+# the shell's exit status of a process stopped by SIGINT (128 + 2): Ctrl-C stops a sweep too
+INTERRUPTED = 130
+
+
+def resume_hint(out: str | Path) -> str:
+    """What an interrupted job keeps and the one command that resumes it: the same command in
+    the same folder — which the default folder name, stamped with the time, would not give."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        folder = f"hydra.sweep.dir={Path(to_absolute_path(str(HydraConfig.get().sweep.dir)))}"
+    else:
+        folder = f"hydra.run.dir={out}"
+    return ("what finished is kept (stages, and training up to its last finished epoch); to "
+            f"resume, run the same command with {shlex.quote(folder)}")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> dict | None:
     from .report import FAILED_FILE
@@ -222,6 +238,10 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         if run_cfg.note and distributed.is_main():
             log.info(f"[{run_cfg.experiment_name}] {run_cfg.note}")
         result = task_module(run_cfg.task).run(run_cfg, out)
+    except KeyboardInterrupt:   # Ctrl-C: one line, not a traceback from wherever it landed
+        if distributed.is_main():
+            print(f"\nsosp-run: interrupted; {resume_hint(out)}", file=sys.stderr)
+        sys.exit(INTERRUPTED)
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:   # the other sweep points still run
@@ -246,7 +266,14 @@ def main() -> None:
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    hydra_main()
+    except KeyboardInterrupt:
+        print("\nsosp-run: interrupted before the run started", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+    try:
+        hydra_main()
+    except KeyboardInterrupt:   # outside a job (Hydra's set-up, the sweep's report): nothing to resume
+        print("\nsosp-run: interrupted", file=sys.stderr)
+        sys.exit(INTERRUPTED)
     distributed.finish()   # after a multirun's last point in this process (a no-op if left already)
 
 

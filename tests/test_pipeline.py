@@ -2,7 +2,9 @@
 import dataclasses
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -371,6 +373,41 @@ def test_bad_input_exits_the_process_with_one_line(case, tmp_path):
     assert proc.returncode == 2
     _one_error_line(proc.stderr, needle)
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def _until_interrupted(args, cwd, after_epochs):
+    """Run ``sosp-run ARGS``, send SIGINT once ``after_epochs`` pretraining epochs have printed;
+    return (exit status, every pretraining epoch it finished, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sosp_cli.cli"] + args, cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    epochs = []
+    for line in proc.stdout:
+        if line.startswith("[pretrain] epoch "):
+            epochs.append(int(line.split()[2].split("/")[0]))
+            if len(epochs) == after_epochs:
+                proc.send_signal(signal.SIGINT)
+                break
+    rest, err = proc.communicate(timeout=120)
+    epochs += [int(l.split()[2].split("/")[0]) for l in rest.splitlines() if l.startswith("[pretrain] epoch ")]
+    return proc.returncode, epochs, err
+
+
+@pytest.mark.parametrize("mode", ["run", "multirun"])
+def test_ctrl_c_is_one_line_whose_override_resumes_the_run(tmp_path, mode):
+    """Ctrl-C mid-training: exit status 130 and one line, no traceback, naming the override that
+    resumes — the default folder is stamped with the time, so "the same command" alone would
+    start afresh. With it, training goes on after the last finished epoch."""
+    args = (["-m"] if mode == "multirun" else []) + [
+        "experiment=smoke", "schedule.pretrain.epochs=400", f"pretrain.cache_dir={tmp_path / 'cache'}"]
+    status, epochs, err = _until_interrupted(args, tmp_path, 2)
+    assert status == 130 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sosp-run: interrupted; what finished is kept"), last
+    override = shlex.split(last.split(" with ")[-1])
+    key = "hydra.sweep.dir" if mode == "multirun" else "hydra.run.dir"
+    assert len(override) == 1 and override[0].startswith(f"{key}={tmp_path / 'outputs'}/")
+    status, resumed, err = _until_interrupted(args + override, tmp_path, 1)
+    assert status == 130 and resumed[0] == epochs[-1] + 1, (epochs, resumed)
 
 
 def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path):
