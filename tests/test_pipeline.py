@@ -378,8 +378,11 @@ def test_bad_input_exits_the_process_with_one_line(case, tmp_path):
 def _until_interrupted(args, cwd, after_epochs):
     """Run ``sosp-run ARGS``, send SIGINT once ``after_epochs`` pretraining epochs have printed;
     return (exit status, every pretraining epoch it finished, stderr)."""
+    # SIGINT's default disposition in the child, where Python turns it into KeyboardInterrupt: a
+    # shell without job control starts background commands (a CI script's) with SIGINT ignored
     proc = subprocess.Popen([sys.executable, "-m", "sosp_cli.cli"] + args, cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     epochs = []
     for line in proc.stdout:
         if line.startswith("[pretrain] epoch "):
