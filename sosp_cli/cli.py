@@ -214,15 +214,14 @@ def precheck(overrides: list[str]) -> None:
 INTERRUPTED = 130
 
 
-def resume_hint(out: str | Path) -> str:
-    """What an interrupted job keeps and the one command that resumes it: the same command in
-    the same folder — which the default folder name, stamped with the time, would not give."""
+def resume_override(out: str | Path) -> str:
+    """The override that makes the same command resume this job (shell-quoted): its folder —
+    which the default folder name, stamped with the time, would not give — or its sweep's."""
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         folder = f"hydra.sweep.dir={Path(to_absolute_path(str(HydraConfig.get().sweep.dir)))}"
     else:
         folder = f"hydra.run.dir={out}"
-    return ("what finished is kept (stages, and training up to its last finished epoch); to "
-            f"resume, run the same command with {shlex.quote(folder)}")
+    return shlex.quote(folder)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -235,12 +234,18 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     try:
         distributed.init_from_env(resolve_device(run_cfg.device))
         out = distributed.broadcast_object(out)   # the ranks' clocks may name different directories
+        if distributed.is_main():   # first: a job killed outright (SIGKILL, a lost node) names it too
+            what = "the sweep" if HydraConfig.get().mode == RunMode.MULTIRUN else "it"
+            log.info(f"[run] folder {out} (if stopped, the same command with {resume_override(out)} "
+                     f"resumes {what})")
         if run_cfg.note and distributed.is_main():
             log.info(f"[{run_cfg.experiment_name}] {run_cfg.note}")
         result = task_module(run_cfg.task).run(run_cfg, out)
     except KeyboardInterrupt:   # Ctrl-C: one line, not a traceback from wherever it landed
         if distributed.is_main():
-            print(f"\nsosp-run: interrupted; {resume_hint(out)}", file=sys.stderr)
+            print("\nsosp-run: interrupted; what finished is kept (stages, and training up to its last "
+                  f"finished epoch); to resume, run the same command with {resume_override(out)}",
+                  file=sys.stderr)
         sys.exit(INTERRUPTED)
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)

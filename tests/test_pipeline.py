@@ -377,14 +377,16 @@ def test_bad_input_exits_the_process_with_one_line(case, tmp_path):
 
 def _until_interrupted(args, cwd, after_epochs):
     """Run ``sosp-run ARGS``, send SIGINT once ``after_epochs`` pretraining epochs have printed;
-    return (exit status, every pretraining epoch it finished, stderr)."""
+    return (exit status, every pretraining epoch it finished, stderr, its "[run]" line)."""
     # SIGINT's default disposition in the child, where Python turns it into KeyboardInterrupt: a
     # shell without job control starts background commands (a CI script's) with SIGINT ignored
     proc = subprocess.Popen([sys.executable, "-m", "sosp_cli.cli"] + args, cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    epochs = []
+    epochs, first = [], None
     for line in proc.stdout:
+        if first is None and line.startswith("[run] "):
+            first = line.strip()
         if line.startswith("[pretrain] epoch "):
             epochs.append(int(line.split()[2].split("/")[0]))
             if len(epochs) == after_epochs:
@@ -392,7 +394,7 @@ def _until_interrupted(args, cwd, after_epochs):
                 break
     rest, err = proc.communicate(timeout=120)
     epochs += [int(l.split()[2].split("/")[0]) for l in rest.splitlines() if l.startswith("[pretrain] epoch ")]
-    return proc.returncode, epochs, err
+    return proc.returncode, epochs, err, first
 
 
 @pytest.mark.parametrize("mode", ["run", "multirun"])
@@ -402,14 +404,19 @@ def test_ctrl_c_is_one_line_whose_override_resumes_the_run(tmp_path, mode):
     start afresh. With it, training goes on after the last finished epoch."""
     args = (["-m"] if mode == "multirun" else []) + [
         "experiment=smoke", "schedule.pretrain.epochs=400", f"pretrain.cache_dir={tmp_path / 'cache'}"]
-    status, epochs, err = _until_interrupted(args, tmp_path, 2)
+    status, epochs, err, first = _until_interrupted(args, tmp_path, 2)
     assert status == 130 and "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("sosp-run: interrupted; what finished is kept"), last
     override = shlex.split(last.split(" with ")[-1])
     key = "hydra.sweep.dir" if mode == "multirun" else "hydra.run.dir"
     assert len(override) == 1 and override[0].startswith(f"{key}={tmp_path / 'outputs'}/")
-    status, resumed, err = _until_interrupted(args + override, tmp_path, 1)
+    # the job's first line (after Hydra's in a sweep) names its folder and the same override,
+    # for a job killed outright
+    folder = first.split()[2]
+    assert first.startswith("[run] folder ") and f"with {override[0]} resumes" in first
+    assert (Path(folder) / "run.log").exists() and (override[0].endswith(folder) or mode == "multirun")
+    status, resumed, err, _ = _until_interrupted(args + override, tmp_path, 1)
     assert status == 130 and resumed[0] == epochs[-1] + 1, (epochs, resumed)
 
 
