@@ -39,8 +39,8 @@ from .selection import Originals, originals_of, removal_caps, select, validate a
 from .structures import StructureSet
 from .surgery import remove_structures
 from .train import check_train_config, evaluate, train
-from .utils import (DEVICES, float32_products, fingerprint, make_folder, resolve_device, save_json,
-                    save_torch, seed_everything)
+from .utils import (DEVICES, atomic_write, float32_products, fingerprint, make_folder, resolve_device,
+                    save_json, save_torch, seed_everything)
 
 
 log = logging.getLogger(__name__)
@@ -232,8 +232,7 @@ def stage_pretrain(run: Run) -> torch.nn.Module:
                 if not distributed.broadcast_object(cache.exists()):
                     _train_fresh(run, key, cache, cache.with_suffix(".partial.pt"))
             if main:
-                shutil.copyfile(cache, path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)
+                atomic_write(path, lambda tmp: shutil.copyfile(cache, tmp))
             distributed.barrier()
             record = torch.load(path, map_location="cpu", weights_only=False)
         else:

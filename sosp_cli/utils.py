@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,16 +30,44 @@ def atomic_write(path: Path, write) -> None:
     give it: ``mkstemp`` makes its file private (0o600), which would hide a run's artefacts — and
     a ``pretrain.cache_dir`` shared by a group — from everyone but their owner."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a failed write as a RuntimeError of its zip writer ("[enforce fail at
+        # inline_container.cc] ... unexpected pos ...", "PytorchStreamWriter failed writing ...",
+        # "basic_ios::clear: iostream error"): a full disk in other words
+        if isinstance(exc, RuntimeError) and not any(
+                m in str(exc) for m in ("inline_container", "PytorchStreamWriter", "iostream error")):
+            raise
+        raise unwritten(path, exc) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def unwritten(path: Path, exc: BaseException) -> SospError:
+    """The one-line error for a file that could not be written (a full disk, a file-size limit,
+    a read-only folder)."""
+    path = Path(path)
+    return SospError(f"cannot write {path} ({describe(exc)}; {_room(path.parent)}); "
+                     "the files written before it are kept: make room and resume")
+
+
+def _room(folder: Path) -> str:
+    """Free space on ``folder``'s disk, and the process's file-size limit when it has one."""
+    import resource
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return free if limit == resource.RLIM_INFINITY else f"{free}, file size limit {limit:,} bytes (ulimit -f)"
 
 
 def make_folder(path: str | Path, name: str) -> None:
@@ -73,9 +102,12 @@ def save_json(obj, path: Path) -> None:
 
 def append_jsonl(record: dict, path: Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+    except OSError as exc:
+        raise unwritten(path, exc) from None
 
 
 def fingerprint(*parts) -> str:

@@ -125,6 +125,32 @@ def test_a_cache_dir_that_cannot_be_created_is_one_clear_error(tmp_path):
     assert not list((tmp_path / "run").glob("*.pt"))
 
 
+def test_a_file_that_cannot_be_written_is_one_line_and_the_earlier_one_is_kept(tmp_path):
+    """A full disk, here a file-size limit (Python ignores SIGXFSZ: the write fails with EFBIG):
+    torch.save's zip writer fails with "unexpected pos", which becomes one line naming the file,
+    the free space and the limit; the file written before is intact, no temporary file is left.
+    A metrics row that cannot be appended is one line too."""
+    import resource
+    from sosp_cli.utils import append_jsonl, save_torch
+
+    path = tmp_path / "pruned.pt"
+    save_torch({"w": torch.zeros(4)}, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(SospError) as err:
+            save_torch({"w": torch.zeros(1 << 16)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(err.value)
+    assert message.startswith(f"cannot write {path} (") and "\n" not in message
+    assert "MiB free there, file size limit 65,536 bytes (ulimit -f)" in message
+    assert torch.equal(torch.load(path)["w"], torch.zeros(4)) and sorted(tmp_path.iterdir()) == [path]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SospError, match=r"^cannot write .*file/metrics.jsonl \((FileExistsError|NotADirectoryError)"):
+        append_jsonl({"epoch": 1}, tmp_path / "file" / "metrics.jsonl")
+
+
 def test_a_run_folder_that_cannot_be_created_is_one_clear_error(tmp_path):
     with pytest.raises(SospError, match=r"^the run folder /dev/null/run cannot be created \(NotADirectoryError"):
         run(compose_run(["experiment=smoke"], tmp_path), "/dev/null/run")
