@@ -31,7 +31,7 @@ from .config import RunConfig
 from .errors import SospError
 from .models import create_model, num_stages, stage_of, stage_widths
 from .structures import StructureSet
-from .utils import save_json
+from .utils import atomic_write, save_json
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,9 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
         params_after=("params_after", "mean"), top1_mean=("top1_finetuned", "mean"),
         top1_std=("top1_finetuned", "std"), n=("seed", "nunique")).reset_index().fillna(0.0)
     if main:
-        table.to_csv(out / "bottleneck.csv", index=False)
+        atomic_write(out / "bottleneck.csv", lambda tmp: table.to_csv(tmp, index=False))
         md = table.to_markdown(index=False)
-        (out / "bottleneck.md").write_text(md + "\n")
+        atomic_write(out / "bottleneck.md", lambda tmp: Path(tmp).write_text(md + "\n"))
         bottleneck_figures(df, per_variant_ratios, out)
         save_json({**info, "variant_stage_ratios": per_variant_ratios}, out / "bottlenecks.json")
         log.info(md)

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .report import key_columns  # noqa: E402
+from .utils import atomic_write  # noqa: E402
 
 # what a saliency's time and memory do not depend on (the scaling figure averages over them)
 NOT_SALIENCY = {"prune_ratio", "target", "scope", "normalize", "steps", "round_to"}
@@ -54,8 +55,10 @@ def _lines(ax, df: pd.DataFrame, x: str, y: str, by: str, x_scale: float = 1.0,
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import SospError, describe
+from .utils import atomic_write
 
 KEYS = ["dataset", "model", "width", "method", "target", "scope", "prune_ratio"]
 # settings that become key columns when the collected runs differ in them (a sweep over
@@ -189,13 +190,13 @@ def write_report(root: Path, reference: Path | None = None) -> str:
     df = collect(root)
     table = summarize(df)
     cited = None if reference is None else reference_table(reference, df)   # refused before anything is written
-    table.to_csv(root / "report.csv", index=False)
+    atomic_write(root / "report.csv", lambda tmp: table.to_csv(tmp, index=False))
     md = to_markdown(table)
     if cited is not None:
-        cited.to_csv(root / "report_cited.csv", index=False)
+        atomic_write(root / "report_cited.csv", lambda tmp: cited.to_csv(tmp, index=False))
         md += "\n\nPublished results (cited, not measured here):\n\n" + (
             cited.to_markdown(index=False) if len(cited) else f"none in {reference} for these datasets and models")
-    (root / "report.md").write_text(md + "\n")
+    atomic_write(root / "report.md", lambda tmp: Path(tmp).write_text(md + "\n"))
     pruned = df[df["method"] != "none"]
     figures = accuracy_curves(df, root) + layer_ratio_bars(pruned, root) + saliency_time_vs_width(df, root)
     return md + "\n\nplots: " + ", ".join(p.name for p in figures)
