@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
 from .config import RunConfig
-from .errors import SospError, check_choice
+from .errors import SospError, check_choice, message
 from .utils import make_folder, retain_freed_memory
 
 # the run's messages (epoch lines, summary, ...) go through ``logging``: Hydra's job logging
@@ -248,10 +248,10 @@ def hydra_main(cfg: DictConfig) -> dict | None:
                   file=sys.stderr)
         sys.exit(INTERRUPTED)
     except SospError as exc:
-        print(f"sosp-run: error: {exc}", file=sys.stderr)
+        print(f"sosp-run: error: {message(exc)}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:   # the other sweep points still run
             if distributed.is_main():
-                Path(out, FAILED_FILE).write_text(f"{exc}\n")
+                Path(out, FAILED_FILE).write_text(f"{message(exc)}\n")
             return None
         sys.exit(2)
     if distributed.is_main():

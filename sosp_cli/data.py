@@ -143,6 +143,19 @@ def load_cifar(name: str, root: str, download: bool = False, val_size: int = 500
                   train_eval=TensorImages(x_train[train_idx], y_train[train_idx], size=image_size))
 
 
+def read_image(path: str):
+    """torchvision's ImageFolder loader (PIL, RGB), with an image it cannot decode — a truncated
+    download, a file that is not an image — named in one line instead of PIL's traceback from
+    a DataLoader worker, hours into an epoch."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise SospError(f"cannot read image {path} ({describe(exc)}); replace or remove it, "
+                        "then resume the run") from None
+
+
 def load_imagenet(root: str, image_size: int = 224, val_size: int = 10000,
                   split_seed: int = 0, augment: bool = True) -> Splits:
     """ImageNet-style ImageFolder tree: ``root/train`` (train + held-out val), ``root/val`` (test)."""
@@ -156,9 +169,9 @@ def load_imagenet(root: str, image_size: int = 224, val_size: int = 10000,
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
                           normalize]) if augment else eval_tf
     try:   # torchvision refuses a folder without class folders, or a class folder without images
-        train_full = datasets.ImageFolder(str(base / "train"), transform=train_tf)
-        train_eval = datasets.ImageFolder(str(base / "train"), transform=eval_tf)
-        test = datasets.ImageFolder(str(base / "val"), transform=eval_tf)
+        train_full = datasets.ImageFolder(str(base / "train"), transform=train_tf, loader=read_image)
+        train_eval = datasets.ImageFolder(str(base / "train"), transform=eval_tf, loader=read_image)
+        test = datasets.ImageFolder(str(base / "val"), transform=eval_tf, loader=read_image)
     except FileNotFoundError as exc:
         raise SospError(f"imagenet: {exc} (dataset.root={root} must hold train/<class>/<image> "
                         "and val/<class>/<image>)") from None

@@ -19,3 +19,12 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     """``Type: message`` of an exception from a library, on one line (whitespace collapsed, the
     message cut at ``limit`` characters), to quote inside a SospError."""
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+
+
+def message(exc: SospError) -> str:
+    """The error's one line — also for one raised in a DataLoader worker process, which PyTorch
+    re-raises in the main process with the worker's traceback in its message."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split("SospError: ", 1)[-1]
+    return text

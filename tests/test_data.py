@@ -98,3 +98,24 @@ def test_an_unreadable_cifar_batch_is_one_line_naming_the_file(tmp_path):
                                         "download it again") as err:
         load_dataset("cifar10", root=str(tmp_path))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"not an image", "truncated"])
+def test_an_image_that_cannot_be_read_is_one_line_naming_it_also_from_a_worker(tmp_path, content):
+    """A file that is not an image, or a PNG cut short (a broken download), read by the loader
+    in this process or in a DataLoader worker — which re-raises with the worker's traceback in
+    the message: ``errors.message`` gives the one line the CLI prints."""
+    from torch.utils.data import DataLoader
+    from sosp_cli.errors import message
+
+    write_imagefolder(tmp_path, ("n01", "n02"), n_train=3, n_val=1)
+    bad = tmp_path / "train" / "n01" / "0.png"
+    bad.write_bytes(content if isinstance(content, bytes) else bad.read_bytes()[:200])
+    splits = load_dataset("imagenet", root=str(tmp_path), image_size=16, val_size=0)
+    for workers in (0, 2):
+        with pytest.raises(SospError) as err:
+            list(DataLoader(splits.train, batch_size=6, num_workers=workers))
+        line = message(err.value)
+        assert line.startswith(f"cannot read image {bad} (") and line.endswith(
+            "; replace or remove it, then resume the run") and "\n" not in line, line
+        assert ("Original Traceback" in str(err.value)) == (workers > 0)

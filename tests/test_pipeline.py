@@ -76,6 +76,23 @@ def test_real_dataset_paths_run_end_to_end_on_local_fixtures(tmp_path, dataset):
     assert run(cfg, tmp_path / "run")["top1_finetuned"] == result["top1_finetuned"]
 
 
+def test_an_image_that_cannot_be_read_stops_the_run_with_one_line(tmp_path):
+    """A broken image of the test split, met while a DataLoader worker evaluates the dense model:
+    the shell sees one line naming it (not the worker's traceback), exit status 2, and the
+    pretrained model written before is kept for the resume."""
+    root = tmp_path / "data"
+    write_imagefolder(root, ["n00", "n01"], n_train=12, n_val=3)
+    bad = root / "val" / "n01" / "2.png"
+    bad.write_bytes(b"not an image")
+    proc = _cli(["experiment=smoke", "method=l1", "dataset=imagenet", f"dataset.root={root}",
+                 "dataset.image_size=24", "dataset.val_size=4", "dataset.num_workers=2",
+                 f"hydra.run.dir={tmp_path / 'run'}", f"pretrain.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]   # progress bars aside
+    assert len(errors) == 1 and errors[0].startswith(f"sosp-run: error: cannot read image {bad} (Unidentified")
+    assert (tmp_path / "run" / "pretrained.pt").exists()
+
+
 @pytest.mark.parametrize("name", ["squeezenet1_1", "regnet_x_400mf"])
 def test_a_torchvision_classifier_outside_the_registry_runs_end_to_end(tmp_path, name):
     """``model=torchvision model.name=torchvision.<name>``: torchvision's SqueezeNet, and RegNet-X
