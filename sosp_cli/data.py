@@ -125,7 +125,12 @@ def load_cifar(name: str, root: str, download: bool = False, val_size: int = 500
     if download and not path.exists():
         from torchvision import datasets
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        cls(root=str(Path(root).expanduser()), download=True)
+        try:
+            cls(root=str(Path(root).expanduser()), download=True)
+        except (OSError, RuntimeError) as exc:   # offline (URLError), a corrupt archive (RuntimeError)
+            raise SospError(f"dataset.download=true: {name} could not be downloaded into "
+                            f"{Path(root).expanduser()} ({describe(exc)}); without internet, put the "
+                            f"python batches ('{folder}') under dataset.root") from None
     check_dataset_present(name, root)
     x_train, y_train = _read_cifar_batches(path, train_files, key)
     x_test, y_test = _read_cifar_batches(path, test_files, key)

@@ -119,3 +119,21 @@ def test_an_image_that_cannot_be_read_is_one_line_naming_it_also_from_a_worker(t
         assert line.startswith(f"cannot read image {bad} (") and line.endswith(
             "; replace or remove it, then resume the run") and "\n" not in line, line
         assert ("Original Traceback" in str(err.value)) == (workers > 0)
+
+
+def test_a_download_that_fails_is_one_line(tmp_path, monkeypatch):
+    """``dataset.download=true`` where the internet cannot be reached (as here): torchvision's
+    URLError becomes one line saying what to do instead."""
+    import urllib.error
+    from torchvision import datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(datasets, "CIFAR10", offline)
+    with pytest.raises(SospError) as err:
+        load_dataset("cifar10", root=str(tmp_path), download=True)
+    assert str(err.value) == (
+        f"dataset.download=true: cifar10 could not be downloaded into {tmp_path} (URLError: <urlopen "
+        "error [Errno -2] Name or service not known>); without internet, put the python batches "
+        "('cifar-10-batches-py') under dataset.root")
