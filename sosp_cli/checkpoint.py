@@ -75,6 +75,9 @@ def _without_wrapper_prefixes(state: dict) -> dict:
 def check_checkpoint_path(path: str | Path) -> Path:
     """``pretrain.checkpoint`` as a Path, or a one-line error when no such file exists."""
     path = Path(path)
+    if path.is_dir():
+        raise SospError(f"pretrain.checkpoint={path} is a folder; pass the weights file in it "
+                        "(a run folder's pretrained.pt, or a state dict such as torchvision's)")
     if not path.is_file():
         raise SospError(f"pretrain.checkpoint={path} does not exist")
     return path

@@ -156,6 +156,8 @@ def to_markdown(table: pd.DataFrame) -> str:
 def reference_table(path: Path, measured: pd.DataFrame) -> pd.DataFrame:
     """Published rows for the datasets / models of the measured table ("resnet56 (option B)"
     matches ``resnet56``)."""
+    if Path(path).is_dir():
+        raise SospError(f"--reference {path} is a folder; pass a CSV file (docs/reference_results.csv)")
     if not Path(path).is_file():
         raise SospError(f"--reference {path} does not exist")
     try:

@@ -191,6 +191,10 @@ def test_pretrain_checkpoint_is_used_and_mismatch_is_one_clear_error(tmp_path):
     with pytest.raises(SospError, match="does not match the model"):
         run(compose_run(["experiment=smoke", "model=resnet32", f"pretrain.checkpoint={ckpt}"], tmp_path),
             tmp_path / "c")
+    folder = tmp_path / "a"   # the run folder instead of its file: said so, not "does not exist"
+    with pytest.raises(SospError, match=f"^pretrain.checkpoint={folder} is a folder; pass the weights file in it"):
+        run(compose_run(["experiment=smoke", "method=l1", f"pretrain.checkpoint={folder}"], tmp_path),
+            tmp_path / "d")
 
 
 def test_an_unreadable_torch_file_is_one_line_naming_it_and_is_kept(tmp_path):
@@ -758,6 +762,7 @@ def test_reference_rows_are_those_of_the_measured_datasets_and_models():
 
 @pytest.mark.parametrize("content, needle", [
     (None, "does not exist"),
+    ("folder", "is a folder; pass a CSV file"),
     ("method,dataset,model\nl1,cifar10,vgg16\n", "lacks column 'baseline_top1'; expected at least method, "
      "dataset, model, baseline_top1, pruned_top1, source"),
     ("", "is not a readable CSV (EmptyDataError"),
@@ -769,6 +774,8 @@ def test_a_reference_file_it_cannot_use_is_one_line(tmp_path, content, needle):
     path = tmp_path / "ref.csv"
     if isinstance(content, bytes):
         path.write_bytes(content)
+    elif content == "folder":
+        path.mkdir()
     elif content is not None:
         path.write_text(content)
     with pytest.raises(SospError, match=f"^--reference {path} ") as err:
