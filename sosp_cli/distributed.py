@@ -124,13 +124,14 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: str, poll_seconds: float = 60.0):
+def file_lock(path: str, poll_seconds: float = 60.0, busy: str | None = None):
     """``filelock.FileLock(path)`` held by rank 0 for every rank (alone: by this process).
 
     While another run holds the lock (a sweep's first job pretraining the model the others
     need, for hours), rank 0 retries every ``poll_seconds`` and tells the other ranks after each
     try: they wait in a short collective each time rather than in one that outlasts the process
-    group's timeout (torch's default: 10–30 minutes)."""
+    group's timeout (torch's default: 10–30 minutes). With ``busy``, a lock held elsewhere is
+    not waited for: every rank raises ``SospError(busy)``."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(path) if is_main() else None
@@ -138,12 +139,14 @@ def file_lock(path: str, poll_seconds: float = 60.0):
         held = False
         if lock is not None:
             try:
-                lock.acquire(timeout=poll_seconds)
+                lock.acquire(timeout=0 if busy is not None else poll_seconds)
                 held = True
             except Timeout:
                 pass
         if broadcast_object(held):
             break
+        if busy is not None:
+            raise SospError(busy)
     try:
         yield
     finally:

@@ -349,11 +349,25 @@ def cfg_steps(cfg: RunConfig) -> int:
     return cfg.prune.steps
 
 
+# held in a run folder while a process runs (or resumes) it: two processes never run one folder
+RUN_LOCK = ".sosp-run.lock"
+
+
 def run(cfg: RunConfig, out_dir: str | Path) -> dict:
-    """Run (or resume) one experiment; returns the result written to ``result.json``."""
+    """Run (or resume) one experiment; returns the result written to ``result.json``.
+
+    A folder that another process is running — the same command started twice, a job requeued
+    while its first attempt still runs — is refused in one line rather than run by both."""
     validate(cfg)
     out = Path(out_dir)
     make_folder(out, f"the run folder {out}")
+    with distributed.file_lock(str(out / RUN_LOCK), busy=(
+            f"the run folder {out} is in use by another sosp-run process (it holds {out / RUN_LOCK}); "
+            "wait for it to end, or give another hydra.run.dir")):
+        return _run(cfg, out)
+
+
+def _run(cfg: RunConfig, out: Path) -> dict:
     result_path = out / "result.json"
     r = Run(cfg, out)
     t_start = time.time()

@@ -168,6 +168,22 @@ def test_a_file_that_cannot_be_written_is_one_line_and_the_earlier_one_is_kept(t
         append_jsonl({"epoch": 1}, tmp_path / "file" / "metrics.jsonl")
 
 
+def test_a_run_folder_another_process_runs_is_refused_in_one_line(tmp_path):
+    """The same folder run twice at once (a command started twice, a requeued job): the second
+    stops at once, before any stage, naming the folder; once it is free the run goes on."""
+    from filelock import FileLock
+    from sosp_cli.pipeline import RUN_LOCK
+
+    cfg = compose_run(["experiment=smoke", "method=l1"], tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    with FileLock(str(out / RUN_LOCK)):   # held as another process would hold it
+        with pytest.raises(SospError, match=f"^the run folder {out} is in use by another sosp-run process"):
+            run(cfg, out)
+        assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK]
+    assert run(cfg, out)["method"] == "l1"
+
+
 def test_a_run_folder_that_cannot_be_created_is_one_clear_error(tmp_path):
     with pytest.raises(SospError, match=r"^the run folder /dev/null/run cannot be created \(NotADirectoryError"):
         run(compose_run(["experiment=smoke"], tmp_path), "/dev/null/run")
