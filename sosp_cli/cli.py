@@ -279,6 +279,10 @@ def main() -> None:
     except KeyboardInterrupt:   # outside a job (Hydra's set-up, the sweep's report): nothing to resume
         print("\nsosp-run: interrupted", file=sys.stderr)
         sys.exit(INTERRUPTED)
+    except ValueError as exc:   # Hydra's own flags misused (``-m --cfg hydra``): Hydra reports what
+        # fails inside a job itself, so only its command-line checks reach here
+        print(f"sosp-run: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     distributed.finish()   # after a multirun's last point in this process (a no-op if left already)
 
 

@@ -483,6 +483,14 @@ def test_ctrl_c_is_one_line_whose_override_resumes_the_run(tmp_path, mode):
     assert status == 130 and resumed[0] == epochs[-1] + 1, (epochs, resumed)
 
 
+def test_hydras_own_flags_misused_are_one_line(tmp_path):
+    proc = _cli(["-m", "--cfg", "hydra"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "sosp-run: error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be specified")
+    shown = _cli(["--cfg", "job", "-p", "method", "method=sosp_i"], tmp_path)   # the flags themselves work
+    assert shown.returncode == 0 and "name: sosp_i" in shown.stdout
+
+
 def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
