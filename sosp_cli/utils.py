@@ -61,11 +61,14 @@ def unwritten(path: Path, exc: BaseException) -> SospError:
 
 def _room(folder: Path) -> str:
     """Free space on ``folder``'s disk, and the process's file-size limit when it has one."""
-    import resource
     try:
         free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there"
     except OSError:
         free = "free space unknown"
+    try:
+        import resource   # POSIX only
+    except ImportError:
+        return free
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     return free if limit == resource.RLIM_INFINITY else f"{free}, file size limit {limit:,} bytes (ulimit -f)"
 
