@@ -55,6 +55,7 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     pass the same ones to :func:`select`.
     """
     batches = list(batches)
+    _check_batches(batches)
     if example_input is None:
         if not batches:
             raise SospError("saliency() got no batches and no example_input: pass either")
@@ -74,10 +75,39 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     criterion.check_batchnorm(batchnorm)
     work = copy.deepcopy(model).eval()
     ss = StructureSet(work.cpu(), example_input[:1].cpu())
+    _check_targets(batches, work)
     work = saliency_model(work, batchnorm, batches, inplace=True)   # ``work`` is a copy already
     removable = None if limits is None else removal_caps(ss, None, **limits)
     sal = criterion.run(SaliencyInput(work.to(device), ss, batches, device, seed, tf32, removable=removable))
     return dict(zip(ss.names(), sal.scores.tolist()))
+
+
+def _check_batches(batches: list) -> None:
+    """One line for a batch that is not ``(inputs, targets)``: two tensors, one integer class
+    index per input (rather than PyTorch's error from deep inside the loss)."""
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+                and all(isinstance(t, torch.Tensor) for t in batch)):
+            kind = f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            raise SospError(f"saliency() batches[{i}] is a {kind}; each batch must be (inputs, targets), "
+                            "two tensors")
+        x, y = batch
+        if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise SospError(f"saliency() batches[{i}] has targets of shape {tuple(y.shape)} and dtype "
+                            f"{y.dtype} for {len(x)} inputs; expected one integer class index per input")
+
+
+def _check_targets(batches: list, model: nn.Module) -> None:
+    """One line for a class index outside the model's outputs (one forward pass of one input)."""
+    if not batches:
+        return
+    with torch.no_grad():
+        classes = model(batches[0][0][:1].cpu()).shape[-1]
+    for i, (_, y) in enumerate(batches):
+        bad = y[(y < 0) | (y >= classes)]
+        if len(bad):
+            raise SospError(f"saliency() batches[{i}] has class index {int(bad[0])}; the model has "
+                            f"{classes} outputs (indices 0 to {classes - 1})")
 
 
 GUARDS = {"max_layer_ratio": 1.0, "min_channels": 1, "round_to": 1}   # select()'s defaults

@@ -338,6 +338,27 @@ def test_api_saliency_returns_one_score_per_structure():
         api.saliency(model, [(x, y)], "sosp_h", combin="abs_sum")
 
 
+@pytest.mark.parametrize("bad, needle", [
+    (lambda x, y: x, r"is a Tensor; each batch must be \(inputs, targets\), two tensors"),
+    (lambda x, y: (x, y, y), r"is a tuple of 3; each batch must be"),
+    (lambda x, y: (x, y[:4]), r"has targets of shape \(4,\) and dtype torch.int64 for 8 inputs; expected "
+                              r"one integer class index per input"),
+    (lambda x, y: (x, y.float()), r"has targets of shape \(8,\) and dtype torch.float32 for 8 inputs"),
+    (lambda x, y: (x, y + 10), r"has class index 1\d; the model has 10 outputs \(indices 0 to 9\)"),
+    (lambda x, y: (x, y - 20), r"has class index -\d+; the model has 10 outputs"),
+], ids=["tensor", "triple", "short-targets", "float-targets", "index-too-high", "index-negative"])
+def test_api_saliency_names_a_batch_it_cannot_use_in_one_line(bad, needle):
+    """Batches that are not (inputs, class indices) for this model: one line naming the batch,
+    before any pass (not PyTorch's error from inside the loss); (inputs, targets) as a list —
+    a DataLoader's default collation — is a batch."""
+    from sosp_cli.errors import SospError
+    model = api.create_model("resnet20", width=0.25)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    with pytest.raises(SospError, match=r"^saliency\(\) batches\[1\] " + needle):
+        api.saliency(model, [(x, y), bad(x, y)], "sosp_h")
+    assert list(api.saliency(model, [[x, y]], "sosp_h")) == api.structures(model, x[:1])
+
+
 @pytest.mark.parametrize("curvature", ["gn", "hessian"])
 def test_diagnostics_quadratic_prediction_matches_brute_force(curvature):
     from sosp_cli.diagnostics import loss_prediction
