@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .budget import CostModel
 from .config import MethodConfig
-from .errors import SospError
+from .errors import SospError, describe
 from .models import create_model as _create_model, list_models
 from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
 from .selection import Selection, removal_caps, select as _select, validate_guards
@@ -101,8 +101,13 @@ def _check_targets(batches: list, model: nn.Module) -> None:
     """One line for a class index outside the model's outputs (one forward pass of one input)."""
     if not batches:
         return
-    with torch.no_grad():
-        classes = model(batches[0][0][:1].cpu()).shape[-1]
+    x = batches[0][0][:1].cpu()
+    try:
+        with torch.no_grad():
+            classes = model(x).shape[-1]
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise SospError(f"saliency() batches[0]: the model does not run on inputs of shape "
+                        f"{tuple(batches[0][0].shape)} ({describe(exc)})") from None
     for i, (_, y) in enumerate(batches):
         bad = y[(y < 0) | (y >= classes)]
         if len(bad):

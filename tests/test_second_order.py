@@ -359,6 +359,15 @@ def test_api_saliency_names_a_batch_it_cannot_use_in_one_line(bad, needle):
     assert list(api.saliency(model, [[x, y]], "sosp_h")) == api.structures(model, x[:1])
 
 
+def test_api_saliency_names_inputs_the_model_cannot_run_in_one_line():
+    from sosp_cli.errors import SospError
+    model = api.create_model("resnet20", width=0.25)
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    with pytest.raises(SospError, match=r"^saliency\(\) batches\[0\]: the model does not run on inputs of "
+                                        r"shape \(8, 1, 16, 16\) \(RuntimeError: .*3 channels"):
+        api.saliency(model, [(x, y)], "sosp_h", example_input=torch.zeros(1, 3, 16, 16))
+
+
 @pytest.mark.parametrize("curvature", ["gn", "hessian"])
 def test_diagnostics_quadratic_prediction_matches_brute_force(curvature):
     from sosp_cli.diagnostics import loss_prediction
