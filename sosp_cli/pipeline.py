@@ -309,6 +309,13 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         if step == 1:
             first_saliency = stage_saliency(run, current, ss)
         if record is not None:
+            if cfg.prune.diagnostics and record.get("diagnostics") is None:
+                # asked for on a folder pruned without them: computed now, on the dense model and
+                # the first step's selection, which do not depend on them
+                if step == 1:
+                    diagnostics = _diagnostics(run, current, ss, record["selection"]["remove"])
+                record["diagnostics"] = diagnostics
+                run.save(record, path)
             current, history = build_from_record(record), record["history"]
             diagnostics = record.get("diagnostics")
             seconds = list(record.get("saliency_seconds_steps") or [])   # absent: made before it existed
@@ -327,7 +334,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
                      f"max_layer_ratio={p.max_layer_ratio}) kept {sel.guard_skipped} structures "
                      "that ranked for removal")
         if p.diagnostics and step == 1:
-            diagnostics = _diagnostics(run, current, ss, sel)
+            diagnostics = _diagnostics(run, current, ss, sel.remove)
         pruned, new = remove_structures(current.cpu(), ss, sel.remove, run.example)
         history = history + new
         if step < k and p.step_epochs > 0:
@@ -405,13 +412,13 @@ def _run(cfg: RunConfig, out: Path) -> dict:
     return distributed.broadcast_object(result)
 
 
-def _diagnostics(r: Run, model, ss: StructureSet, sel) -> dict:
+def _diagnostics(r: Run, model, ss: StructureSet, remove: list[str]) -> dict:
     cfg = r.cfg
     batches = take_batches(r.splits.train_eval, cfg.saliency.num_samples, cfg.saliency.batch_size,
                            seed=cfg.seed)
     model = saliency_model(model.to(r.device), cfg.saliency.batchnorm, batches)
     with float32_products(cfg.saliency.tf32):   # the saliency's precision (Criterion.run)
-        d = loss_prediction(model, ss, batches, ss.indices_of(sel.remove), r.device,
+        d = loss_prediction(model, ss, batches, ss.indices_of(remove), r.device,
                             cfg.method.curvature, cfg.prune.diagnostics_samples, cfg.seed)
     if distributed.is_main():
         log.info(f"[diagnostics] loss change of the removed set: predicted {d['predicted_second_order']:.4f} "

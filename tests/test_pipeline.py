@@ -168,6 +168,25 @@ def test_a_file_that_cannot_be_written_is_one_line_and_the_earlier_one_is_kept(t
         append_jsonl({"epoch": 1}, tmp_path / "file" / "metrics.jsonl")
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_diagnostics_asked_for_on_a_finished_run_are_computed_as_a_fresh_run_computes_them(tmp_path, steps):
+    """``prune.diagnostics=true`` rerun in a folder pruned without it: the diagnostics appear in
+    result.json (and every step's record), equal to those of a run that asked from the start,
+    and nothing else is recomputed — they do not change what is pruned."""
+    base = ["experiment=smoke", "method=sosp_h", f"prune.steps={steps}", "prune.step_epochs=0"]
+    run(compose_run(base, tmp_path), tmp_path / "later")
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "later").glob("*.pt") if p.name != "pruned.pt"
+              and not p.name.startswith("pruned_step")}
+    later = run(compose_run(base + ["prune.diagnostics=true"], tmp_path), tmp_path / "later")
+    fresh = run(compose_run(base + ["prune.diagnostics=true"], tmp_path), tmp_path / "fresh")
+    assert later["diagnostics"] == fresh["diagnostics"] and later["diagnostics"]["removed"] > 0
+    assert {p: (tmp_path / "later" / p).stat().st_mtime_ns for p in stamps} == stamps
+    for name in ["pruned.pt"] + [f"pruned_step{k}.pt" for k in range(1, steps)]:
+        record = torch.load(tmp_path / "later" / name, weights_only=False)
+        assert record["diagnostics"] == fresh["diagnostics"], name
+    assert later["top1_finetuned"] == fresh["top1_finetuned"]
+
+
 def test_a_run_folder_another_process_runs_is_refused_in_one_line(tmp_path):
     """The same folder run twice at once (a command started twice, a requeued job): the second
     stops at once, before any stage, naming the folder; once it is free the run goes on."""
