@@ -309,9 +309,10 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         if step == 1:
             first_saliency = stage_saliency(run, current, ss)
         if record is not None:
-            if cfg.prune.diagnostics and record.get("diagnostics") is None:
-                # asked for on a folder pruned without them: computed now, on the dense model and
-                # the first step's selection, which do not depend on them
+            if cfg.prune.diagnostics and _other_diagnostics(record.get("diagnostics"), cfg, originals):
+                # asked for on a folder pruned without them (or with another number of single
+                # structures): computed now, on the dense model and the first step's selection,
+                # which do not depend on them
                 if step == 1:
                     diagnostics = _diagnostics(run, current, ss, record["selection"]["remove"])
                 record["diagnostics"] = diagnostics
@@ -410,6 +411,15 @@ def _run(cfg: RunConfig, out: Path) -> dict:
         result["processes"] = distributed.world_size()
         save_json(result, result_path)
     return distributed.broadcast_object(result)
+
+
+def _other_diagnostics(d: dict | None, cfg: RunConfig, originals: Originals) -> bool:
+    """Whether a record's diagnostics are not those ``cfg`` asks for: none, or another number of
+    single structures (``prune.diagnostics_samples`` is not part of the artefacts' keys)."""
+    if d is None:
+        return True
+    k = min(cfg.prune.diagnostics_samples, originals.structures)
+    return d.get("single_structures") != (k if k >= 3 else None)
 
 
 def _diagnostics(r: Run, model, ss: StructureSet, remove: list[str]) -> dict:

@@ -185,6 +185,9 @@ def test_diagnostics_asked_for_on_a_finished_run_are_computed_as_a_fresh_run_com
         record = torch.load(tmp_path / "later" / name, weights_only=False)
         assert record["diagnostics"] == fresh["diagnostics"], name
     assert later["top1_finetuned"] == fresh["top1_finetuned"]
+    more = run(compose_run(base + ["prune.diagnostics=true", "prune.diagnostics_samples=5"], tmp_path),
+               tmp_path / "later")   # another number of single structures: computed again
+    assert more["diagnostics"]["single_structures"] == 5 and len(more["diagnostics"]["single_real"]) == 5
 
 
 def test_a_run_folder_another_process_runs_is_refused_in_one_line(tmp_path):
