@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
 from .config import RunConfig
-from .errors import SospError, check_choice, message
+from .errors import SospError, check_choice, describe, message
 from .utils import make_folder, retain_freed_memory
 
 # the run's messages (epoch lines, summary, ...) go through ``logging``: Hydra's job logging
@@ -254,6 +254,12 @@ def hydra_main(cfg: DictConfig) -> dict | None:
                 Path(out, FAILED_FILE).write_text(f"{message(exc)}\n")
             return None
         sys.exit(2)
+    except Exception as exc:   # noqa: BLE001 - a fault (a bug, memory): its traceback, then the next point
+        if HydraConfig.get().mode != RunMode.MULTIRUN or distributed.world_size() > 1:
+            raise   # a single run shows it as Hydra does; under torchrun the other ranks must stop too
+        log.exception(f"[run] this sweep point failed ({describe(exc)}); the sweep goes on")
+        Path(out, FAILED_FILE).write_text(f"{describe(exc)} (its traceback: run.log)\n")
+        return None
     if distributed.is_main():
         Path(out, FAILED_FILE).unlink(missing_ok=True)   # an earlier failure of this point, rerun
         if run_cfg.task == "prune":

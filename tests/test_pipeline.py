@@ -570,6 +570,42 @@ def test_a_failed_sweep_point_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert not list(sweep.rglob("error.txt")) and len(list(sweep.rglob("result.json"))) == 4
 
 
+def test_a_sweep_point_that_faults_is_recorded_with_its_traceback_and_the_sweep_goes_on(
+        tmp_path, monkeypatch, capsys):
+    """Not a one-line error but a fault (a bug, a RuntimeError from deep inside PyTorch) in one
+    point of a sweep: its traceback goes to the console and the point's run.log, error.txt names
+    it, the other points run and are reported, and the sweep ends listing it with exit status 2
+    — an overnight sweep is not lost to one point. (A single run shows the traceback as before.)"""
+    from sosp_cli import cli, pipeline
+    real = pipeline.stage_saliency
+
+    def faulty(run, *args, **kwargs):
+        if run.cfg.method.name == "random":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(run, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "stage_saliency", faulty)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)
+    sweep = tmp_path / "sweep"
+    monkeypatch.setattr(sys, "argv", ["sosp-run", "-m", "experiment=smoke", "method=random,l1",
+                                      f"hydra.sweep.dir={sweep}", f"pretrain.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "sosp-run: error: 1 of 2 sweep points failed (the others are in the report):\n  0_random_r0.5_s0: " \
+        "RuntimeError: DefaultCPUAllocator: can't allocate memory (its traceback: run.log)" in err
+    assert (sweep / "1_l1_r0.5_s0" / "result.json").exists()
+    log = (sweep / "0_random_r0.5_s0" / "run.log").read_text()
+    assert "this sweep point failed" in log and "Traceback (most recent call last)" in log and "in faulty" in log
+    monkeypatch.setattr(sys, "argv", ["sosp-run", "experiment=smoke", "method=random",
+                                      f"hydra.run.dir={tmp_path / 'single'}", f"pretrain.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(SystemExit) as single:   # one run: Hydra's own report of the fault
+        cli.main()
+    assert single.value.code == 1 and "can't allocate memory" in capsys.readouterr().err
+
+
 def test_report_on_empty_dir_is_an_error(tmp_path):
     proc = subprocess.run(["sosp-report", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no result.json" in proc.stderr
