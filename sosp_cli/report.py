@@ -1,7 +1,8 @@
 """``sosp-report DIR``: every ``result.json`` under DIR → one table (mean ± std over seeds) + plots.
 
 Writes into DIR: ``report.csv`` (one row per configuration: numeric mean / std columns and the
-number of seeds ``n``), ``report.md`` (the same as ``mean ± std``; with ``--reference FILE.csv``
+number of seeds ``n``), ``report.md`` (the same as ``mean ± std``, a single seed's value alone;
+with ``--reference FILE.csv``
 also the published numbers for the same datasets and models, marked as cited), and PNG plots:
 accuracy vs MAC reduction and vs parameters per (dataset, model), layer-wise pruning ratios,
 and saliency time / memory vs width when the sweep varies the width.
