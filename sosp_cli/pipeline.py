@@ -82,6 +82,21 @@ def prune_key(cfg: RunConfig) -> str:
     return fingerprint(saliency_key(cfg), prune)
 
 
+def _between_steps(cfg: RunConfig) -> list[dict]:
+    """With fine-tuning between ``prune.steps``' rounds (``prune.step_epochs`` > 0), every round
+    after the first scores and prunes a model that ``schedule.finetune`` trained: its settings
+    (all but ``epochs``) are part of those rounds' keys. Without it, nothing (the keys of runs
+    made before stay as they were)."""
+    if cfg.prune.steps > 1 and cfg.prune.step_epochs > 0:
+        return [{k: v for k, v in _asdict(cfg.schedule.finetune).items() if k != "epochs"}]
+    return []
+
+
+def step_key(cfg: RunConfig, step: int) -> str:
+    """Key of round ``step``'s pruned model (``pruned_step<step>.pt``, the last: ``pruned.pt``)."""
+    return fingerprint(prune_key(cfg), step, *_between_steps(cfg))
+
+
 def finetune_key(cfg: RunConfig) -> str:
     return fingerprint(prune_key(cfg), _asdict(cfg.schedule.finetune))
 
@@ -190,10 +205,11 @@ class Run:
         return evaluate(model.to(self.device), self.test_loader, self.device, self.cfg.channels_last,
                         across_ranks=self.ranks)
 
-    def fit(self, model, tcfg, stage: str, checkpoint: Path, bn_sparsity: float = 0.0):
+    def fit(self, model, tcfg, stage: str, checkpoint: Path, key: str, bn_sparsity: float = 0.0):
+        """Train ``model`` for the stage whose artefact has ``key`` (its checkpoint carries it)."""
         return train(model, self.train_loader(tcfg.batch_size), self.val_loader, tcfg, self.device,
                      stage, self.metrics, checkpoint, self.cfg.seed, self.cfg.amp,
-                     self.cfg.channels_last, bn_sparsity, across_ranks=self.ranks)
+                     self.cfg.channels_last, bn_sparsity, across_ranks=self.ranks, key=key)
 
     def save(self, record, path: Path) -> None:
         """Write an artefact (rank 0 only; every rank goes on with ``record`` in memory)."""
@@ -246,7 +262,7 @@ def _train_fresh(run: Run, key: str, path: Path, partial: Path) -> None:
     cfg = run.cfg
     seed_everything(cfg.seed)
     model = create_model(cfg.model.name, run.spec["num_classes"], run.spec["in_channels"], cfg.model.width)
-    history = run.fit(model, cfg.schedule.pretrain, "pretrain", partial, cfg.method.sparsity)
+    history = run.fit(model, cfg.schedule.pretrain, "pretrain", partial, key, cfg.method.sparsity)
     if distributed.is_main():
         save_model(path, model.cpu(), run.spec, key=key, history_metrics=history)
     run.remove(partial)
@@ -257,7 +273,7 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1,
     """Scores of the current model (step 1: the dense model; step k: after k−1 prune steps,
     ``originals`` the dense model's totals, for the guards that sosp_i's greedy growth obeys)."""
     cfg = run.cfg
-    key = saliency_key(cfg) if step == 1 else fingerprint(prune_key(cfg), "saliency", step)
+    key = saliency_key(cfg) if step == 1 else fingerprint(prune_key(cfg), "saliency", step, *_between_steps(cfg))
     path = run.out / ("saliency.pt" if step == 1 else f"saliency_step{step}.pt")
     record = _load_stage(path, key)
     if record is not None:
@@ -303,7 +319,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
     diagnostics = None   # of the first step's selection, carried into every later step's record
     seconds = []         # each round's saliency time; a step's record holds those up to it
     for step in range(1, k + 1):
-        key = fingerprint(prune_key(cfg), step)
+        key = step_key(cfg, step)
         path = run.out / ("pruned.pt" if step == k else f"pruned_step{step}.pt")
         record = _load_stage(path, key)
         if step == 1:
@@ -340,7 +356,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         history = history + new
         if step < k and p.step_epochs > 0:
             tcfg = dataclasses.replace(cfg.schedule.finetune, epochs=p.step_epochs)
-            run.fit(pruned, tcfg, f"step{step}-finetune", run.out / f"step{step}_last.pt")
+            run.fit(pruned, tcfg, f"step{step}-finetune", run.out / f"step{step}_last.pt", key)
             run.remove(run.out / f"step{step}_last.pt")
         record = model_record(pruned.cpu(), run.spec, history, key=key, step=step,
                               selection=dataclasses.asdict(sel), diagnostics=diagnostics,
@@ -395,7 +411,7 @@ def _run(cfg: RunConfig, out: Path) -> dict:
     fine_rec = _load_stage(fpath, fkey)
     if fine_rec is None:
         seed_everything(cfg.seed + 1)
-        r.fit(pruned, cfg.schedule.finetune, "finetune", out / "finetune_last.pt")
+        r.fit(pruned, cfg.schedule.finetune, "finetune", out / "finetune_last.pt", fkey)
         fine_rec = model_record(pruned.cpu(), r.spec, pruned_rec["history"], key=fkey)
         r.save(fine_rec, fpath)
         r.remove(out / "finetune_last.pt")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
+from .checkpoint import read_torch
 from .config import TrainConfig
 from .errors import SospError, check_choice
 from .utils import append_jsonl, atomic_write, save_torch
@@ -154,13 +155,15 @@ def _train_step(net, model, x, y, optimizer, scaler, use_amp: bool, label_smooth
 def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device,
           stage: str, metrics_path: Path | None = None, checkpoint_path: Path | None = None,
           seed: int = 0, amp: bool = False, channels_last: bool = False,
-          bn_sparsity: float = 0.0, across_ranks: bool = False) -> list[dict]:
+          bn_sparsity: float = 0.0, across_ranks: bool = False, key: str | None = None) -> list[dict]:
     """Train ``model`` in place; returns the per-epoch history (also appended to metrics.jsonl).
-    ``across_ranks``: data-parallel over the process group (module docstring)."""
+    ``across_ranks``: data-parallel over the process group (module docstring). ``key``: the
+    config this training belongs to, written into its checkpoint; a checkpoint of another key is
+    not resumed (a one-line error, the file kept)."""
     check_train_config(cfg)
     with bn_momentum(model, cfg.bn_momentum):
         return _train(model, train_loader, val_loader, cfg, device, stage, metrics_path, checkpoint_path,
-                      seed, amp, channels_last, bn_sparsity, across_ranks)
+                      seed, amp, channels_last, bn_sparsity, across_ranks, key)
 
 
 def check_train_config(cfg: TrainConfig, key: str = "") -> None:
@@ -243,7 +246,7 @@ def sync_stage_rows(path: Path, stage: str, history: list[dict]) -> None:
 
 
 def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, metrics_path, checkpoint_path,
-           seed, amp, channels_last, bn_sparsity, across_ranks) -> list[dict]:
+           seed, amp, channels_last, bn_sparsity, across_ranks, key) -> list[dict]:
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -261,7 +264,11 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
     if across_ranks:   # rank 0 writes the checkpoint: its answer holds for every rank
         resume = distributed.broadcast_object(resume)
     if resume:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = read_torch(checkpoint_path, hint="; it is kept — delete it, or run in a new output directory")
+        if key is not None and state.get("key", key) != key:   # (no key: made before keys were written)
+            raise SospError(f"{checkpoint_path} is a partial {stage} training of a different config "
+                            f"(key {state['key']} != {key}); it is kept — delete it to train afresh, "
+                            "or run in a new output directory")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -306,7 +313,7 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         if checkpoint_path is not None:
             save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "history": history, "epoch": epoch}, checkpoint_path)
+                        "history": history, "epoch": epoch, "key": key}, checkpoint_path)
         if metrics_path is not None:
             append_jsonl(record, metrics_path)
         log.info(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "

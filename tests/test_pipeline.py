@@ -190,6 +190,49 @@ def test_diagnostics_asked_for_on_a_finished_run_are_computed_as_a_fresh_run_com
     assert more["diagnostics"]["single_structures"] == 5 and len(more["diagnostics"]["single_real"]) == 5
 
 
+def test_a_partial_training_of_another_config_is_refused_and_kept(tmp_path, monkeypatch):
+    """Killed during fine-tuning, then rerun in the same folder with another fine-tuning setting:
+    the partial fine-tuning (``finetune_last.pt``) is not resumed under the new setting — one
+    line, the file kept. The same config resumes it."""
+    import sosp_cli.train as tr
+    base = ["experiment=smoke", "method=l1", "schedule.finetune.epochs=3"]
+    out = tmp_path / "run"
+    real, calls = tr.evaluate, {"n": 0}
+
+    def killing(*args, **kwargs):   # the 1 pretraining epoch, 1 fine-tuning epoch, then Ctrl-C
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "evaluate", killing)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_run(base, tmp_path), out)
+    monkeypatch.setattr(tr, "evaluate", real)
+    partial = out / "finetune_last.pt"
+    kept = partial.read_bytes()
+    with pytest.raises(SospError, match=f"^{partial} is a partial finetune training of a different config "
+                                        r"\(key \w+ != \w+\); it is kept — delete it to train afresh"):
+        run(compose_run(base + ["schedule.finetune.lr=0.5"], tmp_path), out)
+    assert partial.read_bytes() == kept
+    run(compose_run(base, tmp_path), out)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["stage"] == "finetune"] == [1, 2, 3] and not partial.exists()
+
+
+def test_rounds_after_fine_tuning_between_them_are_keyed_by_its_settings(tmp_path):
+    """``prune.steps=2`` with ``prune.step_epochs``: the second round prunes a model that
+    ``schedule.finetune`` trained, so a round made with another fine-tuning setting is refused
+    (here the run was stopped before its final fine-tuning), not reused under the new one."""
+    base = ["experiment=smoke", "method=l1", "prune.steps=2", "prune.step_epochs=1"]
+    out = tmp_path / "run"
+    run(compose_run(base, tmp_path), out)
+    (out / "finetuned.pt").unlink()
+    with pytest.raises(SospError, match=f"^{out / 'pruned_step1.pt'} was made by a different config"):
+        run(compose_run(base + ["schedule.finetune.lr=0.5"], tmp_path), out)
+    run(compose_run(base + ["schedule.finetune.epochs=2"], tmp_path), out)   # epochs: not the rounds'
+
+
 def test_a_run_folder_another_process_runs_is_refused_in_one_line(tmp_path):
     """The same folder run twice at once (a command started twice, a requeued job): the second
     stops at once, before any stage, naming the folder; once it is free the run goes on."""
