@@ -273,7 +273,8 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1,
     """Scores of the current model (step 1: the dense model; step k: after k−1 prune steps,
     ``originals`` the dense model's totals, for the guards that sosp_i's greedy growth obeys)."""
     cfg = run.cfg
-    key = saliency_key(cfg) if step == 1 else fingerprint(prune_key(cfg), "saliency", step, *_between_steps(cfg))
+    key = saliency_key(cfg) if step == 1 else \
+        fingerprint(prune_key(cfg), "saliency", step, *_between_steps(cfg))
     path = run.out / ("saliency.pt" if step == 1 else f"saliency_step{step}.pt")
     record = _load_stage(path, key)
     if record is not None:
