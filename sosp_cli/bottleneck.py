@@ -31,7 +31,7 @@ from .config import RunConfig
 from .errors import SospError
 from .models import create_model, num_stages, stage_of, stage_widths
 from .structures import StructureSet
-from .utils import atomic_write, save_json
+from .utils import atomic_write, save_json, save_text
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict:
     if main:
         atomic_write(out / "bottleneck.csv", lambda tmp: table.to_csv(tmp, index=False))
         md = table.to_markdown(index=False)
-        atomic_write(out / "bottleneck.md", lambda tmp: Path(tmp).write_text(md + "\n"))
+        save_text(md + "\n", out / "bottleneck.md")
         bottleneck_figures(df, per_variant_ratios, out)
         save_json({**info, "variant_stage_ratios": per_variant_ratios}, out / "bottlenecks.json")
         log.info(md)

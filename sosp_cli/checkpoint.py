@@ -19,6 +19,10 @@ from .utils import save_torch
 FORMAT = "sosp-model/1"
 
 
+# read_torch's hint for a run's own artefact: a file the run cannot read is never overwritten
+KEPT = "; it is kept — delete it, or run in a new output directory"
+
+
 def read_torch(path: str | Path, what: str = "", hint: str = ""):
     """``torch.load`` of ``path`` onto the CPU, or a one-line error naming the file (``what``:
     the option it came from, e.g. ``pretrain.checkpoint=``; ``hint``: what to do about it)."""

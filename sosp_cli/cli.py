@@ -214,10 +214,10 @@ def precheck(overrides: list[str]) -> None:
 INTERRUPTED = 130
 
 
-def resume_override(out: str | Path) -> str:
+def resume_override(out: str | Path, sweep: bool) -> str:
     """The override that makes the same command resume this job (shell-quoted): its folder —
     which the default folder name, stamped with the time, would not give — or its sweep's."""
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
+    if sweep:
         folder = f"hydra.sweep.dir={Path(to_absolute_path(str(HydraConfig.get().sweep.dir)))}"
     else:
         folder = f"hydra.run.dir={out}"
@@ -230,32 +230,32 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     from .utils import resolve_device
     run_cfg = to_run_config(cfg)
     out = HydraConfig.get().runtime.output_dir
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     logging.captureWarnings(True)   # warnings on stderr as before, and into run.log
     try:
         distributed.init_from_env(resolve_device(run_cfg.device))
         out = distributed.broadcast_object(out)   # the ranks' clocks may name different directories
         if distributed.is_main():   # first: a job killed outright (SIGKILL, a lost node) names it too
-            what = "the sweep" if HydraConfig.get().mode == RunMode.MULTIRUN else "it"
-            log.info(f"[run] folder {out} (if stopped, the same command with {resume_override(out)} "
-                     f"resumes {what})")
-        if run_cfg.note and distributed.is_main():
-            log.info(f"[{run_cfg.experiment_name}] {run_cfg.note}")
+            log.info(f"[run] folder {out} (if stopped, the same command with "
+                     f"{resume_override(out, sweep)} resumes {'the sweep' if sweep else 'it'})")
+            if run_cfg.note:
+                log.info(f"[{run_cfg.experiment_name}] {run_cfg.note}")
         result = task_module(run_cfg.task).run(run_cfg, out)
     except KeyboardInterrupt:   # Ctrl-C: one line, not a traceback from wherever it landed
         if distributed.is_main():
             print("\nsosp-run: interrupted; what finished is kept (stages, and training up to its last "
-                  f"finished epoch); to resume, run the same command with {resume_override(out)}",
+                  f"finished epoch); to resume, run the same command with {resume_override(out, sweep)}",
                   file=sys.stderr)
         sys.exit(INTERRUPTED)
     except SospError as exc:
         print(f"sosp-run: error: {message(exc)}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:   # the other sweep points still run
+        if sweep:   # the other sweep points still run
             if distributed.is_main():
                 Path(out, FAILED_FILE).write_text(f"{message(exc)}\n")
             return None
         sys.exit(2)
     except Exception as exc:   # noqa: BLE001 - a fault (a bug, memory): its traceback, then the next point
-        if HydraConfig.get().mode != RunMode.MULTIRUN or distributed.world_size() > 1:
+        if not sweep or distributed.world_size() > 1:
             raise   # a single run shows it as Hydra does; under torchrun the other ranks must stop too
         log.exception(f"[run] this sweep point failed ({describe(exc)}); the sweep goes on")
         Path(out, FAILED_FILE).write_text(f"{describe(exc)} (its traceback: run.log)\n")
@@ -264,7 +264,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         Path(out, FAILED_FILE).unlink(missing_ok=True)   # an earlier failure of this point, rerun
         if run_cfg.task == "prune":
             log.info(summary(result, out))
-    if HydraConfig.get().mode == RunMode.RUN or "SUBMITIT_EXECUTOR" in os.environ:
+    if not sweep or "SUBMITIT_EXECUTOR" in os.environ:
         distributed.finish()   # this process runs no further job (a submitit job runs one point)
     return result
 

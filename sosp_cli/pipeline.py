@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import (build_from_record, check_checkpoint_path, load_weights_into, model_record,
-                         read_torch, save_model)
+from .checkpoint import (KEPT, build_from_record, check_checkpoint_path, load_weights_into,
+                         model_record, read_torch, save_model)
 from .config import RunConfig
 from .diagnostics import loss_prediction
 from .data import check_dataset_options, load_dataset, make_loader, take_batches
@@ -106,7 +106,7 @@ def _load_stage(path: Path, key: str):
     so that under several processes every rank skips or runs the same stages)."""
     if not distributed.broadcast_object(path.exists()):
         return None
-    record = read_torch(path, hint="; it is kept — delete it, or run in a new output directory")
+    record = read_torch(path, hint=KEPT)
     if not isinstance(record, dict) or record.get("key") != key:
         found = record.get("key") if isinstance(record, dict) else type(record).__name__
         raise SospError(f"{path} was made by a different config (key {found} != {key}); "

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import SospError, describe
-from .utils import atomic_write
+from .utils import atomic_write, save_text
 
 KEYS = ["dataset", "model", "width", "method", "target", "scope", "prune_ratio"]
 # settings that become key columns when the collected runs differ in them (a sweep over
@@ -199,7 +199,7 @@ def write_report(root: Path, reference: Path | None = None) -> str:
         atomic_write(root / "report_cited.csv", lambda tmp: cited.to_csv(tmp, index=False))
         md += "\n\nPublished results (cited, not measured here):\n\n" + (
             cited.to_markdown(index=False) if len(cited) else f"none in {reference} for these datasets and models")
-    atomic_write(root / "report.md", lambda tmp: Path(tmp).write_text(md + "\n"))
+    save_text(md + "\n", root / "report.md")
     pruned = df[df["method"] != "none"]
     figures = accuracy_curves(df, root) + layer_ratio_bars(pruned, root) + saliency_time_vs_width(df, root)
     return md + "\n\nplots: " + ", ".join(p.name for p in figures)

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import read_torch
+from .checkpoint import KEPT, read_torch
 from .config import TrainConfig
 from .errors import SospError, check_choice
-from .utils import append_jsonl, atomic_write, save_torch
+from .utils import append_jsonl, jsonl_row, save_text, save_torch
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
@@ -241,8 +241,7 @@ def sync_stage_rows(path: Path, stage: str, history: list[dict]) -> None:
     wanted = [r for r in rows if r.get("stage") != stage] + list(history)
     if rows == wanted and not torn:
         return
-    atomic_write(path, lambda tmp: Path(tmp).write_text(
-        "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in wanted)))
+    save_text("".join(jsonl_row(r) for r in wanted), path)
 
 
 def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, metrics_path, checkpoint_path,
@@ -264,7 +263,7 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
     if across_ranks:   # rank 0 writes the checkpoint: its answer holds for every rank
         resume = distributed.broadcast_object(resume)
     if resume:
-        state = read_torch(checkpoint_path, hint="; it is kept — delete it, or run in a new output directory")
+        state = read_torch(checkpoint_path, hint=KEPT)
         if key is not None and state.get("key", key) != key:   # (no key: made before keys were written)
             raise SospError(f"{checkpoint_path} is a partial {stage} training of a different config "
                             f"(key {state['key']} != {key}); it is kept — delete it to train afresh, "

@@ -95,6 +95,15 @@ def save_torch(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def save_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def jsonl_row(record: dict) -> str:
+    """One line of a ``.jsonl`` file (``metrics.jsonl``): keys sorted, anything else as str."""
+    return json.dumps(record, sort_keys=True, default=str) + "\n"
+
+
 def save_json(obj, path: Path) -> None:
     def write(tmp):
         with open(tmp, "w") as fh:
@@ -108,7 +117,7 @@ def append_jsonl(record: dict, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+            fh.write(jsonl_row(record))
     except OSError as exc:
         raise unwritten(path, exc) from None
 
