@@ -121,4 +121,14 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
         raise SospError(f"pretrain.checkpoint={path} does not match the model ({what}; "
                         f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shape)} "
                         "shape mismatches)")
+    spoiled = not_finite(state)
+    if spoiled:
+        raise SospError(f"pretrain.checkpoint={path} holds non-finite values ('{spoiled}'), as a "
+                        "diverged training leaves; pass weights whose values are all finite")
     model.load_state_dict(state)
+
+
+def not_finite(state: dict) -> str | None:
+    """The first entry of a state dict holding a NaN or an infinity, or None."""
+    return next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                 and not bool(torch.isfinite(v).all())), None)

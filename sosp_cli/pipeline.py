@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import (KEPT, build_from_record, check_checkpoint_path, load_weights_into,
+from .checkpoint import (KEPT, build_from_record, check_checkpoint_path, load_weights_into, not_finite,
                          model_record, read_torch, save_model)
 from .config import RunConfig
 from .diagnostics import loss_prediction
@@ -209,7 +209,8 @@ class Run:
         """Train ``model`` for the stage whose artefact has ``key`` (its checkpoint carries it)."""
         return train(model, self.train_loader(tcfg.batch_size), self.val_loader, tcfg, self.device,
                      stage, self.metrics, checkpoint, self.cfg.seed, self.cfg.amp,
-                     self.cfg.channels_last, bn_sparsity, across_ranks=self.ranks, key=key)
+                     self.cfg.channels_last, bn_sparsity, across_ranks=self.ranks, key=key,
+                     setting="schedule.pretrain" if stage == "pretrain" else "schedule.finetune")
 
     def save(self, record, path: Path) -> None:
         """Write an artefact (rank 0 only; every rank goes on with ``record`` in memory)."""
@@ -297,6 +298,7 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1,
         if run.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+    _check_finite_scores(sal.scores, model, cfg.method.name, step)
     record = {"key": key, "method": cfg.method.name, "names": ss.names(),
               "scores": sal.scores.detach().cpu(), "seconds": seconds,
               "peak_memory_mb": peak.mb, "num_samples": sum(len(y) for _, y in batches),
@@ -306,6 +308,21 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1,
     if record["names"] != ss.names():
         raise SospError(f"{path} names other structures than this model has")
     return record
+
+
+def _check_finite_scores(scores: torch.Tensor, model, method: str, step: int) -> None:
+    """A one-line error, before anything is written, for scores with a NaN (none can be ranked),
+    naming what is not finite: a weight (a training that diverged) or the saliency's own
+    arithmetic on finite weights."""
+    nan = int(torch.isnan(scores).sum())
+    if not nan:
+        return
+    spoiled = not_finite(model.state_dict())
+    scored = "the dense model" if step == 1 else f"the model of round {step}"
+    cause = (f"its '{spoiled}' is not finite (a training that diverged)" if spoiled else
+             "its weights are finite, its loss or derivatives on the saliency batches are not")
+    raise SospError(f"{method} scores of {scored} are NaN for {nan} of {len(scores)} structures: {cause}; "
+                    "nothing was written")
 
 
 def stage_prune(run: Run, model) -> tuple[dict, dict]:

@@ -155,15 +155,26 @@ def _train_step(net, model, x, y, optimizer, scaler, use_amp: bool, label_smooth
 def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device,
           stage: str, metrics_path: Path | None = None, checkpoint_path: Path | None = None,
           seed: int = 0, amp: bool = False, channels_last: bool = False,
-          bn_sparsity: float = 0.0, across_ranks: bool = False, key: str | None = None) -> list[dict]:
+          bn_sparsity: float = 0.0, across_ranks: bool = False, key: str | None = None,
+          setting: str = "") -> list[dict]:
     """Train ``model`` in place; returns the per-epoch history (also appended to metrics.jsonl).
     ``across_ranks``: data-parallel over the process group (module docstring). ``key``: the
     config this training belongs to, written into its checkpoint; a checkpoint of another key is
-    not resumed (a one-line error, the file kept)."""
+    not resumed (a one-line error, the file kept). A training that diverges stops with a
+    one-line error (:func:`_diverged`; ``setting``, e.g. ``schedule.pretrain``, names its
+    options there)."""
     check_train_config(cfg)
     with bn_momentum(model, cfg.bn_momentum):
         return _train(model, train_loader, val_loader, cfg, device, stage, metrics_path, checkpoint_path,
-                      seed, amp, channels_last, bn_sparsity, across_ranks, key)
+                      seed, amp, channels_last, bn_sparsity, across_ranks, key, setting)
+
+
+def _diverged(stage: str, what: str, cfg: TrainConfig, setting: str) -> SospError:
+    """The one-line error of a training whose loss is no longer finite. Nothing of the epoch is
+    written (no checkpoint, no metrics row); the epochs before it stay as they were."""
+    k = f"{setting}." if setting else ""
+    return SospError(f"{stage} diverged: {what} ({k}lr={cfg.lr}); lower {k}lr or raise "
+                     f"{k}warmup_epochs (now {cfg.warmup_epochs})")
 
 
 def check_train_config(cfg: TrainConfig, key: str = "") -> None:
@@ -245,7 +256,7 @@ def sync_stage_rows(path: Path, stage: str, history: list[dict]) -> None:
 
 
 def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, metrics_path, checkpoint_path,
-           seed, amp, channels_last, bn_sparsity, across_ranks, key) -> list[dict]:
+           seed, amp, channels_last, bn_sparsity, across_ranks, key, setting) -> list[dict]:
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -292,6 +303,14 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
             step_loss, step_correct = _train_step(net, model, x, y, optimizer, scaler, use_amp,
                                                   cfg.label_smoothing, bn_sparsity)
             scheduler.step()
+            # a non-finite loss: the step's gradients, and so every weight after it, are not
+            # finite either — except under AMP, whose GradScaler skips such a step (the epoch's
+            # validation below still catches a model it ruined). Checked per step in one process
+            # (every rank sees the same numbers only at the epoch's end, summed)
+            if not math.isfinite(step_loss) and not use_amp and not across_ranks:
+                bar.close()
+                raise _diverged(stage, f"the training loss is {step_loss} at epoch {epoch + 1}, batch {i + 1}",
+                                cfg, setting)
             loss_sum += step_loss * len(y)
             correct += step_correct
             n += len(y)
@@ -301,6 +320,13 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
             loss_sum, correct, n = distributed.all_sum_numbers(loss_sum, correct, n)
             distributed.broadcast_buffers(model)   # every rank: the model rank 0 evaluates and saves
         val = evaluate(model, val_loader, device, channels_last, across_ranks=across_ranks)
+        # the network as evaluated (and scored, and pruned) gives non-finite logits: weights grown
+        # past float range while every step's loss was still finite; or, under several
+        # processes, a non-finite step (the sums are every rank's: every rank stops here)
+        if not math.isfinite(val["loss"]):
+            raise _diverged(stage, f"the validation loss is {val['loss']} after epoch {epoch + 1}", cfg, setting)
+        if not use_amp and not math.isfinite(loss_sum):
+            raise _diverged(stage, f"the training loss is {loss_sum} in epoch {epoch + 1}", cfg, setting)
         record = {"stage": stage, "epoch": epoch + 1, "train_loss": loss_sum / max(n, 1),
                   "train_top1": 100.0 * correct / max(n, 1), "val_loss": val["loss"],
                   "val_top1": val["top1"], "val_top5": val["top5"],

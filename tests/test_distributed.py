@@ -69,6 +69,22 @@ def trained(tmp, batchnorm: bool = False) -> dict:
             "test": evaluate(model, held_out, torch.device("cpu"), across_ranks=ranks)}
 
 
+def diverged(tmp) -> str:
+    """A NaN sample in one rank's share: that rank's step loss is NaN, the averaged gradients
+    make every rank's weights NaN; each rank stops with the same one-line error."""
+    model, data, cfg = train_setup()
+    data.tensors[0][3, 0] = float("nan")
+    ranks = distributed.active()
+    loader = make_loader(data, cfg.batch_size, True, seed=7, drop_last=True, across_ranks=ranks)
+    held_out = make_loader(distributed.shard_dataset(data), 16, False)
+    try:
+        train(model, loader, held_out, cfg, torch.device("cpu"), "pretrain", tmp / f"m{distributed.rank()}.jsonl",
+              tmp / "ckpt.pt", seed=7, across_ranks=ranks, setting="schedule.pretrain")
+    except SospError as exc:
+        return str(exc)
+    return "no error"
+
+
 def waited_for_lock(tmp) -> dict:
     """Enter ``distributed.file_lock`` while another process holds the lock; count the tries."""
     import time
@@ -89,6 +105,8 @@ def _worker(rank: int, store: str, job: str, tmp):
     try:
         if job == "lock":
             out = waited_for_lock(tmp)
+        elif job == "diverge":
+            out = diverged(tmp)
         else:
             out = scores(True) if job == "saliency" else trained(tmp, batchnorm=job == "train_bn")
         torch.save(out, tmp / f"{job}{rank}.pt")
@@ -136,6 +154,16 @@ def test_ddp_training_leaves_every_rank_with_rank_0s_model(tmp_path):
     assert first["state"].keys() == second["state"].keys()
     assert any("running_mean" in k for k in first["state"])
     assert all(torch.equal(first["state"][k], second["state"][k]) for k in first["state"])
+
+
+def test_a_diverging_ddp_training_stops_every_rank_with_one_line_after_the_epoch(tmp_path):
+    """Under several processes the per-step check would stop one rank while the others wait in
+    the next step's gradient average; the epoch's sums are every rank's, so all stop there."""
+    messages = run_ranks("diverge", tmp_path)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("pretrain diverged: the validation loss is nan after epoch 1 "
+                                  "(schedule.pretrain.lr=0.1)")
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 def test_global_batch_shards_deal_out_the_single_process_batches():

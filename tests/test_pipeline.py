@@ -278,6 +278,42 @@ def test_pretrain_checkpoint_is_used_and_mismatch_is_one_clear_error(tmp_path):
             tmp_path / "d")
 
 
+def test_a_diverging_stage_or_a_non_finite_model_is_one_line_and_nothing_after_it_is_written(tmp_path):
+    """A fine-tuning whose learning rate makes it diverge stops with the stage's option named,
+    the pruned model kept; non-finite weights — as pretrain.checkpoint, or a pretrained model
+    (a cached one, say) whose saliency cannot be ranked — are named before anything is written."""
+    import shutil
+    base = ["experiment=smoke", "method=sosp_h"]
+    with pytest.raises(SospError, match=r"^finetune diverged: the (training|validation) loss is nan .*"
+                                        r"\(schedule.finetune.lr=10000.0\); lower schedule.finetune.lr"):
+        run(compose_run(base + ["schedule.finetune.lr=1e4"], tmp_path), tmp_path / "a")
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"pretrained.pt", "saliency.pt", "pruned.pt"}
+    assert not list((tmp_path / "a").glob("finetune*.pt")) and not (tmp_path / "a" / "result.json").exists()
+
+    record = torch.load(tmp_path / "a" / "pretrained.pt", weights_only=False)
+    name = next(k for k in record["state_dict"] if k.endswith("bn1.weight"))
+    record["state_dict"][name][0] = float("nan")
+    spoiled = tmp_path / "spoiled.pt"
+    torch.save(record, spoiled)
+    with pytest.raises(SospError, match=f"^pretrain.checkpoint={spoiled} holds non-finite values \\('{name}'\\)"):
+        run(compose_run(base + [f"pretrain.checkpoint={spoiled}"], tmp_path), tmp_path / "b")
+    for folder, (key, scale), cause in (
+            ("c", (name, None), f"its '{name}' is not finite \\(a training that diverged\\)"),
+            ("d", ("fc.weight", 1e37), "its weights are finite, its loss or derivatives on the saliency batches are not")):
+        (tmp_path / folder).mkdir()
+        shutil.copyfile(tmp_path / "a" / "pretrained.pt", tmp_path / folder / "pretrained.pt")
+        changed = torch.load(tmp_path / folder / "pretrained.pt", weights_only=False)
+        if scale is None:
+            changed["state_dict"][key][0] = float("nan")
+        else:
+            changed["state_dict"][key] *= scale
+        torch.save(changed, tmp_path / folder / "pretrained.pt")   # the same key: this config's
+        with pytest.raises(SospError, match=f"^sosp_h scores of the dense model are NaN for \\d+ of \\d+ "
+                                            f"structures: {cause}; nothing was written$"):
+            run(compose_run(base, tmp_path), tmp_path / folder)
+        assert not (tmp_path / folder / "saliency.pt").exists()
+
+
 def test_an_unreadable_torch_file_is_one_line_naming_it_and_is_kept(tmp_path):
     """A garbage artefact in the run folder, as ``pretrain.checkpoint``, or given to load_model."""
     from sosp_cli.checkpoint import load_model

@@ -174,3 +174,59 @@ def test_a_training_log_file_gets_few_progress_redraws(capsys, caplog):
     err = capsys.readouterr().err
     assert [r.getMessage()[:12] for r in caplog.records if r.name == "sosp_cli.train"] == ["[t] epoch 1/"]
     assert 1 <= err.count("\r") <= 3, err
+
+
+class _SpoiledBatches:
+    """The digits loader, but in epoch ``epoch`` (1-based) batch ``batch`` holds a NaN pixel."""
+
+    def __init__(self, loader, epoch: int, batch: int):
+        self.loader, self.epoch, self.batch, self.epochs = loader, epoch, batch, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.epochs += 1
+        for i, (x, y) in enumerate(self.loader):
+            if (self.epochs, i + 1) == (self.epoch, self.batch):
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")
+            yield x, y
+
+
+def test_a_diverging_training_stops_in_one_line_and_writes_nothing_of_that_epoch(tmp_path, capsys):
+    """A step whose loss is not finite (its gradients make every weight NaN) stops the training
+    at that step, naming it and the stage's learning rate; a model whose validation loss is not
+    finite (weights past float range, each step's loss still finite) stops after the epoch. The
+    epochs before are kept as they were: the checkpoint, the metrics rows."""
+    from sosp_cli.errors import SospError
+    splits = load_dataset("digits", image_size=16)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, max_batches=3)
+    metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt.pt"
+
+    def fit(loader, val, config=cfg, stage="pretrain"):
+        torch.manual_seed(0)
+        model = create_model("resnet20", 10, 1, 0.25)
+        train(model, loader, val, config, torch.device("cpu"), stage, metrics, ckpt, setting=f"schedule.{stage}")
+
+    clean = make_loader(splits.train, 32, True, seed=0, drop_last=True)
+    val = make_loader(splits.val, 128, False)
+    with pytest.raises(SospError, match=re.escape(
+            "pretrain diverged: the training loss is nan at epoch 2, batch 2 (schedule.pretrain.lr=0.05); "
+            "lower schedule.pretrain.lr or raise schedule.pretrain.warmup_epochs (now 0)") + "$"):
+        fit(_SpoiledBatches(clean, epoch=2, batch=2), val)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 0   # epoch 1's, as it was
+    assert [json.loads(l)["epoch"] for l in metrics.read_text().splitlines()] == [1]
+    assert capsys.readouterr().err.endswith("\r")   # the bar is closed (cleared), not left mid-line
+
+    ckpt.unlink()
+    metrics.unlink()
+    spoiled_val = [(x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y) for x, y in val]
+    with pytest.raises(SospError, match=r"^finetune diverged: the validation loss is nan after epoch 1 "
+                                        r"\(schedule.finetune.lr=0.05\)"):
+        fit(clean, spoiled_val, stage="finetune")
+    assert not ckpt.exists() and not metrics.exists()
+    # a step size far too large (here the validation loss is the first to go: weights past
+    # float range while each step's loss is still finite; on another CPU it may be a step's)
+    with pytest.raises(SospError, match=r"^pretrain diverged: the (validation|training) loss is nan"):
+        fit(clean, val, TrainConfig(epochs=1, batch_size=32, lr=1e4, max_batches=3))
