@@ -170,6 +170,20 @@ def validate(cfg: RunConfig, here: bool = True) -> None:
                         "them so that every batch has at least 2")
 
 
+def _check_training_batches(cfg: RunConfig, images: int) -> None:
+    """Before anything trains: a stage that will train gets at least one step per epoch — an
+    epoch drops its last, partial batch, so a batch larger than the training split is none."""
+    stages = [("finetune", cfg.schedule.finetune.epochs > 0 or cfg.prune.step_epochs > 0)]
+    if not cfg.pretrain.checkpoint:
+        stages.insert(0, ("pretrain", cfg.schedule.pretrain.epochs > 0))
+    for stage, trains in stages:
+        size = getattr(cfg.schedule, stage).batch_size
+        if trains and size > images:
+            raise SospError(f"schedule.{stage}.batch_size={size} is more than the {images} training images "
+                            f"of {cfg.dataset.name}: an epoch would take no step (it drops its last, "
+                            f"partial batch); use at most {images}")
+
+
 class Run:
     """State shared by the stages of one run."""
 
@@ -183,6 +197,7 @@ class Run:
                                    cfg.dataset.image_size, cfg.dataset.val_size,
                                    cfg.dataset.split_seed, cfg.dataset.augment)
         s = self.splits
+        _check_training_batches(cfg, len(s.train))
         self.input_shape = [s.in_channels, s.image_size, s.image_size]
         self.example = torch.zeros(1, *self.input_shape)
         self.spec = {"model": cfg.model.name, "num_classes": s.num_classes,
@@ -191,7 +206,10 @@ class Run:
         pin = self.device.type == "cuda"
         workers = cfg.dataset.num_workers
         shard = distributed.shard_dataset   # under several processes each rank evaluates its share
-        self.val_loader = make_loader(shard(s.val), 256, False, num_workers=workers, pin_memory=pin)
+        # no held-out images (dataset.val_size=0: train on the whole training set, as the papers'
+        # CIFAR schedules do): no validation after each epoch
+        self.val_loader = make_loader(shard(s.val), 256, False, num_workers=workers, pin_memory=pin) \
+            if len(s.val) else None
         self.test_loader = make_loader(shard(s.test), 256, False, num_workers=workers, pin_memory=pin)
         self.metrics = self.out / "metrics.jsonl"
 

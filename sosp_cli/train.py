@@ -160,7 +160,8 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
     """Train ``model`` in place; returns the per-epoch history (also appended to metrics.jsonl).
     ``across_ranks``: data-parallel over the process group (module docstring). ``key``: the
     config this training belongs to, written into its checkpoint; a checkpoint of another key is
-    not resumed (a one-line error, the file kept). A training that diverges stops with a
+    not resumed (a one-line error, the file kept). ``val_loader`` None: no validation after each
+    epoch (its metrics are None; ``dataset.val_size=0``). A training that diverges stops with a
     one-line error (:func:`_diverged`; ``setting``, e.g. ``schedule.pretrain``, names its
     options there)."""
     check_train_config(cfg)
@@ -261,6 +262,10 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
     if channels_last:
         model.to(memory_format=torch.channels_last)
     steps = len(train_loader) if cfg.max_batches is None else min(cfg.max_batches, len(train_loader))
+    if steps == 0 and cfg.epochs > 0:
+        raise SospError(f"{setting + '.' if setting else ''}batch_size={cfg.batch_size}: the {stage} "
+                        "training loader yields no batch, so an epoch would take no step (fewer "
+                        "samples than one batch, the partial batch dropped?)")
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
     use_amp = amp and device.type == "cuda"
@@ -319,17 +324,18 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         if across_ranks:
             loss_sum, correct, n = distributed.all_sum_numbers(loss_sum, correct, n)
             distributed.broadcast_buffers(model)   # every rank: the model rank 0 evaluates and saves
-        val = evaluate(model, val_loader, device, channels_last, across_ranks=across_ranks)
+        val = None if val_loader is None else \
+            evaluate(model, val_loader, device, channels_last, across_ranks=across_ranks)
         # the network as evaluated (and scored, and pruned) gives non-finite logits: weights grown
         # past float range while every step's loss was still finite; or, under several
         # processes, a non-finite step (the sums are every rank's: every rank stops here)
-        if not math.isfinite(val["loss"]):
+        if val is not None and not math.isfinite(val["loss"]):
             raise _diverged(stage, f"the validation loss is {val['loss']} after epoch {epoch + 1}", cfg, setting)
         if not use_amp and not math.isfinite(loss_sum):
             raise _diverged(stage, f"the training loss is {loss_sum} in epoch {epoch + 1}", cfg, setting)
         record = {"stage": stage, "epoch": epoch + 1, "train_loss": loss_sum / max(n, 1),
-                  "train_top1": 100.0 * correct / max(n, 1), "val_loss": val["loss"],
-                  "val_top1": val["top1"], "val_top5": val["top5"],
+                  "train_top1": 100.0 * correct / max(n, 1),
+                  **{f"val_{k}": None if val is None else val[k] for k in ("loss", "top1", "top5")},
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
         history.append(record)
         if not main:
@@ -342,5 +348,5 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         if metrics_path is not None:
             append_jsonl(record, metrics_path)
         log.info(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "
-                 f"train {record['train_top1']:.1f}% val {val['top1']:.1f}%")
+                 f"train {record['train_top1']:.1f}%" + ("" if val is None else f" val {val['top1']:.1f}%"))
     return history

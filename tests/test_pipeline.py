@@ -59,7 +59,8 @@ def test_real_dataset_paths_run_end_to_end_on_local_fixtures(tmp_path, dataset):
     root = tmp_path / "data"
     if dataset == "imagenet":
         write_imagefolder(root, [f"n{i:02d}" for i in range(4)], n_train=12, n_val=3)
-        extra, classes, size = ["dataset.image_size=24", "dataset.val_size=4", "dataset.num_workers=2"], 4, 24
+        extra, classes, size = ["dataset.image_size=24", "dataset.val_size=4", "dataset.num_workers=2",
+                                "schedule.pretrain.batch_size=16", "schedule.finetune.batch_size=16"], 4, 24
     else:
         write_cifar(root, dataset, n_train=40 if dataset == "cifar10" else 100)
         extra, classes, size = ["dataset.val_size=20"], 10 if dataset == "cifar10" else 100, 16
@@ -76,6 +77,31 @@ def test_real_dataset_paths_run_end_to_end_on_local_fixtures(tmp_path, dataset):
     assert run(cfg, tmp_path / "run")["top1_finetuned"] == result["top1_finetuned"]
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "imagenet"])
+def test_no_validation_split_trains_on_every_training_image_without_validation(tmp_path, dataset):
+    """``dataset.val_size=0`` (the papers' CIFAR schedules train on all 50,000 images): every
+    training image is trained on, no epoch is validated (its val_* are null), and the run ends
+    as any other — not "evaluation split is empty" after the first epoch."""
+    from sosp_cli.data import load_dataset
+    root = tmp_path / "data"
+    if dataset == "imagenet":
+        write_imagefolder(root, [f"n{i:02d}" for i in range(4)], n_train=12, n_val=3)
+        extra, n_train = ["dataset.image_size=24", "schedule.pretrain.batch_size=16",
+                          "schedule.finetune.batch_size=16"], 48
+    else:
+        write_cifar(root, dataset, n_train=40)
+        extra, n_train = [], 200
+    splits = load_dataset(dataset, root=str(root), val_size=0, image_size=24 if dataset == "imagenet" else 32)
+    assert len(splits.val) == 0 and len(splits.train) == n_train
+    cfg = compose_run(["experiment=smoke", "method=l1", f"dataset={dataset}", f"dataset.root={root}",
+                       "dataset.val_size=0"] + extra, tmp_path)
+    result = run(cfg, tmp_path / "run")
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["pretrain", "finetune"]
+    assert all(r["val_loss"] is None and r["val_top1"] is None and r["train_loss"] > 0 for r in rows)
+    assert 0 <= result["top1_finetuned"] <= 100
+
+
 def test_an_image_that_cannot_be_read_stops_the_run_with_one_line(tmp_path):
     """A broken image of the test split, met while a DataLoader worker evaluates the dense model:
     the shell sees one line naming it (not the worker's traceback), exit status 2, and the
@@ -86,7 +112,8 @@ def test_an_image_that_cannot_be_read_stops_the_run_with_one_line(tmp_path):
     bad.write_bytes(b"not an image")
     proc = _cli(["experiment=smoke", "method=l1", "dataset=imagenet", f"dataset.root={root}",
                  "dataset.image_size=24", "dataset.val_size=4", "dataset.num_workers=2",
-                 f"hydra.run.dir={tmp_path / 'run'}", f"pretrain.cache_dir={tmp_path / 'cache'}"], tmp_path)
+                 "schedule.pretrain.batch_size=8", "schedule.finetune.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}",
+                 f"pretrain.cache_dir={tmp_path / 'cache'}"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]   # progress bars aside
     assert len(errors) == 1 and errors[0].startswith(f"sosp-run: error: cannot read image {bad} (Unidentified")
@@ -488,6 +515,9 @@ BAD_INPUTS = [
     (["schedule.finetune.milestones=[-1]"], "schedule.finetune.milestones=[-1.0] must be numbers >= 0"),
     (["schedule.finetune.optimizer=adam"], "unknown schedule.finetune.optimizer 'adam'; accepted: adamw, sgd"),
     (["dataset.image_size=0"], "dataset.image_size=0 must be >= 1"),
+    # a batch larger than the training split: no step per epoch (its partial batch dropped)
+    (["schedule.finetune.batch_size=5000"], "schedule.finetune.batch_size=5000 is more than the 1259 training "
+                                            "images of digits: an epoch would take no step"),
     (["dataset.num_workers=-1"], "dataset.num_workers=-1 must be >= 0"),
     (["latency_repeats=0"], "latency_repeats=0 must be >= 1"),
     (["prune.diagnostics_samples=2"], "prune.diagnostics_samples=2 must be 0 (no single-structure check) or >= 3"),

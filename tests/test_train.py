@@ -230,3 +230,16 @@ def test_a_diverging_training_stops_in_one_line_and_writes_nothing_of_that_epoch
     # float range while each step's loss is still finite; on another CPU it may be a step's)
     with pytest.raises(SospError, match=r"^pretrain diverged: the (validation|training) loss is nan"):
         fit(clean, val, TrainConfig(epochs=1, batch_size=32, lr=1e4, max_batches=3))
+
+
+def test_a_loader_that_yields_no_batch_is_refused_before_any_epoch(tmp_path):
+    """A batch larger than the training set, with the last partial batch dropped: zero steps per
+    epoch would "train" silently; it is one line naming the batch size instead."""
+    from sosp_cli.errors import SospError
+    splits = load_dataset("digits", image_size=16)
+    loader = make_loader(torch.utils.data.Subset(splits.train, range(20)), 32, True, drop_last=True)
+    with pytest.raises(SospError, match=r"^schedule.finetune.batch_size=32: the finetune training loader "
+                                        r"yields no batch"):
+        train(create_model("resnet20", 10, 1, 0.25), loader, None, TrainConfig(epochs=1, batch_size=32),
+              torch.device("cpu"), "finetune", tmp_path / "m.jsonl", tmp_path / "c.pt", setting="schedule.finetune")
+    assert list(tmp_path.iterdir()) == []
