@@ -31,7 +31,7 @@ from .config import RunConfig
 from .errors import SospError
 from .models import create_model, num_stages, stage_of, stage_widths
 from .structures import StructureSet
-from .utils import atomic_write, save_json, save_text
+from .utils import atomic_write, check_seed, save_json, save_text
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def _check_options(cfg: RunConfig) -> None:
         raise SospError(f"bottleneck.num_widened={b.num_widened} must be in [1, {stages - 1}]")
     if not b.seeds or not b.ratios:
         raise SospError("bottleneck.seeds and bottleneck.ratios must not be empty")
+    check_seed(list(b.seeds), "bottleneck.seeds")
     if not 0.0 <= b.detect_ratio < 1.0:
         raise SospError(f"bottleneck.detect_ratio={b.detect_ratio} is outside [0, 1): the fraction "
                         "of structures the detection run removes")

@@ -39,7 +39,7 @@ from .selection import Originals, originals_of, removal_caps, select, validate a
 from .structures import StructureSet
 from .surgery import remove_structures
 from .train import check_train_config, evaluate, train
-from .utils import (DEVICES, atomic_write, float32_products, fingerprint, make_folder, resolve_device,
+from .utils import (DEVICES, atomic_write, check_seed, float32_products, fingerprint, make_folder, resolve_device,
                     save_json, save_torch, seed_everything)
 
 
@@ -124,6 +124,7 @@ def validate(cfg: RunConfig, here: bool = True) -> None:
     check_dataset_options(cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.val_size,
                           cfg.dataset.num_workers, cfg.dataset.split_seed)
     check_model(cfg.model.name, cfg.model.width)
+    check_seed(cfg.seed)
     if cfg.pretrain.checkpoint and here:
         check_checkpoint_path(cfg.pretrain.checkpoint)
     if cfg.model.name.startswith(TORCHVISION):

@@ -128,6 +128,18 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+SEED_LIMIT = 2**32   # numpy's seeds; torch's (seed·100003 + epoch in train.py) fit below 2⁶³
+
+
+def check_seed(seed, key: str = "seed") -> None:
+    """A one-line SospError unless ``seed`` is an integer in [0, 2³²) — a larger one overflows
+    torch's 64-bit seeds midway through training; ``key`` with a list checks each of its seeds."""
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+    if not all(not isinstance(s, bool) and isinstance(s, int) and 0 <= s < SEED_LIMIT for s in seeds):
+        raise SospError(f"{key}={seed} must {'hold integers' if seeds is seed else 'be an integer'} "
+                        f"in [0, {SEED_LIMIT - 1}]")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -476,6 +476,9 @@ BAD_INPUTS = [
     (["-m", "task=bottleneck", "prune.round_to=1,0"], "prune.round_to=0 must be an integer >= 1"),
     (["-m", "dataset=digits,cifar10", "dataset.root=/nonexistent/cifar"], "cifar10 not found: looked for /nonexistent/cifar"),
     (["seed=x"], "'x'"),
+    (["seed=-3"], "seed=-3 must be an integer in [0, 4294967295]"),
+    (["seed=999999999999999"], "seed=999999999999999 must be an integer in [0, 4294967295]"),   # was torch's overflow, midway
+    (["task=bottleneck", "bottleneck.seeds=[0,-1]"], "bottleneck.seeds=[0, -1] must hold integers in [0, 4294967295]"),
     (["device=tpu"], "tpu"),
     (["model.width=[1,2]"], "width=[1.0, 2.0]"),
     (["schedule.finetune.bn_momentum=2"], "schedule.finetune.bn_momentum=2.0: expected a number in (0, 1] or null"),

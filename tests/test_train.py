@@ -243,3 +243,14 @@ def test_a_loader_that_yields_no_batch_is_refused_before_any_epoch(tmp_path):
         train(create_model("resnet20", 10, 1, 0.25), loader, None, TrainConfig(epochs=1, batch_size=32),
               torch.device("cpu"), "finetune", tmp_path / "m.jsonl", tmp_path / "c.pt", setting="schedule.finetune")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_largest_accepted_seed_trains_and_the_next_is_refused():
+    """Every epoch reseeds torch with seed·100003 + epoch: the largest seed the runner accepts
+    (2³² − 1) must fit torch's 64-bit seeds there."""
+    from sosp_cli.errors import SospError
+    from sosp_cli.utils import SEED_LIMIT, check_seed
+    check_seed(SEED_LIMIT - 1)
+    _fit(TrainConfig(epochs=2, batch_size=32, lr=0.05, max_batches=1), None, seed=SEED_LIMIT - 1)
+    with pytest.raises(SospError, match=r"^seed=4294967296 must be an integer in \[0, 4294967295\]$"):
+        check_seed(SEED_LIMIT)
