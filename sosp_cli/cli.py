@@ -32,6 +32,9 @@ from .utils import make_folder, retain_freed_memory
 # (configs/config.yaml, hydra.job_logging) prints them and keeps them in the run folder's run.log;
 # named, since under ``python -m sosp_cli.cli`` this module's __name__ is __main__
 log = logging.getLogger("sosp_cli.cli")
+# why a job stopped, for its run.log: the console gets the line itself (stderr) or Hydra's
+# traceback (configs/config.yaml sends this logger to the file only)
+stop_log = logging.getLogger("sosp_cli.stop")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -243,12 +246,14 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         result = task_module(run_cfg.task).run(run_cfg, out)
     except KeyboardInterrupt:   # Ctrl-C: one line, not a traceback from wherever it landed
         if distributed.is_main():
-            print("\nsosp-run: interrupted; what finished is kept (stages, and training up to its last "
-                  f"finished epoch); to resume, run the same command with {resume_override(out, sweep)}",
-                  file=sys.stderr)
+            line = ("sosp-run: interrupted; what finished is kept (stages, and training up to its last "
+                    f"finished epoch); to resume, run the same command with {resume_override(out, sweep)}")
+            print(f"\n{line}", file=sys.stderr)
+            stop_log.warning(line)
         sys.exit(INTERRUPTED)
     except SospError as exc:
         print(f"sosp-run: error: {message(exc)}", file=sys.stderr)
+        stop_log.error(f"sosp-run: error: {message(exc)}")
         if sweep:   # the other sweep points still run
             if distributed.is_main():
                 Path(out, FAILED_FILE).write_text(f"{message(exc)}\n")
@@ -256,6 +261,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         sys.exit(2)
     except Exception as exc:   # noqa: BLE001 - a fault (a bug, memory): its traceback, then the next point
         if not sweep or distributed.world_size() > 1:
+            stop_log.exception(f"[run] failed ({describe(exc)})")
             raise   # a single run shows it as Hydra does; under torchrun the other ranks must stop too
         log.exception(f"[run] this sweep point failed ({describe(exc)}); the sweep goes on")
         Path(out, FAILED_FILE).write_text(f"{describe(exc)} (its traceback: run.log)\n")

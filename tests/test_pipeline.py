@@ -613,6 +613,8 @@ def test_ctrl_c_is_one_line_whose_override_resumes_the_run(tmp_path, mode):
     folder = first.split()[2]
     assert first.startswith("[run] folder ") and f"with {override[0]} resumes" in first
     assert (Path(folder) / "run.log").exists() and (override[0].endswith(folder) or mode == "multirun")
+    # ... and the run's log says why it stopped, for whoever reads it later (a SLURM job's)
+    assert (Path(folder) / "run.log").read_text().rstrip().endswith(last)
     status, resumed, err, _ = _until_interrupted(args + override, tmp_path, 1)
     assert status == 130 and resumed[0] == epochs[-1] + 1, (epochs, resumed)
 
@@ -670,6 +672,9 @@ def test_a_failed_sweep_point_is_recorded_and_the_sweep_goes_on(tmp_path):
     failed = sorted(sweep.rglob("error.txt"))
     assert [f.parent.name for f in failed] == ["0_random_r0.3_s0", "1_random_r0.4_s0"]
     assert all(f.read_text().startswith(f"pretrain.checkpoint={weights} is not a readable") for f in failed)
+    # the point's run.log ends with the line, stamped (the console had it on stderr)
+    assert all((f.parent / "run.log").read_text().splitlines()[-1].endswith(
+        f"[sosp_cli.stop][ERROR] sosp-run: error: {f.read_text().strip()}") for f in failed)
     assert f"sosp-run: error: 2 of 4 sweep points failed (the others are in the report):\n  0_random_r0.3_s0: " \
         f"pretrain.checkpoint={weights} is not a readable" in proc.stderr
     assert len([l for l in (sweep / "report.md").read_text().splitlines() if l.startswith("| digits")]) == 2
@@ -716,6 +721,8 @@ def test_a_sweep_point_that_faults_is_recorded_with_its_traceback_and_the_sweep_
     with pytest.raises(SystemExit) as single:   # one run: Hydra's own report of the fault
         cli.main()
     assert single.value.code == 1 and "can't allocate memory" in capsys.readouterr().err
+    log = (tmp_path / "single" / "run.log").read_text()   # and its run.log has the traceback too
+    assert "[sosp_cli.stop][ERROR] [run] failed (RuntimeError: DefaultCPUAllocator" in log and "in faulty" in log
 
 
 def test_report_on_empty_dir_is_an_error(tmp_path):
