@@ -86,7 +86,7 @@ def test_no_validation_split_trains_on_every_training_image_without_validation(t
     root = tmp_path / "data"
     if dataset == "imagenet":
         write_imagefolder(root, [f"n{i:02d}" for i in range(4)], n_train=12, n_val=3)
-        extra, n_train = ["dataset.image_size=24", "schedule.pretrain.batch_size=16",
+        extra, n_train = ["dataset.image_size=24", "dataset.num_workers=0", "schedule.pretrain.batch_size=16",
                           "schedule.finetune.batch_size=16"], 48
     else:
         write_cifar(root, dataset, n_train=40)
