@@ -188,10 +188,16 @@ def precheck(overrides: list[str]) -> None:
     its points would check them (:func:`check_point`). A single run checks them itself, at once."""
     from hydra import compose, initialize_config_dir
 
+    if all(a in ("-m", "--multirun") or not a.startswith("-") for a in overrides):
+        for arg in overrides:   # Hydra reports an override it cannot read in several lines
+            if not arg.startswith("-"):
+                _parsed(arg)
     for arg in overrides:   # Hydra creates these itself, and reports a failure as a traceback
-        key, _, value = arg.lstrip("+").partition("=")
-        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
-            make_folder(value, f"{key}={value}")
+        key = arg.lstrip("+").partition("=")[0]
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and not arg.startswith("-"):
+            value = _parsed(arg).value()
+            if isinstance(value, str) and value and "${" not in value:
+                make_folder(value, f"{key}={value}")
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     # the points run on this machine, unless a launcher other than Hydra's basic one or
     # submitit_local (local processes) sends them elsewhere
@@ -213,6 +219,34 @@ def precheck(overrides: list[str]) -> None:
         raise SospError(one_line(exc)) from None
 
 
+def _parsed(arg: str):
+    """Hydra's reading of the override ``arg``; one line if it cannot read it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    try:
+        return OverridesParser.create().parse_overrides([arg])[0]
+    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors: the user's input
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise SospError(f"cannot read the override {arg!r} ({reason}); a value with spaces or other "
+                        "special characters goes in quotes: key='a value'") from None
+
+
+def hydra_override(key: str, value: str) -> str:
+    """``key=value`` as Hydra reads it back to exactly ``value`` (not a sweep, not a parse error):
+    as it is where it does, else with the value quoted — e.g. a folder with a space or a comma."""
+    plain = f"{key}={value}"
+    try:
+        read = _parsed(plain)
+        if not read.is_sweep_override() and read.value() == value:
+            return plain
+    except SospError:
+        pass
+    # in double quotes (the shell's quoting of the override is then single quotes, readable): a
+    # backslash escapes the quote, and backslashes before a quote are escaped
+    escaped = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f'{key}="{escaped}"'
+
+
 # the shell's exit status of a process stopped by SIGINT (128 + 2): Ctrl-C stops a sweep too
 INTERRUPTED = 130
 
@@ -221,9 +255,9 @@ def resume_override(out: str | Path, sweep: bool) -> str:
     """The override that makes the same command resume this job (shell-quoted): its folder —
     which the default folder name, stamped with the time, would not give — or its sweep's."""
     if sweep:
-        folder = f"hydra.sweep.dir={Path(to_absolute_path(str(HydraConfig.get().sweep.dir)))}"
+        folder = hydra_override("hydra.sweep.dir", str(Path(to_absolute_path(str(HydraConfig.get().sweep.dir)))))
     else:
-        folder = f"hydra.run.dir={out}"
+        folder = hydra_override("hydra.run.dir", str(out))
     return shlex.quote(folder)
 
 

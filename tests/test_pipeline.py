@@ -476,6 +476,8 @@ BAD_INPUTS = [
     (["-m", "task=bottleneck", "prune.round_to=1,0"], "prune.round_to=0 must be an integer >= 1"),
     (["-m", "dataset=digits,cifar10", "dataset.root=/nonexistent/cifar"], "cifar10 not found: looked for /nonexistent/cifar"),
     (["seed=x"], "'x'"),
+    # Hydra's grammar: was Hydra's several lines (the lexer's exception, a caret, a link)
+    (["hydra.run.dir=/tmp/a b/é"], "cannot read the override 'hydra.run.dir=/tmp/a b/é' (LexerNoViableAltException"),
     (["seed=-3"], "seed=-3 must be an integer in [0, 4294967295]"),
     (["seed=999999999999999"], "seed=999999999999999 must be an integer in [0, 4294967295]"),   # was torch's overflow, midway
     (["task=bottleneck", "bottleneck.seeds=[0,-1]"], "bottleneck.seeds=[0, -1] must hold integers in [0, 4294967295]"),
@@ -617,6 +619,41 @@ def test_ctrl_c_is_one_line_whose_override_resumes_the_run(tmp_path, mode):
     assert (Path(folder) / "run.log").read_text().rstrip().endswith(last)
     status, resumed, err, _ = _until_interrupted(args + override, tmp_path, 1)
     assert status == 130 and resumed[0] == epochs[-1] + 1, (epochs, resumed)
+
+
+@pytest.mark.parametrize("folder", ["a b/é", "a,b", "it's", 'q"x', "x\\\"y", "[x]", "a=b", "{a}", "a:b@c", "plain-1_2.3"])
+def test_a_folder_override_reads_back_as_the_folder(folder):
+    """The resume line's override, as the shell splits it and Hydra reads it, is the folder itself
+    — not a parse error (a space), a sweep (a comma) or another string (quotes)."""
+    from sosp_cli.cli import _parsed, hydra_override
+    path = f"/tmp/runs/{folder}"
+    (arg,) = shlex.split(shlex.quote(hydra_override("hydra.run.dir", path)))
+    read = _parsed(arg)
+    assert read.key_or_group == "hydra.run.dir" and not read.is_sweep_override() and read.value() == path
+
+
+def test_a_run_folder_with_a_space_and_a_comma_is_made_as_named_and_resumed_by_its_line(
+        tmp_path, monkeypatch, capsys):
+    """A quoted ``hydra.run.dir`` (a space and a comma in it): the folder is the value Hydra reads
+    (not one named with the quotes), and the override its first line names resumes it."""
+    from sosp_cli import cli
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)
+    folder = tmp_path / "my runs" / "a,b"
+    common = ["sosp-run", "experiment=smoke", "method=l1", f"pretrain.cache_dir={tmp_path / 'cache'}"]
+    monkeypatch.setattr(sys, "argv", common + [f'hydra.run.dir="{folder}"'])
+    cli.main()
+    assert (folder / "result.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "my runs"]   # nothing named with a quote
+    first = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[run] folder"))
+    override = shlex.split(first.split(" with ", 1)[1].rsplit(" resumes", 1)[0])
+    assert override == [f'hydra.run.dir="{folder}"']
+    monkeypatch.setattr(sys, "argv", common + override)
+    cli.main()
+    # resumed in that folder (no other made), no epoch trained again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "my runs"]
+    assert list((tmp_path / "my runs").iterdir()) == [folder]
+    assert (folder / "metrics.jsonl").read_text().count("\n") == 2
 
 
 def test_hydras_own_flags_misused_are_one_line(tmp_path):
