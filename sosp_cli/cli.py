@@ -188,16 +188,18 @@ def precheck(overrides: list[str]) -> None:
     its points would check them (:func:`check_point`). A single run checks them itself, at once."""
     from hydra import compose, initialize_config_dir
 
-    if all(a in ("-m", "--multirun") or not a.startswith("-") for a in overrides):
-        for arg in overrides:   # Hydra reports an override it cannot read in several lines
-            if not arg.startswith("-"):
-                _parsed(arg)
-    for arg in overrides:   # Hydra creates these itself, and reports a failure as a traceback
+    # every override read as Hydra reads it (which reports one it cannot read in several lines)
+    # — unless Hydra's own flags are given, whose arguments are not overrides
+    only_overrides = all(a in ("-m", "--multirun") or not a.startswith("-") for a in overrides)
+    for arg in overrides:
         key = arg.lstrip("+").partition("=")[0]
-        if key in ("hydra.run.dir", "hydra.sweep.dir") and not arg.startswith("-"):
-            value = _parsed(arg).value()
-            if isinstance(value, str) and value and "${" not in value:
-                make_folder(value, f"{key}={value}")
+        folder = key in ("hydra.run.dir", "hydra.sweep.dir") and not arg.startswith("-")
+        if not (folder or (only_overrides and not arg.startswith("-"))):
+            continue
+        value = _parsed(arg).value()
+        # Hydra creates these folders itself, and reports a failure as a traceback
+        if folder and isinstance(value, str) and value and "${" not in value:
+            make_folder(value, f"{key}={value}")
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     # the points run on this machine, unless a launcher other than Hydra's basic one or
     # submitit_local (local processes) sends them elsewhere
@@ -226,8 +228,8 @@ def _parsed(arg: str):
         return OverridesParser.create().parse_overrides([arg])[0]
     except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors: the user's input
         reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise SospError(f"cannot read the override {arg!r} ({reason}); a value with spaces or other "
-                        "special characters goes in quotes: key='a value'") from None
+        raise SospError(f"cannot read the override {arg!r} ({reason}); quote a value with spaces or "
+                        "other special characters for Hydra, inside the shell's quotes: 'key=\"a value\"'") from None
 
 
 def hydra_override(key: str, value: str) -> str:

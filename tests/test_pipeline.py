@@ -621,7 +621,8 @@ def test_ctrl_c_is_one_line_whose_override_resumes_the_run(tmp_path, mode):
     assert status == 130 and resumed[0] == epochs[-1] + 1, (epochs, resumed)
 
 
-@pytest.mark.parametrize("folder", ["a b/é", "a,b", "it's", 'q"x', "x\\\"y", "[x]", "a=b", "{a}", "a:b@c", "plain-1_2.3"])
+@pytest.mark.parametrize("folder", ["a b/é", "résumé(2)", "a,b", "it's", 'q"x', "x\\\"y", "[x]", "a=b", "{a}", "a:b@c",
+                                    "a#b;c&d", "plain-1_2.3", "my runs"])
 def test_a_folder_override_reads_back_as_the_folder(folder):
     """The resume line's override, as the shell splits it and Hydra reads it, is the folder itself
     — not a parse error (a space), a sweep (a comma) or another string (quotes)."""
