@@ -193,8 +193,8 @@ def precheck(overrides: list[str]) -> None:
     only_overrides = all(a in ("-m", "--multirun") or not a.startswith("-") for a in overrides)
     for arg in overrides:
         key = arg.lstrip("+").partition("=")[0]
-        folder = key in ("hydra.run.dir", "hydra.sweep.dir") and not arg.startswith("-")
-        if not (folder or (only_overrides and not arg.startswith("-"))):
+        folder = key in ("hydra.run.dir", "hydra.sweep.dir")
+        if arg.startswith("-") or not (folder or only_overrides):
             continue
         value = _parsed(arg).value()
         # Hydra creates these folders itself, and reports a failure as a traceback
@@ -288,11 +288,12 @@ def hydra_main(cfg: DictConfig) -> dict | None:
             stop_log.warning(line)
         sys.exit(INTERRUPTED)
     except SospError as exc:
-        print(f"sosp-run: error: {message(exc)}", file=sys.stderr)
-        stop_log.error(f"sosp-run: error: {message(exc)}")
+        text = message(exc)
+        print(f"sosp-run: error: {text}", file=sys.stderr)
+        stop_log.error(f"sosp-run: error: {text}")
         if sweep:   # the other sweep points still run
             if distributed.is_main():
-                Path(out, FAILED_FILE).write_text(f"{message(exc)}\n")
+                Path(out, FAILED_FILE).write_text(f"{text}\n")
             return None
         sys.exit(2)
     except Exception as exc:   # noqa: BLE001 - a fault (a bug, memory): its traceback, then the next point
