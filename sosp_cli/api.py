@@ -141,7 +141,8 @@ def select(model: nn.Module, scores: dict[str, float], ratio: float, example_inp
     (``structures|params|flops``) is gone, with the exact cost of each removal, the same
     ``prune.*`` options and guards (DESIGN §4, :func:`sosp_cli.selection.select`). Returns a
     :class:`~sosp_cli.selection.Selection`: ``.remove`` (names, for :func:`prune`), the achieved
-    ratios and each layer group's."""
+    ratios and each layer group's, and ``.budget_met`` (False: the guards kept the selection
+    short of ``ratio``)."""
     ss = StructureSet(model, example_input[:1].cpu())
     names = ss.names()
     missing, extra = [n for n in names if n not in scores], sorted(set(scores) - set(names))

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import distributed
 from .config import RunConfig
 from .errors import SospError, check_choice, describe, message
+from .selection import TARGET_NOUNS
 from .utils import make_folder, retain_freed_memory
 
 # the run's messages (epoch lines, summary, ...) go through ``logging``: Hydra's job logging
@@ -87,6 +88,10 @@ def summary(result: dict, out: str | Path | None = None) -> str:
                      f"(−{100 * result['macs_reduction']:.1f} %)"),
             ("CPU latency bs64", f"×{result['latency']['cpu_bs64']['speedup']:.2f} speed-up"),
             ("saliency time", f"{result['saliency_seconds']:.2f} s")]
+    if result.get("budget_met") is False:   # the layer guards stopped the selection short
+        noun = TARGET_NOUNS[result.get("target", "structures")]
+        rows.insert(3, ("budget", f"NOT MET: {100 * result['achieved_ratio']:.1f} % of the {noun} removed, "
+                                  f"{100 * result['prune_ratio']:.1f} % asked (layer guards; see run.log)"))
     if out is not None:
         rows.append(("run folder", str(out)))
     width = max(len(k) for k, _ in rows)

@@ -35,7 +35,8 @@ from .measure import PeakMemory, count_macs, count_params, latencies_in_turn
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion, saliency_model
 from .budget import CostModel
-from .selection import Originals, originals_of, removal_caps, select, validate as validate_selection
+from .selection import (TARGET_NOUNS, Originals, originals_of, removal_caps, select,
+                        validate as validate_selection)
 from .structures import StructureSet
 from .surgery import remove_structures
 from .train import check_train_config, evaluate, train
@@ -383,10 +384,8 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         cost = dense_cost if step == 1 else CostModel(current.cpu(), ss, run.example)
         sel = select(sal["scores"], ss, cost, ratio, p.target,
                      p.scope, p.min_channels, p.max_layer_ratio, p.normalize, originals, p.round_to)
-        if sel.guard_skipped and distributed.is_main():
-            log.info(f"[prune] step {step}/{k}: the layer guards (min_channels={p.min_channels}, "
-                     f"max_layer_ratio={p.max_layer_ratio}) kept {sel.guard_skipped} structures "
-                     "that ranked for removal")
+        if distributed.is_main():
+            _log_guards(sel, p, step, k)
         if p.diagnostics and step == 1:
             diagnostics = _diagnostics(run, current, ss, sel.remove)
         pruned, new = remove_structures(current.cpu(), ss, sel.remove, run.example)
@@ -402,6 +401,19 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         run.save(record, path)
         current = pruned
     return first_saliency, record
+
+
+def _log_guards(sel, p, step: int, k: int) -> None:
+    """What the layer guards changed in a step's selection: an info line when they kept
+    structures, a warning when they kept so many that the budget was not reached."""
+    guards = (f"the layer guards (min_channels={p.min_channels}, max_layer_ratio={p.max_layer_ratio}, "
+              f"round_to={p.round_to}) kept {sel.guard_skipped} structures that ranked for removal")
+    if not sel.budget_met:
+        log.warning(f"[prune] step {step}/{k}: {100 * sel.achieved_ratio:.1f} % of the "
+                    f"{TARGET_NOUNS[sel.target]} removed, short of the {100 * sel.requested_ratio:.1f} % "
+                    f"asked: {guards}; relax them to reach prune.ratio={p.ratio}")
+    elif sel.guard_skipped:
+        log.info(f"[prune] step {step}/{k}: {guards}")
 
 
 def cfg_steps(cfg: RunConfig) -> int:
@@ -515,6 +527,7 @@ def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetun
         "achieved_structures_ratio": sel["structures_ratio"], "achieved_params_ratio": sel["params_ratio"],
         "achieved_flops_ratio": sel["flops_ratio"],
         "removed_structures": pruned_rec["removed_structures"], "guard_skipped": sel["guard_skipped"],
+        "budget_met": sel.get("budget_met"),   # None: pruned before the field existed
         "top1_before": dense["top1"], "top5_before": dense["top5"], "loss_before": dense["loss"],
         "top1_pruned": after_prune["top1"], "top5_pruned": after_prune["top5"],
         "loss_pruned": after_prune["loss"],

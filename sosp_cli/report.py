@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import SospError, describe
+from .selection import TARGET_NOUNS
 from .utils import atomic_write, save_text
 
 KEYS = ["dataset", "model", "width", "method", "target", "scope", "prune_ratio"]
@@ -186,6 +187,16 @@ def failed_points(root: Path) -> list[str]:
     return [f"{f.parent.relative_to(root)}: {f.read_text().strip()}" for f in sorted(root.rglob(FAILED_FILE))]
 
 
+def short_points(df: pd.DataFrame, root: Path) -> list[str]:
+    """``<run folder>: <achieved> of <target> removed, <requested> asked`` for every run whose
+    layer guards stopped the selection short of its budget (result.json ``budget_met`` false)."""
+    if "budget_met" not in df:
+        return []
+    rows = df[df["budget_met"].map(lambda v: v is not None and v == False)]  # noqa: E712 (NaN: unknown)
+    return [f"{Path(r.path).relative_to(root)}: {100 * r.achieved_ratio:.1f} % of the "
+            f"{TARGET_NOUNS[r.target]} removed, {100 * r.prune_ratio:.1f} % asked" for r in rows.itertuples()]
+
+
 def write_report(root: Path, reference: Path | None = None) -> str:
     from .plots import accuracy_curves, layer_ratio_bars, saliency_time_vs_width
 
@@ -199,6 +210,11 @@ def write_report(root: Path, reference: Path | None = None) -> str:
         atomic_write(root / "report_cited.csv", lambda tmp: cited.to_csv(tmp, index=False))
         md += "\n\nPublished results (cited, not measured here):\n\n" + (
             cited.to_markdown(index=False) if len(cited) else f"none in {reference} for these datasets and models")
+    short = short_points(df, root)
+    if short:
+        md += ("\n\nBudget not met (the layer guards stopped the selection short; each run.log says "
+               "which): these rows average the ratios achieved, not the ratio asked:\n\n"
+               + "\n".join(f"- {line}" for line in short))
     save_text(md + "\n", root / "report.md")
     pruned = df[df["method"] != "none"]
     figures = accuracy_curves(df, root) + layer_ratio_bars(pruned, root) + saliency_time_vs_width(df, root)

@@ -23,7 +23,9 @@ achieved ratio is within half a block's cost of the target. ``k = 1`` is the pla
 Guards: no group keeps fewer than ``min_channels`` channels, and no group loses more than
 ``max_layer_ratio`` of its original channels (:func:`removal_caps`: per group, the most
 structures a selection may remove). A structure the guards keep is skipped, counted
-(``guard_skipped``) and reported.
+(``guard_skipped``) and reported. When the guards keep so much that the walk runs out of
+structures before the budget, the selection says so (``budget_met`` False): the achieved ratio is
+then short of the request by more than the rounding above, and the runner warns.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from .errors import SospError, check_choice
 from .structures import StructureSet
 
 TARGETS = ("structures", "params", "flops")
+TARGET_NOUNS = {"structures": "structures", "params": "parameters", "flops": "MACs"}   # for messages
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Selection:
     flops_ratio: float
     guard_skipped: int                      # structures the guards kept although they ranked for removal
     layer_ratios: dict[str, float] = field(default_factory=dict)  # group root → fraction removed
+    budget_met: bool = True                 # False: the guards ran the walk out before the budget
 
 
 @dataclass
@@ -158,8 +162,10 @@ def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float
     caps = removal_caps(ss, orig, min_channels, max_layer_ratio, round_to)
     chosen, skipped = [], 0
     reached = [[] for _ in ss.groups]   # per group: structures the walk passed, not yet removed
+    met = False                          # the walk stopped at the budget (not by running out)
     for s in order(normalized(scores, ss, normalize), ss, scope):
         if removed[target] >= goal:
+            met = True
             break
         gi = group[s]
         reached[gi].append(s)
@@ -173,6 +179,7 @@ def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float
         params, macs = cost.removal_cost_of(block)
         step = {"structures": n, "params": params, "flops": macs}[target]
         if removed[target] + step - goal > goal - removed[target]:
+            met = True
             break  # stopping short of the target is closer to it than taking the block
         for t in block:
             cost.remove(t)
@@ -181,9 +188,11 @@ def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float
         removed["flops"] += macs
         size_now[gi] -= n
         chosen += block
+    met = met or removed[target] >= goal   # the last structure of the walk reached it
     names = ss.names()
     ratios = {k: removed[k] / total[k] for k in TARGETS}
     return Selection(remove=[names[i] for i in sorted(chosen)], target=target, requested_ratio=ratio,
                      achieved_ratio=ratios[target], structures_ratio=ratios["structures"],
                      params_ratio=ratios["params"], flops_ratio=ratios["flops"], guard_skipped=skipped,
-                     layer_ratios={g.root: 1 - size_now[i] / size_orig[i] for i, g in enumerate(ss.groups)})
+                     layer_ratios={g.root: 1 - size_now[i] / size_orig[i] for i, g in enumerate(ss.groups)},
+                     budget_met=met)

@@ -392,6 +392,30 @@ def test_sosp_methods_run_end_to_end(tmp_path, caplog):
             assert r["params_after"] < r["params_before"]
 
 
+def test_a_budget_the_guards_cannot_reach_is_a_warning_a_summary_row_and_a_field(tmp_path, caplog):
+    """A layer guard that keeps the selection short of ``prune.ratio`` does not pass silently:
+    each step's warning names the guards and the shortfall, result.json has ``budget_met``
+    false, the summary says NOT MET and the report lists the point."""
+    from sosp_cli.cli import summary
+    from sosp_cli.report import write_report
+    base = ["experiment=smoke", "prune.target=params", "prune.ratio=0.5", "prune.steps=2"]
+    short = run(compose_run(base + ["prune.max_layer_ratio=0.1"], tmp_path), tmp_path / "sweep" / "short")
+    said = [rec for rec in caplog.records if "short of the" in rec.getMessage()]
+    assert [rec.levelname for rec in said] == ["WARNING", "WARNING"]
+    assert said[1].getMessage().startswith(
+        f"[prune] step 2/2: {100 * short['achieved_ratio']:.1f} % of the parameters removed, short of "
+        "the 50.0 % asked: the layer guards (min_channels=1, max_layer_ratio=0.1, round_to=1) kept ")
+    assert said[1].getMessage().endswith("relax them to reach prune.ratio=0.5")
+    assert short["budget_met"] is False and short["achieved_ratio"] < 0.4
+    assert f"NOT MET: {100 * short['achieved_ratio']:.1f} % of the parameters removed, 50.0 % asked" in summary(short)
+    caplog.clear()
+    met = run(compose_run(base, tmp_path), tmp_path / "sweep" / "met")
+    assert met["budget_met"] is True and abs(met["achieved_ratio"] - 0.5) < 0.02
+    assert "budget" not in summary(met) and not [r for r in caplog.records if r.levelname == "WARNING"]
+    report = write_report(tmp_path / "sweep")
+    assert "Budget not met" in report and "short: " in report and "met: " not in report
+
+
 def test_greedy_growth_gets_each_steps_guard_caps_and_they_key_its_saliency(tmp_path, monkeypatch):
     """``method.selection=greedy`` grows the removed set within what the prune guards let each
     group lose (selection.removal_caps): every step's criterion call gets the caps of the model

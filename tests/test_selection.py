@@ -71,6 +71,25 @@ def test_guards_never_empty_a_layer(name):
     assert max(capped.layer_ratios.values()) <= 0.7
 
 
+def test_budget_met_says_whether_the_walk_reached_the_budget():
+    """``budget_met`` is False exactly when the guards ran the walk out of structures before the
+    budget: the achieved ratio is then short of the request by more than the rounding."""
+    model, ss, scores = setup("resnet56", 0.25)        # groups of 4, 8 and 16 structures
+    reached = [select(scores, ss, CostModel(model, ss, X), r, t) for r in (0.0, 0.4) for t in
+               ("structures", "params", "flops")]
+    assert all(sel.budget_met for sel in reached)
+    short = [select(scores, ss, CostModel(model, ss, X), 0.95, min_channels=2),
+             select(scores, ss, CostModel(model, ss, X), 0.5, "params", max_layer_ratio=0.1),
+             select(scores, ss, CostModel(model, ss, X), 0.3, round_to=64)]   # every block would empty its group
+    for sel in short:
+        assert not sel.budget_met and sel.guard_skipped > 0
+        assert sel.achieved_ratio < sel.requested_ratio - 0.05
+    assert short[2].remove == [] and short[2].guard_skipped == ss.num_structures
+    # the most the guards allow, asked for exactly, is met
+    most = short[0].achieved_ratio
+    assert select(scores, ss, CostModel(model, ss, X), most, min_channels=2).budget_met
+
+
 def test_normalize_and_bad_values():
     model, ss, scores = setup("resnet20")
     scaled = normalized(scores * 7, ss, "layer_max")
