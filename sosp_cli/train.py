@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,20 +137,48 @@ def bn_l1(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def amp_enabled(amp: bool, device: torch.device) -> bool:
+    """Mixed precision trains on CUDA only (``amp=true`` elsewhere trains in float32)."""
+    return amp and device.type == "cuda"
+
+
+class _BatchNormState:
+    """Under AMP: every BatchNorm buffer (running mean / var, batch count) as it was before the
+    current step, put back when the step's loss is not finite. The GradScaler skips such a step's
+    update, but its forward pass has already folded that batch's statistics — NaN or inf — into
+    the running ones, which would leave the evaluated (and pruned) network NaN."""
+
+    def __init__(self, model: nn.Module):
+        self.buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for b in m.buffers()]
+        self.saved = [b.clone() for b in self.buffers]
+
+    def take(self) -> None:
+        if self.buffers:   # one fused copy per dtype (a few kernels), not one per buffer
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved)
+
+
 def _train_step(net, model, x, y, optimizer, scaler, use_amp: bool, label_smoothing: float,
-                bn_sparsity: float) -> tuple[float, int]:
+                bn_sparsity: float) -> tuple[float, int, bool]:
     """One optimisation step of ``net`` (``model``, or ``model`` wrapped in DDP); returns (mean
-    loss, correct predictions). A function of its own so that the step's outputs and graph are
-    released before the next step's forward pass."""
+    loss, correct predictions, whether AMP's GradScaler skipped the update). A function of its
+    own so that the step's outputs and graph are released before the next step's forward pass."""
     with torch.autocast(x.device.type, enabled=use_amp):
         out = net(x)
         loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
     total = loss + bn_sparsity * bn_l1(model) if bn_sparsity else loss
     optimizer.zero_grad(set_to_none=True)
+    scale = scaler.get_scale() if use_amp else None
     scaler.scale(total).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.item(), int(out.argmax(1).eq(y).sum())
+    # the scaler lowers its scale exactly when it found a non-finite gradient and skipped the step
+    skipped = use_amp and scaler.get_scale() < scale
+    return loss.item(), int(out.argmax(1).eq(y).sum()), skipped
 
 
 def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device,
@@ -268,8 +297,8 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
                         "samples than one batch, the partial batch dropped?)")
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
-    use_amp = amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    use_amp = amp_enabled(amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     net = model
     if across_ranks:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -291,12 +320,13 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         history, start = state["history"], state["epoch"] + 1
     if main and metrics_path is not None:
         sync_stage_rows(metrics_path, stage, history)
+    bn_state = _BatchNormState(model) if use_amp else None
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(seed * 100003 + epoch)
         if getattr(train_loader, "generator", None) is not None:
             train_loader.generator.manual_seed(seed * 100003 + epoch)
         model.train()
-        t0, loss_sum, correct, n = time.time(), 0.0, 0, 0
+        t0, loss_sum, correct, n, skipped = time.time(), 0.0, 0, 0, 0
         bar = tqdm(train_loader, total=steps, desc=f"{stage} {epoch + 1}/{cfg.epochs}",
                    leave=False, dynamic_ncols=True, disable=not main, **bar_refresh())
         for i, (x, y) in enumerate(bar):
@@ -305,17 +335,31 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            step_loss, step_correct = _train_step(net, model, x, y, optimizer, scaler, use_amp,
-                                                  cfg.label_smoothing, bn_sparsity)
-            scheduler.step()
+            if bn_state is not None:
+                bn_state.take()
+            step_loss, step_correct, step_skipped = _train_step(net, model, x, y, optimizer, scaler,
+                                                                use_amp, cfg.label_smoothing, bn_sparsity)
+            # the schedule follows the steps taken, skipped by AMP or not; PyTorch warns when the
+            # first step is a skipped one, as if the two calls were in the wrong order
+            with warnings.catch_warnings() if step_skipped else contextlib.nullcontext():
+                if step_skipped:
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`", UserWarning)
+                scheduler.step()
+            skipped += step_skipped
             # a non-finite loss: the step's gradients, and so every weight after it, are not
-            # finite either — except under AMP, whose GradScaler skips such a step (the epoch's
-            # validation below still catches a model it ruined). Checked per step in one process
-            # (every rank sees the same numbers only at the epoch's end, summed)
-            if not math.isfinite(step_loss) and not use_amp and not across_ranks:
-                bar.close()
-                raise _diverged(stage, f"the training loss is {step_loss} at epoch {epoch + 1}, batch {i + 1}",
-                                cfg, setting)
+            # finite either — except under AMP, whose GradScaler skips such a step: its
+            # BatchNorm statistics are put back too, and it is left out of the epoch's loss and
+            # accuracy (counted in amp_skipped_steps); the checks after the epoch catch a model
+            # ruined anyway. Checked per step in one process (every rank sees the same numbers
+            # only at the epoch's end, summed)
+            if not math.isfinite(step_loss):
+                if use_amp:
+                    bn_state.restore()
+                    continue
+                if not across_ranks:
+                    bar.close()
+                    raise _diverged(stage, f"the training loss is {step_loss} at epoch {epoch + 1}, "
+                                    f"batch {i + 1}", cfg, setting)
             loss_sum += step_loss * len(y)
             correct += step_correct
             n += len(y)
@@ -331,12 +375,17 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         # processes, a non-finite step (the sums are every rank's: every rank stops here)
         if val is not None and not math.isfinite(val["loss"]):
             raise _diverged(stage, f"the validation loss is {val['loss']} after epoch {epoch + 1}", cfg, setting)
-        if not use_amp and not math.isfinite(loss_sum):
+        if not math.isfinite(loss_sum):
             raise _diverged(stage, f"the training loss is {loss_sum} in epoch {epoch + 1}", cfg, setting)
-        record = {"stage": stage, "epoch": epoch + 1, "train_loss": loss_sum / max(n, 1),
-                  "train_top1": 100.0 * correct / max(n, 1),
+        if n == 0:   # under AMP, every step's loss was non-finite and skipped (on every rank)
+            raise _diverged(stage, f"the training loss is not finite at any step of epoch {epoch + 1} "
+                            f"(AMP's GradScaler skipped all {skipped})", cfg, setting)
+        record = {"stage": stage, "epoch": epoch + 1, "train_loss": loss_sum / n,
+                  "train_top1": 100.0 * correct / n,
                   **{f"val_{k}": None if val is None else val[k] for k in ("loss", "top1", "top5")},
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
+        if use_amp:   # steps whose update the GradScaler skipped (a non-finite gradient)
+            record["amp_skipped_steps"] = skipped
         history.append(record)
         if not main:
             continue
@@ -348,5 +397,6 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
         if metrics_path is not None:
             append_jsonl(record, metrics_path)
         log.info(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.3f} "
-                 f"train {record['train_top1']:.1f}%" + ("" if val is None else f" val {val['top1']:.1f}%"))
+                 f"train {record['train_top1']:.1f}%" + ("" if val is None else f" val {val['top1']:.1f}%")
+                 + (f" ({skipped} steps skipped by AMP)" if skipped else ""))
     return history

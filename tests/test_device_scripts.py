@@ -3,6 +3,7 @@ with a GPU does not spend its few minutes of device time on a script that fails 
 from __future__ import annotations
 
 import importlib.util
+import math
 import json
 import subprocess
 import sys
@@ -37,8 +38,21 @@ def test_pipeline_check_runs_both_methods_on_the_cpu(tmp_path):
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     rows = gpu_check.main(str(tmp_path), device="cpu", smoke=True)
-    assert [r["method"] for r in rows] == ["sosp_h", "sosp_i"]
+    assert [r["method"] for r in rows] == ["sosp_h", "sosp_i"]   # (the AMP check: CUDA only)
     for r in rows:
         assert set(r) == set(gpu_check.FIELDS) and r["device"] == "cpu"
         assert 0 < r["params_reduction"] < 1 and 0 < r["macs_reduction"] < 1 and r["saliency_seconds"] > 0
         assert (tmp_path / r["method"] / "result.json").exists()
+
+
+def test_the_amp_check_sees_the_nan_step_skipped_under_amp(monkeypatch):
+    """The GPU script's AMP check, with AMP let onto the CPU (autocast bfloat16, a CPU
+    GradScaler: the code a CUDA run takes): the NaN step is skipped and the model stays finite."""
+    import sosp_cli.train as T
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPTS / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(T, "amp_enabled", lambda amp, device: amp)
+    row = gpu_check.amp_skip_check("cpu")
+    assert row["amp_skipped_steps"] == [0, 1] and row["finite"] is True
+    assert all(map(math.isfinite, row["train_loss"]))

@@ -232,6 +232,49 @@ def test_a_diverging_training_stops_in_one_line_and_writes_nothing_of_that_epoch
         fit(clean, val, TrainConfig(epochs=1, batch_size=32, lr=1e4, max_batches=3))
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_under_amp_a_skipped_step_is_left_out_of_the_epoch_and_counted(tmp_path, monkeypatch, caplog):
+    """AMP (CUDA in the runner; here CPU autocast and a CPU GradScaler, the same code): a step
+    whose loss is not finite is the GradScaler's to skip. Training goes on; the epoch's loss and
+    accuracy are those of the other steps (an inf no longer makes the epoch's loss inf),
+    ``amp_skipped_steps`` counts it, and its forward pass leaves no NaN in the BatchNorm
+    statistics. An epoch whose every step is skipped stops in one line, without PyTorch's
+    warning about the scheduler stepping before the optimizer."""
+    import logging
+    import sosp_cli.train as T
+    from sosp_cli.errors import SospError
+    monkeypatch.setattr(T, "amp_enabled", lambda amp, device: amp)
+    steps, step = [], T._train_step
+    monkeypatch.setattr(T, "_train_step", lambda *a: steps.append(step(*a)) or steps[-1])
+    caplog.set_level(logging.INFO, logger="sosp_cli")
+    splits = load_dataset("digits", image_size=16)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, max_batches=3)
+    clean = make_loader(splits.train, 32, True, seed=0, drop_last=True)
+    val = make_loader(splits.val, 128, False)
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 1, 0.25)
+    metrics = tmp_path / "m.jsonl"
+    train(model, _SpoiledBatches(clean, epoch=2, batch=2), val, cfg, torch.device("cpu"), "pretrain",
+          metrics, tmp_path / "c.pt", amp=True)
+    assert [s[2] for s in steps] == [False] * 4 + [True, False]   # the NaN batch's update skipped
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+    assert [r["amp_skipped_steps"] for r in rows] == [0, 1]
+    kept = [steps[3], steps[5]]
+    assert rows[1]["train_loss"] == pytest.approx(sum(s[0] for s in kept) / 2, rel=1e-12)
+    assert rows[1]["train_top1"] == pytest.approx(100 * sum(s[1] for s in kept) / 64)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())   # BatchNorm buffers too
+    assert any(r.getMessage().endswith("(1 steps skipped by AMP)") for r in caplog.records)
+    metrics.unlink()
+    (tmp_path / "c.pt").unlink()
+    ruined = [(x.clone().fill_(float("nan")), y) for x, y in list(clean)[:3]]
+    with pytest.raises(SospError, match=re.escape(
+            "pretrain diverged: the training loss is not finite at any step of epoch 1 (AMP's "
+            "GradScaler skipped all 3) (lr=0.05)")):
+        train(create_model("resnet20", 10, 1, 0.25), ruined, val, cfg, torch.device("cpu"), "pretrain",
+              metrics, tmp_path / "c.pt", amp=True)
+    assert not metrics.exists() and not (tmp_path / "c.pt").exists()
+
+
 def test_a_loader_that_yields_no_batch_is_refused_before_any_epoch(tmp_path):
     """A batch larger than the training set, with the last partial batch dropped: zero steps per
     epoch would "train" silently; it is one line naming the batch size instead."""
