@@ -163,22 +163,24 @@ class _BatchNormState:
 
 
 def _train_step(net, model, x, y, optimizer, scaler, use_amp: bool, label_smoothing: float,
-                bn_sparsity: float) -> tuple[float, int, bool]:
-    """One optimisation step of ``net`` (``model``, or ``model`` wrapped in DDP); returns (mean
-    loss, correct predictions, whether AMP's GradScaler skipped the update). A function of its
-    own so that the step's outputs and graph are released before the next step's forward pass."""
+                bn_sparsity: float, scale: float | None = None) -> tuple[float, int, bool, float | None]:
+    """One optimisation step of ``net`` (``model``, or ``model`` wrapped in DDP). ``scale``: under
+    AMP, the GradScaler's scale before the step (its value after the previous one, so that it is
+    read once per step, at the end, where the loss is read anyway: each read waits for the GPU).
+    Returns (mean loss, correct predictions, whether the GradScaler skipped the update, its scale
+    now). A function of its own so that the step's outputs and graph are released before the
+    next step's forward pass."""
     with torch.autocast(x.device.type, enabled=use_amp):
         out = net(x)
         loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
     total = loss + bn_sparsity * bn_l1(model) if bn_sparsity else loss
     optimizer.zero_grad(set_to_none=True)
-    scale = scaler.get_scale() if use_amp else None
     scaler.scale(total).backward()
     scaler.step(optimizer)
     scaler.update()
     # the scaler lowers its scale exactly when it found a non-finite gradient and skipped the step
-    skipped = use_amp and scaler.get_scale() < scale
-    return loss.item(), int(out.argmax(1).eq(y).sum()), skipped
+    after = scaler.get_scale() if use_amp else None
+    return loss.item(), int(out.argmax(1).eq(y).sum()), use_amp and after < scale, after
 
 
 def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device,
@@ -321,6 +323,7 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
     if main and metrics_path is not None:
         sync_stage_rows(metrics_path, stage, history)
     bn_state = _BatchNormState(model) if use_amp else None
+    scale = scaler.get_scale() if use_amp else None   # after a resume: the checkpoint's
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(seed * 100003 + epoch)
         if getattr(train_loader, "generator", None) is not None:
@@ -337,8 +340,8 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
                 x = x.contiguous(memory_format=torch.channels_last)
             if bn_state is not None:
                 bn_state.take()
-            step_loss, step_correct, step_skipped = _train_step(net, model, x, y, optimizer, scaler,
-                                                                use_amp, cfg.label_smoothing, bn_sparsity)
+            step_loss, step_correct, step_skipped, scale = _train_step(
+                net, model, x, y, optimizer, scaler, use_amp, cfg.label_smoothing, bn_sparsity, scale)
             # the schedule follows the steps taken, skipped by AMP or not; PyTorch warns when the
             # first step is a skipped one, as if the two calls were in the wrong order
             with warnings.catch_warnings() if step_skipped else contextlib.nullcontext():
