@@ -195,6 +195,9 @@ class Run:
         self.ranks = distributed.active()   # several processes: data-parallel stages (module docstring)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        elif cfg.amp and distributed.is_main():   # the one setting that a CPU run would drop silently
+            log.warning(f"[run] amp=true: mixed precision trains on CUDA only; this run trains on "
+                        f"{self.device.type} in float32")
         self.splits = load_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.download,
                                    cfg.dataset.image_size, cfg.dataset.val_size,
                                    cfg.dataset.split_seed, cfg.dataset.augment)

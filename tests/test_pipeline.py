@@ -392,6 +392,17 @@ def test_sosp_methods_run_end_to_end(tmp_path, caplog):
             assert r["params_after"] < r["params_before"]
 
 
+def test_amp_on_a_cpu_says_that_it_trains_in_float32(tmp_path, caplog):
+    """``amp=true`` is CUDA's: on a CPU the run trains in float32, and says so once."""
+    from sosp_cli.pipeline import Run
+    for amp in ("true", "false"):
+        caplog.clear()
+        Run(compose_run(["experiment=smoke", f"amp={amp}", "device=cpu"], tmp_path), tmp_path / amp)
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert said == (["[run] amp=true: mixed precision trains on CUDA only; this run trains on cpu "
+                         "in float32"] if amp == "true" else [])
+
+
 def test_a_budget_the_guards_cannot_reach_is_a_warning_a_summary_row_and_a_field(tmp_path, caplog):
     """A layer guard that keeps the selection short of ``prune.ratio`` does not pass silently:
     each step's warning names the guards and the shortfall, result.json has ``budget_met``
