@@ -7,11 +7,14 @@ output directory and rank 0 alone prints the summary and writes the sweep report
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -256,6 +259,44 @@ def hydra_override(key: str, value: str) -> str:
 
 # the shell's exit status of a process stopped by SIGINT (128 + 2): Ctrl-C stops a sweep too
 INTERRUPTED = 130
+# ... and by SIGTERM (128 + 15)
+TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM — a scheduler's time limit (plain ``sbatch``), ``scancel``, ``kill`` — raised where
+    the run is, so that it stops as Ctrl-C stops it (:func:`stop_on_sigterm`)."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While inside: SIGTERM stops ``sosp-run`` as Ctrl-C does — one line naming the override that
+    resumes the run, in the console and ``run.log``, what finished kept; a second SIGTERM kills
+    at once. The handler before is put back on the way out. Nothing changes under submitit, whose
+    own handlers checkpoint and requeue a SLURM job, nor under torchrun, whose agent stops a
+    failed group with SIGTERM: a rank waiting in a collective operation would not run a Python
+    handler and must die at once."""
+    if any(k in os.environ for k in ("SUBMITIT_EXECUTOR", "TORCHELASTIC_RUN_ID", "LOCAL_RANK")) or \
+            threading.current_thread() is not threading.main_thread():   # (only it may set handlers)
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped the process, for its line, and the exit status."""
+    if isinstance(exc, Terminated):
+        return "stopped by SIGTERM", TERMINATED
+    return "interrupted", INTERRUPTED
 
 
 def resume_override(out: str | Path, sweep: bool) -> str:
@@ -285,13 +326,14 @@ def hydra_main(cfg: DictConfig) -> dict | None:
             if run_cfg.note:
                 log.info(f"[{run_cfg.experiment_name}] {run_cfg.note}")
         result = task_module(run_cfg.task).run(run_cfg, out)
-    except KeyboardInterrupt:   # Ctrl-C: one line, not a traceback from wherever it landed
+    except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: one line, not a traceback from wherever it landed
+        what, status = _stopped(exc)
         if distributed.is_main():
-            line = ("sosp-run: interrupted; what finished is kept (stages, and training up to its last "
+            line = (f"sosp-run: {what}; what finished is kept (stages, and training up to its last "
                     f"finished epoch); to resume, run the same command with {resume_override(out, sweep)}")
             print(f"\n{line}", file=sys.stderr)
             stop_log.warning(line)
-        sys.exit(INTERRUPTED)
+        sys.exit(status)
     except SospError as exc:
         text = message(exc)
         print(f"sosp-run: error: {text}", file=sys.stderr)
@@ -319,20 +361,27 @@ def hydra_main(cfg: DictConfig) -> dict | None:
 
 def main() -> None:
     """Console entry point of ``sosp-run``."""
+    with stop_on_sigterm():
+        _main()
+
+
+def _main() -> None:
     try:
         retain_freed_memory()
         precheck(sys.argv[1:])
     except SospError as exc:
         print(f"sosp-run: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\nsosp-run: interrupted before the run started", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        what, status = _stopped(exc)
+        print(f"\nsosp-run: {what} before the run started", file=sys.stderr)
+        sys.exit(status)
     try:
         hydra_main()
-    except KeyboardInterrupt:   # outside a job (Hydra's set-up, the sweep's report): nothing to resume
-        print("\nsosp-run: interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+    except KeyboardInterrupt as exc:   # outside a job (Hydra's set-up, the sweep's report): nothing to resume
+        what, status = _stopped(exc)
+        print(f"\nsosp-run: {what}", file=sys.stderr)
+        sys.exit(status)
     except ValueError as exc:   # Hydra's own flags misused (``-m --cfg hydra``): Hydra reports what
         # fails inside a job itself, so only its command-line checks reach here
         print(f"sosp-run: error: {exc}", file=sys.stderr)

@@ -609,8 +609,8 @@ def test_bad_input_exits_the_process_with_one_line(case, tmp_path):
     assert not (tmp_path / "run" / "result.json").exists()
 
 
-def _until_interrupted(args, cwd, after_epochs):
-    """Run ``sosp-run ARGS``, send SIGINT once ``after_epochs`` pretraining epochs have printed;
+def _until_interrupted(args, cwd, after_epochs, sig=signal.SIGINT):
+    """Run ``sosp-run ARGS``, send ``sig`` once ``after_epochs`` pretraining epochs have printed;
     return (exit status, every pretraining epoch it finished, stderr, its "[run]" line)."""
     # SIGINT's default disposition in the child, where Python turns it into KeyboardInterrupt: a
     # shell without job control starts background commands (a CI script's) with SIGINT ignored
@@ -624,7 +624,7 @@ def _until_interrupted(args, cwd, after_epochs):
         if line.startswith("[pretrain] epoch "):
             epochs.append(int(line.split()[2].split("/")[0]))
             if len(epochs) == after_epochs:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(sig)
                 break
     rest, err = proc.communicate(timeout=120)
     epochs += [int(l.split()[2].split("/")[0]) for l in rest.splitlines() if l.startswith("[pretrain] epoch ")]
@@ -654,6 +654,39 @@ def test_ctrl_c_is_one_line_whose_override_resumes_the_run(tmp_path, mode):
     assert (Path(folder) / "run.log").read_text().rstrip().endswith(last)
     status, resumed, err, _ = _until_interrupted(args + override, tmp_path, 1)
     assert status == 130 and resumed[0] == epochs[-1] + 1, (epochs, resumed)
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM — a scheduler's time limit, ``scancel``, ``kill`` — mid-training: exit status 143
+    and one line, no traceback, in the console and in ``run.log`` (a SLURM job's log says why it
+    stopped), no temporary file left; its override resumes after the last finished epoch."""
+    args = ["experiment=smoke", "schedule.pretrain.epochs=400", f"pretrain.cache_dir={tmp_path / 'cache'}"]
+    status, epochs, err, first = _until_interrupted(args, tmp_path, 2, signal.SIGTERM)
+    assert status == 143 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sosp-run: stopped by SIGTERM; what finished is kept"), last
+    folder = Path(first.split()[2])
+    assert (folder / "run.log").read_text().rstrip().endswith(last)
+    assert not [p.name for p in folder.rglob("*.tmp")]
+    override = shlex.split(last.split(" with ")[-1])
+    status, resumed, err, _ = _until_interrupted(args + override, tmp_path, 1, signal.SIGTERM)
+    assert status == 143 and resumed[0] == epochs[-1] + 1, (epochs, resumed)
+
+
+def test_the_sigterm_handler_is_sosp_runs_alone_and_not_under_torchrun_or_submitit(monkeypatch):
+    """``stop_on_sigterm`` puts the handler before it back on the way out (``cli.main`` called
+    in a process of one's own leaves it as it was), and sets none under torchrun or submitit,
+    whose agents stop their processes with SIGTERM themselves."""
+    from sosp_cli.cli import stop_on_sigterm
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_sigterm():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    for k in ("SUBMITIT_EXECUTOR", "TORCHELASTIC_RUN_ID", "LOCAL_RANK"):
+        monkeypatch.setenv(k, "0")
+        with stop_on_sigterm():
+            assert signal.getsignal(signal.SIGTERM) is before
+        monkeypatch.delenv(k)
 
 
 @pytest.mark.parametrize("folder", ["a b/é", "résumé(2)", "a,b", "it's", 'q"x', "x\\\"y", "[x]", "a=b", "{a}", "a:b@c",
