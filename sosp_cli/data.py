@@ -13,7 +13,9 @@ A missing dataset raises a one-line SospError naming where it looked and what to
 """
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,6 +237,16 @@ def load_dataset(name: str, root: str = "data", download: bool = False, image_si
     return load_imagenet(root, image_size, val_size, split_seed, augment)
 
 
+def _quiet_sigterm(worker_id: int) -> None:
+    """In a loader's worker process: SIGTERM ends it with exit status 0. A scheduler (SLURM at a
+    time limit) signals every process of the job at once, and a worker killed by the signal made
+    the main process stop with "DataLoader worker ... is killed by signal: Terminated" before
+    its own handler could stop the run with its resume line (``sosp_cli.cli.stop_on_sigterm``);
+    a worker that exits 0 is not reported at once. (Not ignored: the main process, and Python's
+    exit, stop their workers with SIGTERM and wait for them.)"""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
                 num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
                 across_ranks: bool = False) -> DataLoader:
@@ -244,7 +256,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     batch the single-process loader draws (:class:`.distributed.GlobalBatchShards`)."""
     generator = torch.Generator().manual_seed(seed)
     common = dict(generator=generator, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=num_workers > 0)
+                  persistent_workers=num_workers > 0,
+                  worker_init_fn=_quiet_sigterm if num_workers > 0 else None)
     if across_ranks and distributed.active():
         if not (shuffle and drop_last):
             raise ValueError("across_ranks: only a shuffled training loader with drop_last")

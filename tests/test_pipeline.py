@@ -673,6 +673,25 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     assert status == 143 and resumed[0] == epochs[-1] + 1, (epochs, resumed)
 
 
+def test_sigterm_to_every_process_of_a_run_with_loader_workers_is_the_same_one_line(tmp_path):
+    """SLURM signals every process of a job at once, the loader's worker processes too: the run
+    still stops with its one line and 143 — not "DataLoader worker ... is killed by signal"."""
+    write_cifar(tmp_path / "data", "cifar10", n_train=200, n_test=50)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sosp_cli.cli", "experiment=smoke", "dataset=cifar10",
+         f"dataset.root={tmp_path / 'data'}", "dataset.num_workers=2", "dataset.val_size=100",
+         "schedule.pretrain.epochs=400", "schedule.pretrain.batch_size=32",
+         f"hydra.run.dir={tmp_path / 'run'}", f"pretrain.cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("[pretrain] epoch 2/"):
+            os.killpg(proc.pid, signal.SIGTERM)   # the main process and its two workers
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("sosp-run: stopped by SIGTERM; what finished is kept")
+
+
 def test_the_sigterm_handler_is_sosp_runs_alone_and_not_under_torchrun_or_submitit(monkeypatch):
     """``stop_on_sigterm`` puts the handler before it back on the way out (``cli.main`` called
     in a process of one's own leaves it as it was), and sets none under torchrun or submitit,
