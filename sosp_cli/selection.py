@@ -162,10 +162,9 @@ def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float
     caps = removal_caps(ss, orig, min_channels, max_layer_ratio, round_to)
     chosen, skipped = [], 0
     reached = [[] for _ in ss.groups]   # per group: structures the walk passed, not yet removed
-    met = False                          # the walk stopped at the budget (not by running out)
+    closer_short = False                 # stopped just short of the budget, as the closer cut
     for s in order(normalized(scores, ss, normalize), ss, scope):
         if removed[target] >= goal:
-            met = True
             break
         gi = group[s]
         reached[gi].append(s)
@@ -179,7 +178,7 @@ def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float
         params, macs = cost.removal_cost_of(block)
         step = {"structures": n, "params": params, "flops": macs}[target]
         if removed[target] + step - goal > goal - removed[target]:
-            met = True
+            closer_short = True
             break  # stopping short of the target is closer to it than taking the block
         for t in block:
             cost.remove(t)
@@ -188,11 +187,10 @@ def select(scores: torch.Tensor, ss: StructureSet, cost: CostModel, ratio: float
         removed["flops"] += macs
         size_now[gi] -= n
         chosen += block
-    met = met or removed[target] >= goal   # the last structure of the walk reached it
     names = ss.names()
     ratios = {k: removed[k] / total[k] for k in TARGETS}
     return Selection(remove=[names[i] for i in sorted(chosen)], target=target, requested_ratio=ratio,
                      achieved_ratio=ratios[target], structures_ratio=ratios["structures"],
                      params_ratio=ratios["params"], flops_ratio=ratios["flops"], guard_skipped=skipped,
                      layer_ratios={g.root: 1 - size_now[i] / size_orig[i] for i, g in enumerate(ss.groups)},
-                     budget_met=met)
+                     budget_met=closer_short or removed[target] >= goal)   # else the walk ran out

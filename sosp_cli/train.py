@@ -344,9 +344,11 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
                 net, model, x, y, optimizer, scaler, use_amp, cfg.label_smoothing, bn_sparsity, scale)
             # the schedule follows the steps taken, skipped by AMP or not; PyTorch warns when the
             # first step is a skipped one, as if the two calls were in the wrong order
-            with warnings.catch_warnings() if step_skipped else contextlib.nullcontext():
-                if step_skipped:
+            if step_skipped:
+                with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`", UserWarning)
+                    scheduler.step()
+            else:
                 scheduler.step()
             skipped += step_skipped
             # a non-finite loss: the step's gradients, and so every weight after it, are not
