@@ -63,8 +63,7 @@ def validate(cfg: RunConfig, here: bool = True) -> None:
 
     _check_options(cfg)
     stages = num_stages(cfg.model.name)
-    validate_run(_sub(cfg, stage_widths(cfg.model.width, stages), cfg.bottleneck.detect_ratio,
-                      cfg.bottleneck.seeds[0], "structures"), here)
+    validate_run(_detect_run(cfg, stage_widths(cfg.model.width, stages)), here)
 
 
 def _check_options(cfg: RunConfig) -> None:
@@ -90,50 +89,100 @@ def _check_options(cfg: RunConfig) -> None:
             raise SospError(f"bottleneck.{key}={getattr(b, key)} must be > 0")
 
 
-def run(cfg: RunConfig, out_dir: str | Path) -> dict:
-    from .pipeline import run as run_one
-    from .plots import bottleneck_figures
+def _detect_run(cfg: RunConfig, width) -> RunConfig:
+    """A detection run: ``detect_ratio`` of the structures, the first seed."""
+    return _sub(cfg, width, cfg.bottleneck.detect_ratio, cfg.bottleneck.seeds[0], "structures")
 
-    _check_options(cfg)   # the rest of validate() is the detection run's, which run_one does first
-    out = Path(out_dir)
+
+DETECT = Path("detect")   # the original model's detection run, below the experiment's folder
+
+
+def sub_runs(cfg: RunConfig, widths: dict) -> list[tuple[str, RunConfig, Path]]:
+    """Every run of the experiment's grid as (variant, its config, its folder below the
+    experiment's), in the order :func:`run` runs them: per variant its parameter budgets × seeds,
+    then its detection run (the stage ratios of its figure; the original's is :data:`DETECT`)."""
+    b, runs = cfg.bottleneck, []
+    for variant, width in widths.items():
+        runs += [(variant, _sub(cfg, width, ratio, seed, "params"), Path(variant, f"r{ratio}_s{seed}"))
+                 for ratio in b.ratios for seed in b.seeds]
+        runs.append((variant, _detect_run(cfg, width), DETECT if variant == "original" else Path(variant, "detect")))
+    return runs
+
+
+def plan(cfg: RunConfig, detect: dict) -> dict:
+    """The widths of the three variants from the detection run's result (its per-group pruning
+    ratios): the ``num_widened`` stages pruned least are the bottlenecks (module docstring)."""
     b = cfg.bottleneck
     stages = num_stages(cfg.model.name)
     base = stage_widths(cfg.model.width, stages)
-
-    detect = run_one(_sub(cfg, base, b.detect_ratio, b.seeds[0], "structures"), out / "detect")
-    spec = create_model(cfg.model.name, 10, 3, base)
-    ss = StructureSet(spec.eval(), torch.zeros(1, 3, 32, 32))
-    sizes = {g.root: g.size for g in ss.groups}
-    ratios = stage_ratios(cfg.model.name, sizes, detect["layer_ratios"], stages)
+    ratios = stage_ratios(cfg.model.name, _group_sizes(cfg, base), detect["layer_ratios"], stages)
     bottlenecks = sorted(range(stages), key=lambda s: ratios[s])[: b.num_widened]
     widened = [w * b.widen_factor if s in bottlenecks else w for s, w in enumerate(base)]
     uniform = [w * b.uniform_factor for w in base]
     override = "model.width=[" + ",".join(f"{w:g}" for w in widened) + "]"
-    info = {"model": cfg.model.name, "method": cfg.method.name, "detect_ratio": b.detect_ratio,
+    return {"model": cfg.model.name, "method": cfg.method.name, "detect_ratio": b.detect_ratio,
             "stage_ratios": ratios, "bottleneck_stages": bottlenecks, "widths": {
                 "original": base, "bottleneck": widened, "uniform": uniform}, "override": override}
+
+
+def _group_sizes(cfg: RunConfig, width) -> dict[str, int]:
+    """Structures per group of the model at ``width``."""
+    model = create_model(cfg.model.name, 10, 3, width).eval()
+    return {g.root: g.size for g in StructureSet(model, torch.zeros(1, 3, 32, 32)).groups}
+
+
+def check_folder(cfg: RunConfig, out: Path) -> None:
+    """:func:`sosp_cli.pipeline.check_folder` for every sub-run folder the experiment would
+    run: the detection run, and every run of the original and uniform variants; the bottleneck
+    variant's too once the detection run has its result (its widths come from it)."""
+    from .pipeline import check_folder as check_run, load_result
+
+    out = Path(out)
+    base = stage_widths(cfg.model.width, num_stages(cfg.model.name))
+    check_run(_detect_run(cfg, base), out / DETECT)
+    widths = {"original": base, "uniform": [w * cfg.bottleneck.uniform_factor for w in base]}
+    if distributed.broadcast_object((out / DETECT / "result.json").exists()):
+        widths = plan(cfg, load_result(out / DETECT / "result.json"))["widths"]
+    for _, sub, folder in sub_runs(cfg, widths):
+        check_run(sub, out / folder)
+
+
+def run(cfg: RunConfig, out_dir: str | Path, accepted=None) -> dict:
+    """The whole experiment in ``out_dir``. A folder holding a sub-run of another config is
+    refused before anything runs (:func:`check_folder`); then ``accepted(out)`` is called (rank
+    0), as :func:`sosp_cli.pipeline.run` calls it."""
+    from .pipeline import run as run_one
+    from .plots import bottleneck_figures
+
+    from .data import check_dataset_present
+
+    validate(cfg)   # a bad value, or a missing dataset, is named before the folder's artefacts
+    check_dataset_present(cfg.dataset.name, cfg.dataset.root, cfg.dataset.download)
+    out = Path(out_dir)
+    stages = num_stages(cfg.model.name)
+    check_folder(cfg, out)
     main = distributed.is_main()
+    if accepted is not None and main:
+        accepted(out)
+
+    detect = run_one(_detect_run(cfg, stage_widths(cfg.model.width, stages)), out / DETECT)
+    info = plan(cfg, detect)
     if main:
         save_json(info, out / "bottlenecks.json")
-        log.info(f"[bottleneck] stage pruning ratios {[round(r, 3) for r in ratios]} → bottleneck "
-                 f"stage(s) {bottlenecks}; widened model: {override}")
+        log.info(f"[bottleneck] stage pruning ratios {[round(r, 3) for r in info['stage_ratios']]} → "
+                 f"bottleneck stage(s) {info['bottleneck_stages']}; widened model: {info['override']}")
 
     rows, per_variant_ratios = [], {}
-    for variant, width in info["widths"].items():
-        for ratio in b.ratios:
-            for seed in b.seeds:
-                r = run_one(_sub(cfg, width, ratio, seed, "params"),
-                            out / variant / f"r{ratio}_s{seed}")
-                rows.append({"variant": variant, "prune_ratio": ratio, "seed": seed,
-                             "params_after": r["params_after"], "params_before": r["params_before"],
-                             "macs_after": r["macs_after"], "top1_before": r["top1_before"],
-                             "top1_finetuned": r["top1_finetuned"]})
-        # stage ratios of this variant at the detection budget (structures), first seed
-        d = detect if variant == "original" else run_one(
-            _sub(cfg, width, b.detect_ratio, b.seeds[0], "structures"), out / variant / "detect")
-        groups = {g.root: g.size for g in StructureSet(
-            create_model(cfg.model.name, 10, 3, width).eval(), torch.zeros(1, 3, 32, 32)).groups}
-        per_variant_ratios[variant] = stage_ratios(cfg.model.name, groups, d["layer_ratios"], stages)
+    for variant, sub, folder in sub_runs(cfg, info["widths"]):
+        r = detect if folder == DETECT else run_one(sub, out / folder)
+        if sub.prune.target == "params":
+            rows.append({"variant": variant, "prune_ratio": sub.prune.ratio, "seed": sub.seed,
+                         "params_after": r["params_after"], "params_before": r["params_before"],
+                         "macs_after": r["macs_after"], "top1_before": r["top1_before"],
+                         "top1_finetuned": r["top1_finetuned"]})
+        else:   # the variant's stage ratios at the detection budget (structures), first seed
+            per_variant_ratios[variant] = stage_ratios(cfg.model.name, _group_sizes(cfg, sub.model.width),
+                                                       r["layer_ratios"], stages)
     df = pd.DataFrame(rows)
     table = df.groupby(["variant", "prune_ratio"]).agg(
         params_after=("params_after", "mean"), top1_mean=("top1_finetuned", "mean"),

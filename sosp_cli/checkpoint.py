@@ -6,6 +6,7 @@ saved Torch-Pruning history is replayed before the weights are loaded (:mod:`.su
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,11 +24,14 @@ FORMAT = "sosp-model/1"
 KEPT = "; it is kept — delete it, or run in a new output directory"
 
 
-def read_torch(path: str | Path, what: str = "", hint: str = ""):
+def read_torch(path: str | Path, what: str = "", hint: str = "", mmap: bool = False):
     """``torch.load`` of ``path`` onto the CPU, or a one-line error naming the file (``what``:
-    the option it came from, e.g. ``pretrain.checkpoint=``; ``hint``: what to do about it)."""
+    the option it came from, e.g. ``pretrain.checkpoint=``; ``hint``: what to do about it).
+    ``mmap``: the tensors are mapped, not read (to read a record's other entries cheaply) — if
+    the file is in the zip format torch.save writes, which mapping needs."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        mmap = mmap and zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - an unreadable file is a bad input, whatever torch raises
         raise SospError(f"{what}{path} is not a readable torch file ({describe(exc)}){hint}") from None
 

@@ -28,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
 from .config import RunConfig
-from .errors import SospError, check_choice, describe, message
+from .errors import OtherConfig, SospError, check_choice, describe, message
 from .selection import TARGET_NOUNS
-from .utils import make_folder, retain_freed_memory
+from .utils import make_folder, retain_freed_memory, save_text
 
 # the run's messages (epoch lines, summary, ...) go through ``logging``: Hydra's job logging
 # (configs/config.yaml, hydra.job_logging) prints them and keeps them in the run folder's run.log;
@@ -309,6 +309,62 @@ def resume_override(out: str | Path, sweep: bool) -> str:
     return shlex.quote(folder)
 
 
+# the folder, in a run folder, of Hydra's record of the job that made it (save_run_record)
+RECORD = ".hydra"
+
+
+def save_run_record(out: str | Path, cfg: DictConfig) -> None:
+    """Hydra's record of this job — ``config.yaml`` (the composed config), ``hydra.yaml``,
+    ``overrides.yaml``, as Hydra writes them (``hydra.core.utils.run_job``) — into the run folder
+    ``out``, once the run has accepted the folder (configs/config.yaml sets Hydra's
+    ``output_subdir`` to null): a refused run leaves the record of the folder's own run as it was."""
+    hydra_cfg = HydraConfig.instance().cfg
+    folder = Path(out) / RECORD
+    make_folder(folder, str(folder))
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        save_text(OmegaConf.to_yaml(node), folder / name)
+
+
+def changed_settings(before: DictConfig, now: DictConfig) -> list[str]:
+    """``key before → now`` for every setting (dotted key) whose value differs between two
+    composed configs; a setting only one has reads "(absent)" in the other."""
+    def flat(node) -> dict:
+        try:
+            tree = OmegaConf.to_container(node, resolve=True)
+        except Exception:  # noqa: BLE001 - an interpolation that no longer resolves: as written
+            tree = OmegaConf.to_container(node, resolve=False)
+        leaves = {}
+
+        def walk(prefix, value):
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}{k}.", v)
+            else:
+                leaves[prefix[:-1]] = value
+        walk("", tree)
+        return leaves
+
+    a, b = flat(before), flat(now)
+    absent = "(absent)"
+    return [f"{k} {a.get(k, absent)} → {b.get(k, absent)}" for k in list(a) + [k for k in b if k not in a]
+            if a.get(k, absent) != b.get(k, absent)]
+
+
+def changes_from_record(out: str | Path, cfg: DictConfig, limit: int = 6) -> str:
+    """What this run changes from the run that made the folder's artefacts, read from the
+    folder's record (:func:`save_run_record`); "" without a readable record or a difference."""
+    try:
+        before = OmegaConf.load(Path(out) / RECORD / "config.yaml")
+    except Exception:  # noqa: BLE001 - no record (a folder made through the Python API), or not one Hydra wrote
+        return ""
+    changes = changed_settings(before, cfg)
+    if not changes:
+        return ""
+    more = f", and {len(changes) - limit} more" if len(changes) > limit else ""
+    return f"this run changes {', '.join(changes[:limit])}{more} from the folder's {RECORD}/config.yaml"
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> dict | None:
     from .report import FAILED_FILE
@@ -325,7 +381,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
                      f"{resume_override(out, sweep)} resumes {'the sweep' if sweep else 'it'})")
             if run_cfg.note:
                 log.info(f"[{run_cfg.experiment_name}] {run_cfg.note}")
-        result = task_module(run_cfg.task).run(run_cfg, out)
+        result = task_module(run_cfg.task).run(run_cfg, out, accepted=lambda folder: save_run_record(folder, cfg))
     except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: one line, not a traceback from wherever it landed
         what, status = _stopped(exc)
         if distributed.is_main():
@@ -335,6 +391,8 @@ def hydra_main(cfg: DictConfig) -> dict | None:
             stop_log.warning(line)
         sys.exit(status)
     except SospError as exc:
+        if isinstance(exc, OtherConfig) and not exc.changes:
+            exc = OtherConfig(exc.path, exc.found, exc.key, exc.partial, changes_from_record(out, cfg))
         text = message(exc)
         print(f"sosp-run: error: {text}", file=sys.stderr)
         stop_log.error(f"sosp-run: error: {text}")

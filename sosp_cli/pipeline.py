@@ -30,7 +30,7 @@ from .checkpoint import (KEPT, build_from_record, check_checkpoint_path, load_we
 from .config import RunConfig
 from .diagnostics import loss_prediction
 from .data import check_dataset_options, load_dataset, make_loader, take_batches
-from .errors import SospError, check_choice
+from .errors import OtherConfig, SospError, check_choice
 from .measure import PeakMemory, count_macs, count_params, latencies_in_turn
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion, saliency_model
@@ -102,6 +102,59 @@ def finetune_key(cfg: RunConfig) -> str:
     return fingerprint(prune_key(cfg), _asdict(cfg.schedule.finetune))
 
 
+def saliency_file(step: int) -> str:
+    """The file of round ``step``'s scores."""
+    return "saliency.pt" if step == 1 else f"saliency_step{step}.pt"
+
+
+def pruned_file(step: int, steps: int) -> str:
+    """The file of round ``step``'s pruned model (the last round's: ``pruned.pt``)."""
+    return "pruned.pt" if step == steps else f"pruned_step{step}.pt"
+
+
+def step_saliency_key(cfg: RunConfig, step: int) -> str:
+    """Key of round ``step``'s scores: the dense model's (step 1), else of the model the rounds
+    before it pruned."""
+    return saliency_key(cfg) if step == 1 else \
+        fingerprint(prune_key(cfg), "saliency", step, *_between_steps(cfg))
+
+
+def artefacts(cfg: RunConfig) -> list[tuple[str, str, str | None]]:
+    """Every file in which a run of ``cfg`` keeps its stages' work, as (name, the key it
+    carries, the stage of a partial training resumed per epoch — else None): the names the
+    stages below write, read by :func:`check_folder`."""
+    k, pretrained, finetuned = cfg_steps(cfg), pretrain_key(cfg), finetune_key(cfg)
+    files = [("pretrained.pt", pretrained, None), ("pretrain_last.pt", pretrained, "pretrain")]
+    for step in range(1, k + 1):
+        files += [(saliency_file(step), step_saliency_key(cfg, step), None),
+                  (pruned_file(step, k), step_key(cfg, step), None)]
+        if step < k:
+            files.append((f"step{step}_last.pt", step_key(cfg, step), f"step{step}-finetune"))
+    return files + [("finetuned.pt", finetuned, None), ("finetune_last.pt", finetuned, "finetune")]
+
+
+def check_folder(cfg: RunConfig, out: Path) -> None:
+    """Refuse a run folder holding an artefact of another config (:func:`artefacts`) before
+    anything runs or is written: a stage would refuse it anyway (:func:`_load_stage`), but only
+    after the stages before it had run — and ``sosp-run`` writes its record of the config
+    (``.hydra/``) only into a folder this accepts. Rank 0 reads the files (the tensors mapped,
+    not read); every rank raises."""
+    other = None
+    if distributed.is_main():
+        for name, key, partial in artefacts(cfg):
+            path = Path(out) / name
+            if not path.exists():
+                continue
+            record = read_torch(path, hint=KEPT, mmap=True)
+            found = record.get("key") if isinstance(record, dict) else type(record).__name__
+            if found != key and not (partial and found is None):   # a partial training's
+                other = OtherConfig(path, found, key, partial)       # without one predates keys
+                break
+    other = distributed.broadcast_object(other)
+    if other is not None:
+        raise other
+
+
 def _load_stage(path: Path, key: str):
     """Return the artefact at ``path`` if it was made for ``key``; None if absent (rank 0 decides,
     so that under several processes every rank skips or runs the same stages)."""
@@ -109,9 +162,7 @@ def _load_stage(path: Path, key: str):
         return None
     record = read_torch(path, hint=KEPT)
     if not isinstance(record, dict) or record.get("key") != key:
-        found = record.get("key") if isinstance(record, dict) else type(record).__name__
-        raise SospError(f"{path} was made by a different config (key {found} != {key}); "
-                        "it is kept — run in a new output directory")
+        raise OtherConfig(path, record.get("key") if isinstance(record, dict) else type(record).__name__, key)
     return record
 
 
@@ -297,9 +348,8 @@ def stage_saliency(run: Run, model, ss: StructureSet, step: int = 1,
     """Scores of the current model (step 1: the dense model; step k: after k−1 prune steps,
     ``originals`` the dense model's totals, for the guards that sosp_i's greedy growth obeys)."""
     cfg = run.cfg
-    key = saliency_key(cfg) if step == 1 else \
-        fingerprint(prune_key(cfg), "saliency", step, *_between_steps(cfg))
-    path = run.out / ("saliency.pt" if step == 1 else f"saliency_step{step}.pt")
+    key = step_saliency_key(cfg, step)
+    path = run.out / saliency_file(step)
     record = _load_stage(path, key)
     if record is not None:
         return record
@@ -361,7 +411,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
     seconds = []         # each round's saliency time; a step's record holds those up to it
     for step in range(1, k + 1):
         key = step_key(cfg, step)
-        path = run.out / ("pruned.pt" if step == k else f"pruned_step{step}.pt")
+        path = run.out / pruned_file(step, k)
         record = _load_stage(path, key)
         if step == 1:
             first_saliency = stage_saliency(run, current, ss)
@@ -429,28 +479,34 @@ def cfg_steps(cfg: RunConfig) -> int:
 RUN_LOCK = ".sosp-run.lock"
 
 
-def run(cfg: RunConfig, out_dir: str | Path) -> dict:
+def run(cfg: RunConfig, out_dir: str | Path, accepted=None) -> dict:
     """Run (or resume) one experiment; returns the result written to ``result.json``.
 
     A folder that another process is running — the same command started twice, a job requeued
-    while its first attempt still runs — is refused in one line rather than run by both."""
+    while its first attempt still runs — is refused in one line rather than run by both, and so
+    is a folder holding an artefact of another config (:func:`check_folder`, after the checks of
+    the inputs). ``accepted(out)`` is called (rank 0) once the folder is accepted, before any
+    stage: ``sosp-run`` writes its record of the config there."""
     validate(cfg)
     out = Path(out_dir)
     make_folder(out, f"the run folder {out}")
     with distributed.file_lock(str(out / RUN_LOCK), busy=(
             f"the run folder {out} is in use by another sosp-run process (it holds {out / RUN_LOCK}); "
             "wait for it to end, or give another hydra.run.dir")):
-        return _run(cfg, out)
+        return _run(cfg, out, accepted)
 
 
-def _run(cfg: RunConfig, out: Path) -> dict:
+def _run(cfg: RunConfig, out: Path, accepted=None) -> dict:
     result_path = out / "result.json"
-    r = Run(cfg, out)
+    r = Run(cfg, out)   # reads the dataset: its own checks (present, larger than a batch) come first
     t_start = time.time()
     criterion = get_criterion(cfg.method)
     if criterion.structure_limited:   # refuse before pretraining, on the dense model's S
         fresh = create_model(cfg.model.name, r.spec["num_classes"], r.spec["in_channels"], cfg.model.width)
         criterion.check_structures(StructureSet(fresh.eval(), r.example).num_structures)
+    check_folder(cfg, out)   # after every check of the inputs: a bad value is named first
+    if accepted is not None and distributed.is_main():
+        accepted(out)
 
     model = stage_pretrain(r)
     dense = r.evaluate(model)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import KEPT, read_torch
 from .config import TrainConfig
-from .errors import SospError, check_choice
+from .errors import OtherConfig, SospError, check_choice
 from .utils import append_jsonl, jsonl_row, save_text, save_torch
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -312,9 +312,7 @@ def _train(model, train_loader, val_loader, cfg: TrainConfig, device, stage, met
     if resume:
         state = read_torch(checkpoint_path, hint=KEPT)
         if key is not None and state.get("key", key) != key:   # (no key: made before keys were written)
-            raise SospError(f"{checkpoint_path} is a partial {stage} training of a different config "
-                            f"(key {state['key']} != {key}); it is kept — delete it to train afresh, "
-                            "or run in a new output directory")
+            raise OtherConfig(checkpoint_path, state["key"], key, partial=stage)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -160,6 +160,71 @@ def test_changed_config_never_overwrites_artefacts(tmp_path):
     assert (out / "saliency.pt").read_bytes() == before
 
 
+def test_the_files_check_folder_reads_are_those_the_stages_write_with_their_keys(tmp_path, monkeypatch):
+    """:func:`pipeline.artefacts` lists what a run writes — every stage's file with its key, and
+    every partial training's checkpoint with its key and stage — in a run with every kind of
+    stage (its own pretraining, two rounds with fine-tuning between them)."""
+    from sosp_cli import pipeline
+    cfg = compose_run(["experiment=smoke", "method=l1", "prune.steps=2", "prune.step_epochs=1",
+                       "pretrain.use_cache=false"], tmp_path)
+    listed = pipeline.artefacts(cfg)
+    trained, fit = [], pipeline.Run.fit
+
+    def recording(self, model, tcfg, stage, checkpoint, key, *args, **kwargs):
+        trained.append((checkpoint.name, key, stage))
+        return fit(self, model, tcfg, stage, checkpoint, key, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Run, "fit", recording)
+    run(cfg, tmp_path / "run")
+    written = {p.name: torch.load(p, weights_only=False)["key"] for p in (tmp_path / "run").glob("*.pt")}
+    assert written == {name: key for name, key, partial in listed if partial is None}
+    assert trained == [entry for entry in listed if entry[2] is not None]
+
+
+def test_a_folder_of_another_config_is_refused_before_any_stage_and_keeps_its_record(
+        tmp_path, monkeypatch, capsys):
+    """``sosp-run`` into a folder whose artefacts another config made: one line naming the first
+    such file and the settings this run changes (from the folder's ``.hydra/config.yaml``),
+    before any stage runs; the artefacts and the folder's record of the config that made them
+    (``.hydra/``, which Hydra would have overwritten on starting the job) are as they were.
+    The folder's own command then resumes it."""
+    from sosp_cli import cli, pipeline
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)
+    folder = tmp_path / "run"
+    common = ["sosp-run", "experiment=smoke", f"pretrain.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={folder}"]
+    monkeypatch.setattr(sys, "argv", common + ["method=l1"])
+    cli.main()
+    kept = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "run.log"}
+    assert {Path(".hydra", n) for n in ("config.yaml", "hydra.yaml", "overrides.yaml")} <= set(kept)
+    assert "- method=l1" in (folder / ".hydra" / "overrides.yaml").read_text()
+    capsys.readouterr()
+
+    def no_stage(*args):
+        raise AssertionError("a stage ran")
+
+    real_stage = pipeline.stage_pretrain
+    monkeypatch.setattr(pipeline, "stage_pretrain", no_stage)
+    monkeypatch.setattr(sys, "argv", common + ["method=l2", "prune.ratio=0.4"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (f"sosp-run: error: {folder / 'saliency.pt'} was made by a different config (key "
+                    f"{torch.load(folder / 'saliency.pt', weights_only=False)['key']} != "
+                    f"{pipeline.saliency_key(compose_run(['experiment=smoke', 'method=l2'], tmp_path))}); "
+                    "it is kept — run in a new output directory (this run changes method.name l1 → l2, "
+                    "prune.ratio 0.5 → 0.4 from the folder's .hydra/config.yaml)")
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != "run.log"} == kept
+    assert line.removeprefix("sosp-run: ") in (folder / "run.log").read_text()
+    monkeypatch.setattr(pipeline, "stage_pretrain", real_stage)
+    monkeypatch.setattr(sys, "argv", common + ["method=l1"])
+    cli.main()   # resumed: nothing trained again
+    assert (folder / "metrics.jsonl").read_bytes() == kept[Path("metrics.jsonl")]
+    assert (folder / ".hydra" / "config.yaml").read_bytes() == kept[Path(".hydra", "config.yaml")]
+
+
 def test_a_cache_dir_that_cannot_be_created_is_one_clear_error(tmp_path):
     cfg = dataclasses.replace(compose_run(["experiment=smoke"], tmp_path),
                               pretrain=PretrainConfig(cache_dir="/dev/null/cache"))
@@ -579,7 +644,8 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(case, tmp_path, monkeypatc
     Hydra), in this process: a subprocess per case would be mostly torch's import. The process
     itself — exit status, nothing else on stderr — is checked on two cases below. The run
     folder already holds a pretrained model of another config (a rerun after a change in a
-    fixed ``hydra.run.dir``): the bad value is named first, and that model is left as it was."""
+    fixed ``hydra.run.dir``): the bad value is named first, and that model is left as it was,
+    with no record of the refused config beside it."""
     from sosp_cli import cli
     args, needle = BAD_INPUTS[case]
     monkeypatch.chdir(tmp_path)
@@ -595,6 +661,7 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(case, tmp_path, monkeypatc
     _one_error_line(capsys.readouterr().err, needle)
     written = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".json", ".jsonl")]
     assert written == [earlier] and earlier.read_bytes() == kept   # nothing ran
+    assert not (tmp_path / "run" / ".hydra").exists()   # nor is the refused config recorded there
 
 
 @pytest.mark.parametrize("case", [i for i, (args, _) in enumerate(BAD_INPUTS)

@@ -1,5 +1,6 @@
 """Every experiment preset composes, every value of its sweep composes, and it runs end to end
 through ``debug=smoke`` (one job of the sweep, or the whole bottleneck experiment)."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from sosp_cli import bottleneck, pipeline
 from sosp_cli.cli import CONFIG_DIR, to_run_config
+from sosp_cli.errors import OtherConfig
 
 PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 PAPER = [p for p in PRESETS if p.startswith("paper_")]
@@ -49,6 +51,16 @@ def test_preset_runs_through_debug_smoke(name, tmp_path):
         assert (tmp_path / "run" / "bottlenecks.json").exists()
         assert (tmp_path / "run" / "bottleneck.png").exists()
         assert out["bottlenecks"]["override"].startswith("model.width=[")
+        # the folders check_folder reads before anything runs are every sub-run the experiment
+        # made; another widening is refused at its widened variant's first run
+        folders = {f for _, _, f in bottleneck.sub_runs(run_cfg, out["bottlenecks"]["widths"])}
+        assert folders == {p.parent.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("result.json")}
+        bottleneck.check_folder(run_cfg, tmp_path / "run")
+        b = run_cfg.bottleneck
+        wider = dataclasses.replace(run_cfg, bottleneck=dataclasses.replace(b, widen_factor=2 * b.widen_factor))
+        first = tmp_path / "run" / "bottleneck" / f"r{b.ratios[0]}_s{b.seeds[0]}"
+        with pytest.raises(OtherConfig, match=f"^{first / 'pretrained.pt'} was made by a different config"):
+            bottleneck.check_folder(wider, tmp_path / "run")
     else:
         result = pipeline.run(run_cfg, tmp_path / "run")
         assert result["experiment"] == name
