@@ -101,12 +101,18 @@ def test_an_unreadable_cifar_batch_is_one_line_naming_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"not an image", "truncated"])
-def test_an_image_that_cannot_be_read_is_one_line_naming_it_also_from_a_worker(tmp_path, content):
+def test_an_image_that_cannot_be_read_is_one_line_naming_it_also_from_a_worker(tmp_path, content, monkeypatch):
     """A file that is not an image, or a PNG cut short (a broken download), read by the loader
     in this process or in a DataLoader worker — which re-raises with the worker's traceback in
-    the message: ``errors.message`` gives the one line the CLI prints."""
-    from torch.utils.data import DataLoader
+    the message: ``errors.message`` gives the one line the CLI prints. (PyTorch's workers do
+    not end on their own after one raised: the iterator, once collected, waits for each in turn
+    ``MP_STATUS_CHECK_INTERVAL`` — 5 s — before it stops them; shortened here, and collected
+    within the test.)"""
+    import gc
+    from torch.utils.data import DataLoader, _utils
     from sosp_cli.errors import message
+
+    monkeypatch.setattr(_utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
 
     write_imagefolder(tmp_path, ("n01", "n02"), n_train=3, n_val=1)
     bad = tmp_path / "train" / "n01" / "0.png"
@@ -119,6 +125,8 @@ def test_an_image_that_cannot_be_read_is_one_line_naming_it_also_from_a_worker(t
         assert line.startswith(f"cannot read image {bad} (") and line.endswith(
             "; replace or remove it, then resume the run") and "\n" not in line, line
         assert ("Original Traceback" in str(err.value)) == (workers > 0)
+        del err
+        gc.collect()   # the iterator of the workers, held by the traceback: its workers stopped now
 
 
 def test_a_download_that_fails_is_one_line(tmp_path, monkeypatch):
