@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -462,9 +463,16 @@ def _log_guards(sel, p, step: int, k: int) -> None:
     guards = (f"the layer guards (min_channels={p.min_channels}, max_layer_ratio={p.max_layer_ratio}, "
               f"round_to={p.round_to}) kept {sel.guard_skipped} structures that ranked for removal")
     if not sel.budget_met:
+        if p.min_channels == 1 and p.max_layer_ratio >= 1 and p.round_to == 1:
+            # the loosest guards: every removable structure went, so no selection removes more
+            most = math.floor(1000 * sel.achieved_ratio) / 1000
+            advice = (f"they are at their loosest (every group keeps one channel), so no selection "
+                      f"removes more: ask for at most prune.ratio={most:g}")
+        else:
+            advice = f"relax them to reach prune.ratio={p.ratio}"
         log.warning(f"[prune] step {step}/{k}: {100 * sel.achieved_ratio:.1f} % of the "
                     f"{TARGET_NOUNS[sel.target]} removed, short of the {100 * sel.requested_ratio:.1f} % "
-                    f"asked: {guards}; relax them to reach prune.ratio={p.ratio}")
+                    f"asked: {guards}; {advice}")
     elif sel.guard_skipped:
         log.info(f"[prune] step {step}/{k}: {guards}")
 

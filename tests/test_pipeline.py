@@ -1,6 +1,7 @@
 """The pipeline end to end on the smoke preset: outputs, resume, cache, errors."""
 import dataclasses
 import json
+import math
 import os
 import shlex
 import shutil
@@ -490,6 +491,13 @@ def test_a_budget_the_guards_cannot_reach_is_a_warning_a_summary_row_and_a_field
     assert "budget" not in summary(met) and not [r for r in caplog.records if r.levelname == "WARNING"]
     report = write_report(tmp_path / "sweep")
     assert "Budget not met" in report and "short: " in report and "met: " not in report
+    caplog.clear()   # guards at their loosest: no selection removes more, so none is to be relaxed
+    most = run(compose_run(["experiment=smoke", "prune.ratio=0.99", "prune.max_layer_ratio=1.0"], tmp_path),
+               tmp_path / "loosest")
+    said = [rec.getMessage() for rec in caplog.records if "short of the" in rec.getMessage()]
+    assert most["budget_met"] is False and len(said) == 1 and "relax" not in said[0]
+    assert said[0].endswith("they are at their loosest (every group keeps one channel), so no selection "
+                            f"removes more: ask for at most prune.ratio={math.floor(1000 * most['achieved_ratio']) / 1000:g}")
 
 
 def test_greedy_growth_gets_each_steps_guard_caps_and_they_key_its_saliency(tmp_path, monkeypatch):
