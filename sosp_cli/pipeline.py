@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import (KEPT, build_from_record, check_checkpoint_path, load_weights_into, not_finite,
+from .checkpoint import (FORMAT, KEPT, build_from_record, check_checkpoint_path, load_weights_into, not_finite,
                          model_record, read_torch, save_model)
 from .config import RunConfig
 from .diagnostics import loss_prediction
@@ -324,14 +324,29 @@ def stage_pretrain(run: Run) -> torch.nn.Module:
                 if not distributed.broadcast_object(cache.exists()):
                     _train_fresh(run, key, cache, cache.with_suffix(".partial.pt"))
             if main:
-                atomic_write(path, lambda tmp: shutil.copyfile(cache, tmp))
-            distributed.barrier()
+                try:   # a cached file cut short or spoiled is named, never copied into the run
+                    _check_cached(cache, key)
+                    atomic_write(path, lambda tmp: shutil.copyfile(cache, tmp))
+                except SospError as exc:
+                    problem = str(exc)
+            problem = distributed.broadcast_object(problem)   # every rank stops, not rank 0 alone
+            if problem:
+                raise SospError(problem)
             record = torch.load(path, map_location="cpu", weights_only=False)
         else:
             _train_fresh(run, key, path, run.out / "pretrain_last.pt")
             distributed.barrier()
             record = torch.load(path, map_location="cpu", weights_only=False)
     return build_from_record(record)
+
+
+def _check_cached(cache: Path, key: str) -> None:
+    """A one-line error unless ``cache`` holds the pretrained model its name says (its key)."""
+    again = f"; delete it to pretrain again (it is in pretrain.cache_dir={cache.parent})"
+    record = read_torch(cache, hint=again, mmap=True)
+    found = record.get("key") if isinstance(record, dict) else type(record).__name__
+    if found != key or record.get("format") != FORMAT:
+        raise SospError(f"{cache} is not the pretrained model its name says (key {found} != {key}){again}")
 
 
 def _train_fresh(run: Run, key: str, path: Path, partial: Path) -> None:

@@ -357,6 +357,28 @@ def test_pretrained_model_is_shared_through_the_cache(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.parametrize("spoil", ["garbage", "cut short", "another key"])
+def test_a_spoiled_cached_model_is_one_line_naming_it_and_is_not_copied(tmp_path, spoil):
+    """A file in the pretrain cache that is not the model its name says — garbage, a copy cut
+    short, a model of another config under this name — is named in one line (delete it to
+    pretrain again) and never copied into the run folder."""
+    run(compose_run(["experiment=smoke", "method=l1"], tmp_path), tmp_path / "a")
+    (cached,) = (tmp_path / "cache").glob("*.pt")
+    if spoil == "garbage":
+        cached.write_bytes(b"garbage")
+    elif spoil == "cut short":
+        cached.write_bytes(cached.read_bytes()[:1000])
+    else:
+        record = torch.load(cached, weights_only=False)
+        torch.save({**record, "key": "another"}, cached)
+    spoiled = cached.read_bytes()
+    with pytest.raises(SospError, match=f"^{cached} is (not a readable torch file \\(.*\\)|not the pretrained model "
+                                        "its name says \\(key another != \\w+\\)); delete it to pretrain again "
+                                        f"\\(it is in pretrain.cache_dir={tmp_path / 'cache'}\\)$"):
+        run(compose_run(["experiment=smoke", "method=l2"], tmp_path), tmp_path / "b")
+    assert not (tmp_path / "b" / "pretrained.pt").exists() and cached.read_bytes() == spoiled
+
+
 def test_pretrain_checkpoint_is_used_and_mismatch_is_one_clear_error(tmp_path):
     run(compose_run(["experiment=smoke", "method=l1"], tmp_path), tmp_path / "a")
     ckpt = tmp_path / "a" / "pretrained.pt"
