@@ -313,6 +313,15 @@ def test_a_partial_training_of_another_config_is_refused_and_kept(tmp_path, monk
     assert [r["epoch"] for r in rows if r["stage"] == "finetune"] == [1, 2, 3] and not partial.exists()
 
 
+def test_the_error_for_an_artefact_of_another_config_crosses_ranks_whole():
+    """Rank 0 reads the folder and sends every rank its answer (pickled): the same error."""
+    import pickle
+    from sosp_cli.errors import OtherConfig
+    sent = OtherConfig("/run/finetune_last.pt", "abc", "def", partial="finetune", changes="this run changes x 1 → 2")
+    got = pickle.loads(pickle.dumps(sent))
+    assert type(got) is OtherConfig and str(got) == str(sent) and (got.path, got.partial) == (sent.path, "finetune")
+
+
 def test_rounds_after_fine_tuning_between_them_are_keyed_by_its_settings(tmp_path):
     """``prune.steps=2`` with ``prune.step_epochs``: the second round prunes a model that
     ``schedule.finetune`` trained, so a round made with another fine-tuning setting is refused
