@@ -147,13 +147,18 @@ def check_folder(cfg: RunConfig, out: Path) -> None:
             if not path.exists():
                 continue
             record = read_torch(path, hint=KEPT, mmap=True)
-            found = record.get("key") if isinstance(record, dict) else type(record).__name__
+            found = _key_in(record)
             if found != key and not (partial and found is None):   # a partial training's
                 other = OtherConfig(path, found, key, partial)       # without one predates keys
                 break
     other = distributed.broadcast_object(other)
     if other is not None:
         raise other
+
+
+def _key_in(record) -> str | None:
+    """The key an artefact carries (None if it has none); what it is, if not an artefact."""
+    return record.get("key") if isinstance(record, dict) else type(record).__name__
 
 
 def _load_stage(path: Path, key: str):
@@ -163,7 +168,7 @@ def _load_stage(path: Path, key: str):
         return None
     record = read_torch(path, hint=KEPT)
     if not isinstance(record, dict) or record.get("key") != key:
-        raise OtherConfig(path, record.get("key") if isinstance(record, dict) else type(record).__name__, key)
+        raise OtherConfig(path, _key_in(record), key)
     return record
 
 
@@ -344,7 +349,7 @@ def _check_cached(cache: Path, key: str) -> None:
     """A one-line error unless ``cache`` holds the pretrained model its name says (its key)."""
     again = f"; delete it to pretrain again (it is in pretrain.cache_dir={cache.parent})"
     record = read_torch(cache, hint=again, mmap=True)
-    found = record.get("key") if isinstance(record, dict) else type(record).__name__
+    found = _key_in(record)
     if found != key or record.get("format") != FORMAT:
         raise SospError(f"{cache} is not the pretrained model its name says (key {found} != {key}){again}")
 
