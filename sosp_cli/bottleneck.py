@@ -151,10 +151,9 @@ def run(cfg: RunConfig, out_dir: str | Path, accepted=None) -> dict:
     """The whole experiment in ``out_dir``. A folder holding a sub-run of another config is
     refused before anything runs (:func:`check_folder`); then ``accepted(out)`` is called (rank
     0), as :func:`sosp_cli.pipeline.run` calls it."""
+    from .data import check_dataset_present
     from .pipeline import run as run_one
     from .plots import bottleneck_figures
-
-    from .data import check_dataset_present
 
     validate(cfg)   # a bad value, or a missing dataset, is named before the folder's artefacts
     check_dataset_present(cfg.dataset.name, cfg.dataset.root, cfg.dataset.download)

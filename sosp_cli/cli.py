@@ -309,43 +309,27 @@ def resume_override(out: str | Path, sweep: bool) -> str:
     return shlex.quote(folder)
 
 
-# the folder, in a run folder, of Hydra's record of the job that made it (save_run_record)
-RECORD = ".hydra"
-
-
 def save_run_record(out: str | Path, cfg: DictConfig) -> None:
     """Hydra's record of this job — ``config.yaml`` (the composed config), ``hydra.yaml``,
     ``overrides.yaml``, as Hydra writes them (``hydra.core.utils.run_job``) — into the run folder
-    ``out``, once the run has accepted the folder (configs/config.yaml sets Hydra's
-    ``output_subdir`` to null): a refused run leaves the record of the folder's own run as it was."""
+    ``out``'s ``.hydra`` (the folder ``sosp-report`` reads, :data:`sosp_cli.report.CONFIG_FILE`),
+    once the run has accepted the folder (configs/config.yaml sets Hydra's ``output_subdir`` to
+    null): a refused run leaves the record of the folder's own run as it was."""
+    from .report import CONFIG_FILE
     hydra_cfg = HydraConfig.instance().cfg
-    folder = Path(out) / RECORD
+    folder = Path(out) / CONFIG_FILE.parent
     make_folder(folder, str(folder))
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+    for name, node in ((CONFIG_FILE.name, cfg), ("hydra.yaml", hydra_cfg),
                        ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
         save_text(OmegaConf.to_yaml(node), folder / name)
 
 
 def changed_settings(before: DictConfig, now: DictConfig) -> list[str]:
-    """``key before → now`` for every setting (dotted key) whose value differs between two
-    composed configs; a setting only one has reads "(absent)" in the other."""
-    def flat(node) -> dict:
-        try:
-            tree = OmegaConf.to_container(node, resolve=True)
-        except Exception:  # noqa: BLE001 - an interpolation that no longer resolves: as written
-            tree = OmegaConf.to_container(node, resolve=False)
-        leaves = {}
-
-        def walk(prefix, value):
-            if isinstance(value, dict) and value:
-                for k, v in value.items():
-                    walk(f"{prefix}{k}.", v)
-            else:
-                leaves[prefix[:-1]] = value
-        walk("", tree)
-        return leaves
-
-    a, b = flat(before), flat(now)
+    """``key before → now`` for every setting (dotted key, :func:`sosp_cli.report.flat_settings`)
+    whose value differs between two composed configs; a setting only one has reads "(absent)"
+    in the other."""
+    from .report import flat_settings
+    a, b = (flat_settings(OmegaConf.to_container(c, resolve=False)) for c in (before, now))
     absent = "(absent)"
     return [f"{k} {a.get(k, absent)} → {b.get(k, absent)}" for k in list(a) + [k for k in b if k not in a]
             if a.get(k, absent) != b.get(k, absent)]
@@ -354,15 +338,16 @@ def changed_settings(before: DictConfig, now: DictConfig) -> list[str]:
 def changes_from_record(out: str | Path, cfg: DictConfig, limit: int = 6) -> str:
     """What this run changes from the run that made the folder's artefacts, read from the
     folder's record (:func:`save_run_record`); "" without a readable record or a difference."""
+    from .report import CONFIG_FILE
     try:
-        before = OmegaConf.load(Path(out) / RECORD / "config.yaml")
+        before = OmegaConf.load(Path(out) / CONFIG_FILE)
     except Exception:  # noqa: BLE001 - no record (a folder made through the Python API), or not one Hydra wrote
         return ""
     changes = changed_settings(before, cfg)
     if not changes:
         return ""
     more = f", and {len(changes) - limit} more" if len(changes) > limit else ""
-    return f"this run changes {', '.join(changes[:limit])}{more} from the folder's {RECORD}/config.yaml"
+    return f"this run changes {', '.join(changes[:limit])}{more} from the folder's {CONFIG_FILE}"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -167,7 +167,7 @@ def _load_stage(path: Path, key: str):
     if not distributed.broadcast_object(path.exists()):
         return None
     record = read_torch(path, hint=KEPT)
-    if not isinstance(record, dict) or record.get("key") != key:
+    if _key_in(record) != key:
         raise OtherConfig(path, _key_in(record), key)
     return record
 

@@ -69,13 +69,13 @@ def _read_result(path: Path) -> dict:
     return r
 
 
-def _flat(tree, prefix: str = "") -> dict[str, str]:
+def flat_settings(tree, prefix: str = "") -> dict[str, str]:
     """``{"a.b": "value"}`` for a nested dict (lists and values as text, comparable across runs)."""
     if not isinstance(tree, dict):
         return {prefix: json.dumps(tree) if isinstance(tree, list) else str(tree)}
     out = {}
     for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}" + ("." if isinstance(v, dict) else "")))
+        out.update(flat_settings(v, f"{prefix}{k}" + ("." if isinstance(v, dict) else "")))
     return out
 
 
@@ -92,7 +92,7 @@ def run_config(result: Path, root: Path) -> dict[str, str]:
                 tree = OmegaConf.to_container(OmegaConf.load(folder / CONFIG_FILE), resolve=False)
             except Exception:   # noqa: BLE001 - a damaged config: the run is reported without its settings
                 return {}
-            return {k: v for k, v in _flat(tree).items() if k not in CONFIG_AS_FIELD and k not in CONFIG_IGNORED}
+            return {k: v for k, v in flat_settings(tree).items() if k not in CONFIG_AS_FIELD and k not in CONFIG_IGNORED}
         if folder == root or root not in folder.parents:
             return {}
     return {}
