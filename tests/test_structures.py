@@ -86,8 +86,10 @@ def test_pruned_model_reloads_in_fresh_process(tmp_path):
     with torch.no_grad():
         torch.save(pruned(x), tmp_path / "expected.pt")
     code = (
-        "import torch; from sosp_cli.checkpoint import load_model\n"
+        "import sys, torch, sosp_cli.api; from sosp_cli.checkpoint import load_model\n"
         f"m, _ = load_model(r'{tmp_path / 'pruned.pt'}'); m.eval()\n"
+        # a CIFAR model's process does not pay for torchvision (torch._dynamo) or scipy imports
+        "assert not {'torchvision', 'scipy'} & set(sys.modules), sorted({'torchvision', 'scipy'} & set(sys.modules))\n"
         f"x = torch.load(r'{tmp_path / 'x.pt'}'); e = torch.load(r'{tmp_path / 'expected.pt'}')\n"
         "assert (m(x) - e).abs().max() < 1e-5\n"
         "print(sum(p.numel() for p in m.parameters()))\n")
@@ -95,6 +97,19 @@ def test_pruned_model_reloads_in_fresh_process(tmp_path):
     assert int(out.stdout.split()[-1]) == sum(p.numel() for p in pruned.parameters())
     reloaded, _ = load_model(tmp_path / "pruned.pt")
     assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_a_scaled_torchvision_resnet_pickles_as_a_class_of_its_module():
+    """``ScaledResNet`` is made on first use (torchvision is imported lazily) yet pickles by
+    reference like a class defined in its module."""
+    import pickle
+    from sosp_cli.models import create_model, torchvision_models
+    model = create_model("resnet18", num_classes=10, in_channels=1, width=0.25)
+    copy = pickle.loads(pickle.dumps(model))
+    assert type(copy) is type(model) is torchvision_models.ScaledResNet
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
+    with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
+        torchvision_models.nosuch
 
 
 @pytest.mark.parametrize("wrapper", ["", "module.", "module._orig_mod."])
