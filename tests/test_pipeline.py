@@ -858,7 +858,7 @@ def test_hydras_own_flags_misused_are_one_line(tmp_path):
     assert shown.returncode == 0 and "name: sosp_i" in shown.stdout
 
 
-def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path):
+def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         ["sosp-run", "-m", "experiment=smoke", "method=l1,bn_scale,random", "prune.ratio=0.3,0.6",
@@ -881,24 +881,32 @@ def test_installed_command_runs_from_any_directory_and_multirun_reports(tmp_path
     assert len(rows) == 6
     assert (sweep / "report.csv").exists() and (sweep / "report.md").exists()
     # the shipped citations hold no digits rows: the report says so rather than show an empty table
-    cited = subprocess.run(["sosp-report", str(sweep), "--reference", str(REFERENCE)], capture_output=True, text=True)
-    assert cited.returncode == 0, cited.stderr[-2000:]
-    assert f"Published results (cited, not measured here):\n\nnone in {REFERENCE} for these datasets" in cited.stdout
+    from sosp_cli.report import main as report_main   # (in this process: the command ran above)
+    assert report_main([str(sweep), "--reference", str(REFERENCE)]) == 0
+    assert f"Published results (cited, not measured here):\n\nnone in {REFERENCE} for these datasets" in capsys.readouterr().out
     assert (sweep / "report_cited.csv").exists()
 
 
-def test_a_failed_sweep_point_is_recorded_and_the_sweep_goes_on(tmp_path):
+def test_a_failed_sweep_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     """A multirun point that fails with a one-line error — here a weights file that exists (the
     check before the sweep passes) but is not a checkpoint — writes it into its own directory
     (error.txt); the other points run and are reported; the sweep ends listing the failure, with
-    exit status 2. Rerunning the sweep once the file is fixed removes its error.txt."""
+    exit status 2. Rerunning the sweep once the file is fixed removes its error.txt. (In this
+    process: the installed command's own exit status is checked by the test above.)"""
+    from sosp_cli import cli
+    from sosp_cli.report import main as report
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)
     sweep = tmp_path / "sweep"
     weights = tmp_path / "weights.pt"
     weights.write_text("not a checkpoint")
-    args = ["sosp-run", "-m", "experiment=smoke", "method=random", f"hydra.sweep.dir={sweep}",
-            f"pretrain.cache_dir={tmp_path / 'cache'}", f"pretrain.checkpoint={weights},null", "prune.ratio=0.3,0.4"]
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", [
+        "sosp-run", "-m", "experiment=smoke", "method=random", f"hydra.sweep.dir={sweep}",
+        f"pretrain.cache_dir={tmp_path / 'cache'}", f"pretrain.checkpoint={weights},null", "prune.ratio=0.3,0.4"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-2000:]
     assert sorted(p.parent.name for p in sweep.rglob("result.json")) == ["2_random_r0.3_s0", "3_random_r0.4_s0"]
     failed = sorted(sweep.rglob("error.txt"))
     assert [f.parent.name for f in failed] == ["0_random_r0.3_s0", "1_random_r0.4_s0"]
@@ -907,14 +915,12 @@ def test_a_failed_sweep_point_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert all((f.parent / "run.log").read_text().splitlines()[-1].endswith(
         f"[sosp_cli.stop][ERROR] sosp-run: error: {f.read_text().strip()}") for f in failed)
     assert f"sosp-run: error: 2 of 4 sweep points failed (the others are in the report):\n  0_random_r0.3_s0: " \
-        f"pretrain.checkpoint={weights} is not a readable" in proc.stderr
+        f"pretrain.checkpoint={weights} is not a readable" in err
     assert len([l for l in (sweep / "report.md").read_text().splitlines() if l.startswith("| digits")]) == 2
-    report = subprocess.run(["sosp-report", str(sweep)], capture_output=True, text=True)
-    assert report.returncode == 0 and "not in the report, 2 failed sweep point(s):\n  0_random_r0.3_s0: " \
-        f"pretrain.checkpoint={weights}" in report.stdout
+    assert report([str(sweep)]) == 0 and "not in the report, 2 failed sweep point(s):\n  0_random_r0.3_s0: " \
+        f"pretrain.checkpoint={weights}" in capsys.readouterr().out
     shutil.copyfile(sweep / "2_random_r0.3_s0" / "pretrained.pt", weights)   # the file fixed
-    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    cli.main()   # succeeds: returns, no SystemExit
     assert not list(sweep.rglob("error.txt")) and len(list(sweep.rglob("result.json"))) == 4
 
 
