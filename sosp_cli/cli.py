@@ -208,17 +208,32 @@ def precheck(overrides: list[str]) -> None:
         # Hydra creates these folders itself, and reports a failure as a traceback
         if folder and isinstance(value, str) and value and "${" not in value:
             make_folder(value, f"{key}={value}")
-    multirun = any(a in ("-m", "--multirun") for a in overrides)
-    # the points run on this machine, unless a launcher other than Hydra's basic one or
-    # submitit_local (local processes) sends them elsewhere
-    here = all(a.lstrip("+").partition("=")[2] in ("basic", "submitit_local")
-               for a in overrides if a.lstrip("+").startswith("hydra/launcher="))
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in overrides):
         return   # --help, --cfg, ...: Hydra's own
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
     plain = [a for a in overrides if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    own = [a for a in overrides if not a.startswith("-") and a.lstrip("+~").startswith("hydra")]
     try:
-        variants = sweep_variants(plain) if multirun else [plain]
+        expanded = sweep_variants(plain)   # each sweep value once (a preset may sweep without -m)
+        if expanded is None:
+            return   # a sweep only Hydra's config loader expands (glob): Hydra reports it
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            head = _with_hydra(expanded[0], own)
+            # a preset may make the command a multirun (hydra.mode) and sweep itself (its
+            # sweeper's params): its points are checked as those of a sweep given with -m
+            multirun = multirun or (head is not None and head.hydra.mode == RunMode.MULTIRUN)
+            params = dict(head.hydra.sweeper.get("params") or {}) if head is not None else {}
+            if not multirun:
+                variants = [plain]
+            else:
+                variants = sweep_variants(swept_overrides(params, plain)) if params else expanded
+            # the points run on this machine, unless a launcher other than Hydra's basic one or
+            # submitit_local (local processes) sends them elsewhere (SLURM)
+            if head is not None:
+                here = str(head.hydra.launcher.get("_target_")).endswith(LOCAL_LAUNCHERS)
+            else:
+                here = all(a.lstrip("+").partition("=")[2] in ("basic", "submitit_local")
+                           for a in own if a.lstrip("+").startswith("hydra/launcher="))
             for variant in variants or ():
                 run_cfg = to_run_config(compose("config", overrides=variant))
                 if multirun:
@@ -227,6 +242,33 @@ def precheck(overrides: list[str]) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - every composition error is the user's input
         raise SospError(one_line(exc)) from None
+
+
+# Hydra's launchers that run a sweep's points as processes of this machine
+LOCAL_LAUNCHERS = ("basic_launcher.BasicLauncher", "submitit_launcher.LocalLauncher")
+
+
+def _with_hydra(overrides: list[str], own: list[str]):
+    """The config of ``overrides`` with Hydra's own node (its mode, sweeper, launcher), as the
+    command's ``hydra...`` overrides ``own`` set it; None if it cannot be composed (the job's
+    config is then composed on its own, and reported in one line; what Hydra refuses of its own
+    settings, Hydra reports as it runs)."""
+    from hydra import compose
+    try:
+        return compose("config", overrides=overrides + own, return_hydra_config=True)
+    except Exception:  # noqa: BLE001 - Hydra's own settings: Hydra reports them as it runs
+        return None
+
+
+def swept_overrides(params: dict, overrides: list[str]) -> list[str]:
+    """The overrides of a multirun whose sweeper's ``params`` (a preset's sweep) sweep as well:
+    the command line's value of a key replaces the preset's, in the preset's place — the list
+    Hydra's basic sweeper makes its jobs from (``BasicSweeper.split_arguments``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    merged: dict[str, str] = {}
+    for arg in [f"{k}={v}" for k, v in params.items()] + list(overrides):
+        merged[OverridesParser.create().parse_overrides([arg])[0].get_key_element()] = arg
+    return list(merged.values())
 
 
 def _parsed(arg: str):

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from sosp_cli.cli import CONFIG_DIR
 from sosp_cli.data import DATASETS
@@ -84,6 +85,45 @@ def test_sweep_variants_put_every_value_to_the_test_once():
     ]
     assert sweep_variants(["model.width=[1,2,1],0.5"]) == [["model.width=[1,2,1]"], ["model.width=0.5"]]
     assert sweep_variants(["method=glob(sosp*)"]) is None
+
+
+def test_a_presets_own_sweep_is_checked_before_its_first_point(monkeypatch, tmp_path):
+    """A preset that sweeps by itself (``hydra.mode: MULTIRUN`` and its sweeper's params, no -m on
+    the command line) has every value checked as a -m sweep's are — a missing dataset is one
+    line, not one error per point of a 648-point sweep, each with its folder — and the command
+    line's value of a key replaces the preset's sweep of it, as in Hydra's basic sweeper."""
+    from sosp_cli import cli
+    from sosp_cli.errors import SospError
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SospError, match=f"^cifar10 not found: looked for {tmp_path / 'none'}"):
+        cli.precheck(["experiment=paper_cifar10", f"dataset.root={tmp_path / 'none'}"])
+    cli.precheck(["experiment=paper_cifar10", f"dataset.root={tmp_path / 'none'}", "hydra/launcher=submitit_slurm"])
+    with pytest.raises(SospError, match=r"prune.ratio=1.2 is outside \[0, 1\)"):
+        cli.precheck(["experiment=paper_cifar10_digits", "prune.ratio=0.3,1.2"])
+    assert not list(tmp_path.iterdir())   # no sweep folder, no point's folder
+    seen = []
+    monkeypatch.setattr(cli, "check_point", lambda cfg, here: seen.append(
+        (cfg.model.name, cfg.method.name, cfg.prune.ratio, cfg.seed, here)))
+    cli.precheck(["experiment=paper_cifar10_digits"])
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        params = compose("config", overrides=["experiment=paper_cifar10_digits"],
+                         return_hydra_config=True).hydra.sweeper.params
+    for i, key in enumerate(("model", "method", "prune.ratio", "seed")):
+        assert {str(point[i]) for point in seen} == set(str(params[key]).split(",")), key
+    assert all(point[4] for point in seen)
+    seen.clear()
+    cli.precheck(["-m", "experiment=paper_cifar10_digits", "method=l1,taylor", "seed=3"])
+    assert {p[1] for p in seen} == {"l1", "taylor"} and {p[3] for p in seen} == {3}
+    assert {p[0] for p in seen} == {"resnet20", "vgg16"}
+    seen.clear()
+    cli.precheck(["experiment=smoke", "method=l1"])   # a single run checks itself, in its job
+    assert seen == []
+
+
+def test_a_presets_sweep_merges_with_the_command_line_as_hydras_sweeper_does():
+    from sosp_cli.cli import swept_overrides
+    assert swept_overrides({"model": "a,b", "seed": "0,1"}, ["experiment=x", "seed=5", "+y=1"]) == [
+        "model=a,b", "seed=5", "experiment=x", "+y=1"]
 
 
 def test_sweep_points_are_checked_on_this_machine_unless_slurm_runs_them(monkeypatch, tmp_path):
