@@ -394,8 +394,13 @@ def test_sosp_i_refuses_too_many_structures_and_names_sosp_h():
     from sosp_cli.errors import SospError
     model, ss, x, y, batches = setup("mlp")
     crit = get_criterion(MethodConfig(name="sosp_i", max_structures=5))
-    with pytest.raises(SospError, match="S=10 .*sosp_h"):
+    with pytest.raises(SospError, match=r"S=10 structures \(> method.max_structures=5; Q alone: 400.0 B\); "
+                       "use method=sosp_h"):
         crit.compute(SaliencyInput(model, ss, batches, torch.device("cpu")))
+    # Q's float32 bytes in the unit that shows them: 30² → 3.5 KiB, 1000² → 3.8 MiB, 20000² → 1.5 GiB
+    for S, size in ((30, "3.5 KiB"), (1000, "3.8 MiB"), (20000, "1.5 GiB")):
+        with pytest.raises(SospError, match=f"Q alone: {size}"):
+            crit.check_structures(S)
 
 
 def test_greedy_selection_reproduces_the_greedy_set():

@@ -74,10 +74,13 @@ class SospI(Criterion):
     def check_structures(self, num_structures: int) -> None:
         S = num_structures
         if S > self.cfg.max_structures:
+            size = S * S * 4   # float32 bytes of Q, in the largest unit below them
+            unit, base = next((u, b) for u, b in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+                              if size >= b)
+            size = f"{size / base:.1f} {unit}"
             raise SospError(f"sosp_i needs an S×S matrix but this model has S={S} structures "
-                            f"(> method.max_structures={self.cfg.max_structures}, "
-                            f"{S * S * 4 / 2**30:.1f} GiB); use method=sosp_h, which scales "
-                            "like a first-order method")
+                            f"(> method.max_structures={self.cfg.max_structures}; Q alone: {size}); "
+                            "use method=sosp_h, which scales like a first-order method")
 
     def compute(self, inp: SaliencyInput) -> Saliency:
         self.check_structures(inp.structures.num_structures)
