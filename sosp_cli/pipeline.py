@@ -481,7 +481,8 @@ def _log_guards(sel, p, step: int, k: int) -> None:
     """What the layer guards changed in a step's selection: an info line when they kept
     structures, a warning when they kept so many that the budget was not reached."""
     guards = (f"the layer guards (min_channels={p.min_channels}, max_layer_ratio={p.max_layer_ratio}, "
-              f"round_to={p.round_to}) kept {sel.guard_skipped} structures that ranked for removal")
+              f"round_to={p.round_to}) kept {sel.guard_skipped} "
+              f"{'structure' if sel.guard_skipped == 1 else 'structures'} that ranked for removal")
     if not sel.budget_met:
         if p.min_channels == 1 and p.max_layer_ratio >= 1 and p.round_to == 1:
             # the loosest guards: every removable structure went, so no selection removes more

@@ -531,6 +531,18 @@ def test_a_budget_the_guards_cannot_reach_is_a_warning_a_summary_row_and_a_field
                             f"removes more: ask for at most prune.ratio={math.floor(1000 * most['achieved_ratio']) / 1000:g}")
 
 
+@pytest.mark.parametrize("kept,said", [(1, "kept 1 structure that ranked"), (3, "kept 3 structures that ranked")])
+def test_the_guards_line_counts_what_they_kept_in_words(caplog, kept, said):
+    from types import SimpleNamespace
+    from sosp_cli.pipeline import _log_guards
+    sel = SimpleNamespace(budget_met=True, guard_skipped=kept)
+    p = SimpleNamespace(min_channels=1, max_layer_ratio=1.0, round_to=1)
+    with caplog.at_level("INFO", logger="sosp_cli.pipeline"):
+        _log_guards(sel, p, 1, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"[prune] step 1/1: the layer guards (min_channels=1, max_layer_ratio=1.0, round_to=1) {said} for removal"]
+
+
 def test_greedy_growth_gets_each_steps_guard_caps_and_they_key_its_saliency(tmp_path, monkeypatch):
     """``method.selection=greedy`` grows the removed set within what the prune guards let each
     group lose (selection.removal_caps): every step's criterion call gets the caps of the model
