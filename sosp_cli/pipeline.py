@@ -35,6 +35,7 @@ from .errors import OtherConfig, SospError, check_choice
 from .measure import PeakMemory, count_macs, count_params, latencies_in_turn
 from .models import create_model
 from .pruning import SaliencyInput, get_criterion, saliency_model
+from .pruning.derivatives import check_second_derivatives
 from .budget import CostModel
 from .selection import (TARGET_NOUNS, Originals, originals_of, removal_caps, select,
                         validate as validate_selection)
@@ -530,9 +531,15 @@ def _run(cfg: RunConfig, out: Path, accepted=None) -> dict:
     r = Run(cfg, out)   # reads the dataset: its own checks (present, larger than a batch) come first
     t_start = time.time()
     criterion = get_criterion(cfg.method)
-    if criterion.structure_limited:   # refuse before pretraining, on the dense model's S
-        fresh = create_model(cfg.model.name, r.spec["num_classes"], r.spec["in_channels"], cfg.model.width)
-        criterion.check_structures(StructureSet(fresh.eval(), r.example).num_structures)
+    # the exact Hessian, for the method's saliency or for the diagnostics (diagnostics.py)
+    hessian = cfg.method.curvature == "hessian" and ("hessian" in criterion.curvatures or cfg.prune.diagnostics)
+    if criterion.structure_limited or hessian:   # refuse before pretraining, on the dense model
+        fresh = create_model(cfg.model.name, r.spec["num_classes"], r.spec["in_channels"], cfg.model.width).eval()
+        dense_ss = StructureSet(fresh, r.example)
+        if criterion.structure_limited:
+            criterion.check_structures(dense_ss.num_structures)
+        if hessian:
+            check_second_derivatives(fresh, dense_ss, r.example)
     check_folder(cfg, out)   # after every check of the inputs: a bad value is named first
     if accepted is not None and distributed.is_main():
         accepted(out)

@@ -464,6 +464,26 @@ def test_sosp_i_beyond_max_structures_is_refused_before_pretraining(tmp_path):
     assert not list((tmp_path / "cache").glob("*.pt"))
 
 
+def test_the_exact_hessian_of_a_model_pytorch_cannot_differentiate_twice_is_refused_before_pretraining(
+        tmp_path, monkeypatch):
+    """MobileNetV3's squeeze-and-excitation blocks gate with hardsigmoid, which PyTorch cannot
+    differentiate twice: ``method.curvature=hessian`` — for the method, or for the diagnostics —
+    is one line before pretraining, not a traceback at the saliency. A method that does not use
+    the curvature is not held to it."""
+    from sosp_cli import pipeline
+    mobilenet = ["experiment=smoke", "model=torchvision", "model.name=torchvision.mobilenet_v3_small",
+                 "dataset.image_size=32", "method.curvature=hessian"]
+    for extra in (["method=sosp_h"], ["method=taylor", "prune.diagnostics=true"]):
+        with pytest.raises(SospError, match=r"^method.curvature=hessian differentiates the model twice, and "
+                           r"PyTorch has no derivative for aten::hardsigmoid_backward"):
+            run(compose_run(mobilenet + extra, tmp_path), tmp_path / "run")
+        assert not (tmp_path / "run" / "pretrained.pt").exists() and not list((tmp_path / "cache").glob("*.pt"))
+    checked = []
+    monkeypatch.setattr(pipeline, "check_second_derivatives", lambda *args: checked.append(args))
+    run(compose_run(["experiment=smoke", "method=taylor", "method.curvature=hessian"], tmp_path), tmp_path / "taylor")
+    assert checked == []
+
+
 def test_sosp_methods_run_end_to_end(tmp_path, caplog):
     for method in ("sosp_h", "sosp_i", "taylor", "obd", "bn_scale", "slimming", "fpgm", "none"):
         extra = ["prune.diagnostics=true", "prune.diagnostics_samples=4"] if method == "sosp_h" else []

@@ -1,4 +1,5 @@
 """Every second-order quantity against brute force on tiny networks, in float64 (DESIGN §3)."""
+import math
 import weakref
 
 import pytest
@@ -534,3 +535,35 @@ def test_bad_batchnorm_mode_and_single_sample_batches_are_one_line_errors():
         api.saliency(model, batches, "sosp_h", batchnorm="train")
     with pytest.raises(SospError, match="batch 2 has 1 sample: choose saliency.num_samples"):
         api.saliency(model, [(x[:4], y[:4]), (x[4:5], y[4:5])], "taylor", batchnorm="batch")
+
+
+class _Excitation(torch.nn.Module):
+    """A squeeze-and-excitation block gated by hardsigmoid (MobileNetV3's): PyTorch has no second
+    derivative of hardsigmoid where its output multiplies an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Conv2d(6, 6, 1)
+        self.head = torch.nn.Conv2d(6, 5, 3)
+        self.out = torch.nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = h * torch.nn.functional.hardsigmoid(self.fc(h.mean((2, 3), keepdim=True)))
+        return self.out(self.head(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["sosp_h", "sosp_i", "obd"])
+def test_a_function_without_a_second_derivative_is_one_line_for_the_exact_hessian(method):
+    from sosp_cli.api import saliency
+    from sosp_cli.errors import SospError
+    torch.manual_seed(0)
+    model = _Excitation().eval()
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))
+    with pytest.raises(SospError, match=r"^method.curvature=hessian differentiates the model twice, and "
+                       r"PyTorch has no derivative for aten::hardsigmoid_backward .*use method.curvature=gn"):
+        saliency(model, [(x, y)], method, example_input=x[:1], curvature="hessian")
+    scores = saliency(model, [(x, y)], method, example_input=x[:1])   # the Gauss–Newton matrix: fine
+    assert all(math.isfinite(v) for v in scores.values())

@@ -13,7 +13,9 @@ its share of the batches and N and every returned sum are summed across ranks be
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import warnings
 import weakref
 from typing import Iterator
@@ -28,7 +30,7 @@ from ..errors import SospError, check_choice
 from ..structures import StructureSet
 from .lean import lean_layers, uses_batch_statistics
 from .paired import paired_dual
-from .stacked import Unsupported, stacked_dual
+from .stacked import Unsupported, load_jvp_decompositions, stacked_dual
 
 
 def _count(batches) -> int:
@@ -184,6 +186,7 @@ def _forward_ad_pass(model, ss: StructureSet, x, y, d, n: int, dt):
     """One forward pass with dual tensors (forward-mode AD): returns the logits z (with the
     reverse graph to the gates c recorded), c, and the cotangents (p − y)/N and R·(J d)/N."""
     c = torch.ones(ss.num_structures, device=x.device, dtype=dt, requires_grad=True)
+    load_jvp_decompositions()
     with fwAD.dual_level():
         z, jd = fwAD.unpack_dual(_logits(model, ss, fwAD.make_dual(c, d), x))
     return (z, c) + _cotangents(z, jd, y, n, dt)
@@ -241,12 +244,42 @@ def _forward_ad_products(model, ss: StructureSet, x, y, d, n: int, dt):
             torch.autograd.grad(z, c, cot_q)[0])
 
 
+@contextlib.contextmanager
+def second_derivatives():
+    """Where the exact Hessian is differentiated twice: PyTorch lacks the second derivative of a
+    few functions — e.g. ``hardsigmoid`` where its output multiplies an activation, as in
+    MobileNetV3's squeeze-and-excitation blocks — and says so in a RuntimeError; here that is
+    one line naming the function and the curvature that needs none."""
+    try:
+        yield
+    except RuntimeError as exc:
+        missing = re.search(r"derivative for (\S+) is not implemented", str(exc))
+        if missing is None:
+            raise
+        raise SospError(f"method.curvature=hessian differentiates the model twice, and PyTorch has no "
+                        f"derivative for {missing.group(1)} (the backward of a function this model "
+                        "calls); use method.curvature=gn (the Gauss–Newton matrix, the default), "
+                        "which needs first derivatives only") from None
+
+
+def check_second_derivatives(model: nn.Module, ss: StructureSet, example: torch.Tensor) -> None:
+    """One Hessian-vector product on ``example`` (class 0): a model with a function that PyTorch
+    cannot differentiate twice is refused in one line (:func:`second_derivatives`) before it is
+    trained, not at its saliency. Which functions it calls does not depend on the weights."""
+    dt = _dtype(model)
+    y = torch.zeros(len(example), dtype=torch.long, device=example.device)
+    with second_derivatives():
+        _hessian_vector_batch(model, ss, example.to(dt), y, torch.ones(ss.num_structures, dtype=dt,
+                                                                      device=example.device), 1, dt)
+
+
 def _hessian_product(model, ss: StructureSet, batches, d, n: int, dt, device):
     """(g, H·d) by double backward: H·d = ∂(gᵀd)/∂c."""
     g = torch.zeros(ss.num_structures, device=device, dtype=dt)
     qd = torch.zeros_like(g)
     for x, y in batches:
-        gb, hb = _hessian_vector_batch(model, ss, x.to(device), y.to(device), d, n, dt)
+        with second_derivatives():
+            gb, hb = _hessian_vector_batch(model, ss, x.to(device), y.to(device), d, n, dt)
         g += gb
         qd += hb
     return g, qd
@@ -401,8 +434,9 @@ def _hessian_matrix(model, ss: StructureSet, batches, device, chunk_size: int, d
     g = torch.zeros(S, device=device, dtype=dt)
     h = torch.zeros(S if diagonal_only else (S, S), device=device, dtype=dt)
     for x, y in batches:
-        g += _hessian_rows_batch(model, ss, x.to(device), y.to(device), n, dt, chunk_size, h,
-                                 diagonal_only)
+        with second_derivatives():
+            g += _hessian_rows_batch(model, ss, x.to(device), y.to(device), n, dt, chunk_size, h,
+                                     diagonal_only)
     g, h = _summed(g, h)
     return g, (h if diagonal_only else _symmetrised_(h))
 
