@@ -629,3 +629,31 @@ def test_every_stacked_rule_equals_forward_mode_and_keeps_no_stacked_rows(name, 
     assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10
     assert kept == []
     assert stackable(model)
+
+
+JVP_PROBE = """
+import torch, torch.nn as nn
+from sosp_cli.pruning.derivatives import curvature_product
+from sosp_cli.structures import StructureSet
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Hardswish(), nn.Conv2d(6, 6, 3),
+                      nn.Flatten(), nn.Linear(24, 4)).eval()
+x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))
+ss = StructureSet(model, x[:1])
+ones = torch.ones(ss.num_structures)
+for dual, layout in (("stacked", "pair"), ("stacked", "whole"), ("forward_ad", "auto")):
+    curvature_product(model, ss, [(x, y)], ones, torch.device("cpu"), dual=dual, stack_batch=layout)
+print("ok")
+"""
+
+
+def test_forward_mode_ad_loads_without_pytorchs_own_deprecation_warning():
+    """PyTorch scripts its forward-mode decompositions on first use and warns that
+    ``torch.jit.script`` is deprecated — about its own code; every path that uses forward-mode AD
+    (an element-wise rule's slope on both layouts, the forward-mode fallback) loads them without
+    it. In a fresh process, since they load once per process; a FutureWarning fails it."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", JVP_PROBE],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-2000:]

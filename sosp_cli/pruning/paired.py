@@ -46,7 +46,8 @@ from ..structures import StructureSet
 from .lean import FrozenConv, FrozenLinear, bn_affine, swapped_forwards
 from .stacked import (_ADD, _ATTRIBUTES, _METADATA, Unsupported, _add_untracked, _AvgPool,
                       _bn_jacobian, _channel_shaped, _clamp_mask, _flat, _gate_hooks, _name,
-                      _detached, _relu_mask, _slope, dispatch, handler_table, shift_rule, zeros_of)
+                      _detached, _relu_mask, _slope, dispatch, handler_table, shift_rule,
+                      value_and_slope, zeros_of)
 
 
 def tangent(x) -> torch.Tensor | None:
@@ -240,7 +241,7 @@ def _elementwise(func):
             args = args[:-1]
 
         def primal(x0):
-            return torch.func.jvp(lambda t: func(t, *args, **kwargs), (x0,), (torch.ones_like(x0),))
+            return value_and_slope(func, x0, args, kwargs)
         return _diagonal(mode, x, primal, _slope)
     return handler
 

@@ -65,6 +65,8 @@ blocks as two tensors of B rows: ``method.stack_batch=pair``.)
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 
 import torch
 import torch.nn as nn
@@ -369,6 +371,24 @@ def _pooled(func, backward):
     return handler
 
 
+@functools.cache
+def load_jvp_decompositions() -> None:
+    """PyTorch's forward-mode AD loads its decompositions on first use, scripting them with
+    ``torch.jit.script``, which warns that it is deprecated — PyTorch's warning about PyTorch's
+    own code, which a user of sosp can do nothing about. Load them once with that warning off."""
+    loader = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+    if loader is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            loader()
+
+
+def value_and_slope(func, x0: torch.Tensor, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(x₀) and f′(x₀) = f′(x₀)·1 of an element-wise f in one forward-mode evaluation."""
+    load_jvp_decompositions()
+    return torch.func.jvp(lambda t: func(t, *args, **kwargs), (x0,), (torch.ones_like(x0),))
+
+
 def _elementwise(func):
     """Smooth element-wise f: y₀ = f(x₀) and f′(x₀) by forward-mode AD of f at x₀
     (:class:`_Diagonal` with D = diag(f′(x₀)), which it keeps)."""
@@ -380,7 +400,7 @@ def _elementwise(func):
         x = mode.check(x)
         x0 = _primal(x).detach()
         # f(x₀) and f′(x₀) = f′(x₀)·1 in one forward-mode evaluation: nothing saved, no backward
-        y0, slope = torch.func.jvp(lambda t: func(t, *args, **kwargs), (x0,), (torch.ones_like(x0),))
+        y0, slope = value_and_slope(func, x0, args, kwargs)
         return _Diagonal.apply(x, y0, slope, _slope)
     return handler
 
