@@ -121,6 +121,8 @@ class StructureSet:
                     self.norm_sites.append((names[module], torch.tensor([int(i) for i in item.idxs]),
                                             structure))
                     continue
+                if isinstance(module, _UNGATED_CONVOLUTIONS) and not isinstance(module, nn.Conv2d):
+                    raise _ungated_layer_error(module, names.get(module, "?"), root)
                 if not isinstance(module, (nn.Conv2d, nn.Linear)):
                     continue
                 mname = names[module]
@@ -337,6 +339,21 @@ def _normalisation_error(norm: nn.Module, name: str, producer: str) -> SospError
     return SospError(f"{type(norm).__name__} '{name}' normalises the channels of '{producer}' "
                      "together, so a gate at 0 is not the removal of a channel (DESIGN.md §2); "
                      "supported normalisations: BatchNorm and InstanceNorm (each channel on its own)")
+
+
+# convolutions other than Conv2d (transposed, 1-d, 3-d): a structure's channels read by one would
+# not be gated there (a gate at 0 would not be their removal), and written by one, not removed
+# from its weights by the gate model
+_UNGATED_CONVOLUTIONS = nn.modules.conv._ConvNd
+
+
+def _ungated_layer_error(module: nn.Module, name: str, root: str) -> SospError:
+    kind = type(module).__name__
+    return SospError(
+        f"{kind} '{name}' reads or writes the channels of the structures of '{root}', and sosp "
+        "gates channels only where Conv2d and Linear layers read them (DESIGN.md §2): a gate at 0 "
+        f"would not be the removal of those channels, so a model with a {kind} beside a pruned "
+        "layer is not supported")
 
 
 def _refuse_channel_normalisation(dg: tp.DependencyGraph, names: dict, ignored: set) -> None:

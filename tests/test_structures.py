@@ -205,6 +205,33 @@ def test_normalisation_across_a_structures_channels_is_refused(norm):
         StructureSet(_conv_net(norm), torch.zeros(1, 3, 8, 8))
 
 
+class _Reader(nn.Module):
+    """conv 'a' → ReLU → ``reader`` (a weight layer other than Conv2d / Linear) → classifier."""
+
+    def __init__(self, reader: nn.Module, flat: bool):
+        super().__init__()
+        self.a, self.reader, self.flat, self.fc = nn.Conv2d(3, 8, 3), reader, flat, nn.LazyLinear(4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.relu(self.reader(h.flatten(2) if self.flat else h))
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("reader,flat", [(nn.ConvTranspose2d(8, 6, 2, stride=2), False), (nn.Conv1d(8, 6, 3), True)],
+                         ids=["conv_transpose2d", "conv1d"])
+def test_a_structure_read_by_a_weight_layer_it_cannot_gate_is_refused(reader, flat):
+    """A ConvTranspose2d or Conv1d reading a structure's channels is not a gate site: the gates
+    had no effect there (a zero saliency; pruned ≠ masked) — refused in one line instead."""
+    model = _Reader(reader, flat).eval()
+    model(torch.zeros(1, 3, 8, 8))   # (the lazy classifier)
+    kind = type(reader).__name__
+    with pytest.raises(SospError, match=rf"^{kind} 'reader' reads or writes the channels of the structures "
+                       rf"of 'a', and sosp gates channels only where Conv2d and Linear layers read them .*"
+                       rf"a model with a {kind} beside a pruned layer is not supported"):
+        StructureSet(model, torch.zeros(1, 3, 8, 8))
+
+
 class _TokenNorm(nn.Module):
     """conv → channels last → LayerNorm on the channels → back (ConvNeXt's, Swin's layout)."""
 
