@@ -104,10 +104,15 @@ def _check_targets(batches: list, model: nn.Module) -> None:
     x = batches[0][0][:1].cpu()
     try:
         with torch.no_grad():
-            classes = model(x).shape[-1]
+            z = model(x)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise SospError(f"saliency() batches[0]: the model does not run on inputs of shape "
                         f"{tuple(batches[0][0].shape)} ({describe(exc)})") from None
+    if not isinstance(z, torch.Tensor) or z.dim() != 2:
+        got = f"a tensor of shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else f"a {type(z).__name__}"
+        raise SospError(f"saliency() needs a model that returns logits, a tensor [batch, classes]; "
+                        f"this one returns {got}: wrap it so that it returns them")
+    classes = z.shape[-1]
     for i, (_, y) in enumerate(batches):
         bad = y[(y < 0) | (y >= classes)]
         if len(bad):

@@ -369,6 +369,23 @@ def test_api_saliency_names_inputs_the_model_cannot_run_in_one_line():
         api.saliency(model, [(x, y)], "sosp_h", example_input=torch.zeros(1, 3, 16, 16))
 
 
+def test_api_saliency_refuses_a_model_that_does_not_return_logits_in_one_line():
+    from sosp_cli.errors import SospError
+
+    class Named(torch.nn.Module):   # returns {"logits": z}, as some training code's models do
+        def __init__(self):
+            super().__init__()
+            self.net = api.create_model("resnet20", width=0.25)
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    with pytest.raises(SospError, match=r"^saliency\(\) needs a model that returns logits, a tensor \[batch, "
+                                        r"classes\]; this one returns a dict: wrap it"):
+        api.saliency(Named(), [(x, y)], "sosp_h", example_input=x[:1])
+
+
 @pytest.mark.parametrize("curvature", ["gn", "hessian"])
 def test_diagnostics_quadratic_prediction_matches_brute_force(curvature):
     from sosp_cli.diagnostics import loss_prediction
