@@ -122,7 +122,7 @@ class StructureSet:
                                             structure))
                     continue
                 if isinstance(module, _UNGATED_CONVOLUTIONS) and not isinstance(module, nn.Conv2d):
-                    raise _ungated_layer_error(module, names.get(module, "?"), root)
+                    raise _ungated_layer_error(module, names[module], root)
                 if not isinstance(module, (nn.Conv2d, nn.Linear)):
                     continue
                 mname = names[module]

@@ -246,10 +246,10 @@ def _forward_ad_products(model, ss: StructureSet, x, y, d, n: int, dt):
 
 @contextlib.contextmanager
 def second_derivatives():
-    """Where the exact Hessian is differentiated twice: PyTorch lacks the second derivative of a
-    few functions — e.g. ``hardsigmoid`` where its output multiplies an activation, as in
-    MobileNetV3's squeeze-and-excitation blocks — and says so in a RuntimeError; here that is
-    one line naming the function and the curvature that needs none."""
+    """Around the second backward of the exact Hessian's products: PyTorch lacks the second
+    derivative of a few functions — e.g. ``hardsigmoid`` where its output multiplies an
+    activation, as in MobileNetV3's squeeze-and-excitation blocks — and says so in a
+    RuntimeError; here that is one line naming the function and the curvature that needs none."""
     try:
         yield
     except RuntimeError as exc:
@@ -268,9 +268,8 @@ def check_second_derivatives(model: nn.Module, ss: StructureSet, example: torch.
     trained, not at its saliency. Which functions it calls does not depend on the weights."""
     dt = _dtype(model)
     y = torch.zeros(len(example), dtype=torch.long, device=example.device)
-    with second_derivatives():
-        _hessian_vector_batch(model, ss, example.to(dt), y, torch.ones(ss.num_structures, dtype=dt,
-                                                                      device=example.device), 1, dt)
+    _hessian_vector_batch(model, ss, example.to(dt), y,
+                          torch.ones(ss.num_structures, dtype=dt, device=example.device), 1, dt)
 
 
 def _hessian_product(model, ss: StructureSet, batches, d, n: int, dt, device):
@@ -278,8 +277,7 @@ def _hessian_product(model, ss: StructureSet, batches, d, n: int, dt, device):
     g = torch.zeros(ss.num_structures, device=device, dtype=dt)
     qd = torch.zeros_like(g)
     for x, y in batches:
-        with second_derivatives():
-            gb, hb = _hessian_vector_batch(model, ss, x.to(device), y.to(device), d, n, dt)
+        gb, hb = _hessian_vector_batch(model, ss, x.to(device), y.to(device), d, n, dt)
         g += gb
         qd += hb
     return g, qd
@@ -295,7 +293,8 @@ def _differentiable_gradient(model, ss: StructureSet, x, y, n: int, dt):
 
 def _hessian_vector_batch(model, ss: StructureSet, x, y, d, n: int, dt):
     c, gb = _differentiable_gradient(model, ss, x, y, n, dt)
-    return gb.detach(), torch.autograd.grad(gb @ d, c)[0]
+    with second_derivatives():
+        return gb.detach(), torch.autograd.grad(gb @ d, c)[0]
 
 
 def joint_product(model: nn.Module, ss: StructureSet, batches, direction: torch.Tensor,
@@ -420,8 +419,9 @@ def _hessian_rows_batch(model, ss: StructureSet, x, y, n: int, dt, chunk_size: i
     S = ss.num_structures
     for start in range(0, S, chunk_size):
         idx = torch.arange(start, min(S, start + chunk_size), device=x.device)
-        rows = torch.autograd.grad(gb, c, F.one_hot(idx, S).to(dt), is_grads_batched=True,
-                                   retain_graph=True)[0]
+        with second_derivatives():
+            rows = torch.autograd.grad(gb, c, F.one_hot(idx, S).to(dt), is_grads_batched=True,
+                                       retain_graph=True)[0]
         block = slice(start, start + len(idx))
         h[block] += rows.diagonal(start) if diagonal_only else rows   # H_ii: rows[k, start + k]
     return gb.detach()
@@ -434,9 +434,8 @@ def _hessian_matrix(model, ss: StructureSet, batches, device, chunk_size: int, d
     g = torch.zeros(S, device=device, dtype=dt)
     h = torch.zeros(S if diagonal_only else (S, S), device=device, dtype=dt)
     for x, y in batches:
-        with second_derivatives():
-            g += _hessian_rows_batch(model, ss, x.to(device), y.to(device), n, dt, chunk_size, h,
-                                     diagonal_only)
+        g += _hessian_rows_batch(model, ss, x.to(device), y.to(device), n, dt, chunk_size, h,
+                                 diagonal_only)
     g, h = _summed(g, h)
     return g, (h if diagonal_only else _symmetrised_(h))
 
