@@ -193,7 +193,8 @@ def precheck(overrides: list[str]) -> None:
     """Compose the command line once before Hydra runs it — a multirun once per sweep value
     (:func:`sweep_variants`) — so that a bad group choice, unknown key or wrong type is reported
     in one line, before any job of a sweep has run; a multirun's values are also checked as
-    its points would check them (:func:`check_point`). A single run checks them itself, at once."""
+    its points would check them (:func:`check_point`), and so are a single run's, so that a run
+    refused for its options or for what this machine lacks leaves no folder behind."""
     from hydra import compose, initialize_config_dir
 
     # every override read as Hydra reads it (which reports one it cannot read in several lines)
@@ -235,9 +236,8 @@ def precheck(overrides: list[str]) -> None:
                 here = all(a.lstrip("+").partition("=")[2] in ("basic", "submitit_local")
                            for a in own if a.lstrip("+").startswith("hydra/launcher="))
             for variant in variants or ():
-                run_cfg = to_run_config(compose("config", overrides=variant))
-                if multirun:
-                    check_point(run_cfg, here)
+                # a single run too: refused here, Hydra makes no run folder for it
+                check_point(to_run_config(compose("config", overrides=variant)), here or not multirun)
     except SospError:
         raise
     except Exception as exc:  # noqa: BLE001 - every composition error is the user's input

@@ -212,9 +212,11 @@ def validate(cfg: RunConfig, here: bool = True) -> None:
     if cfg.method.selection == "greedy" and (p.scope != "global" or p.normalize != "none"):
         # its scores are the steps at which the greedy growth removes each structure: the
         # removed set is a prefix of that one global order, which these options would reorder
+        bad = [f"prune.{key}={value}" for key, value, fits in
+               (("scope", p.scope, "global"), ("normalize", p.normalize, "none")) if value != fits]
         raise SospError(f"method.selection=greedy removes a prefix of one global removal order; "
-                        f"prune.scope={p.scope} / prune.normalize={p.normalize} would reorder it by "
-                        "layer: use prune.scope=global prune.normalize=none with it")
+                        f"{' and '.join(bad)} would reorder it by layer: use prune.scope=global "
+                        "prune.normalize=none with it")
     if criterion.layer_local and p.scope != "local":
         raise SospError(f"method {cfg.method.name} is layer-local (its scores compare only within "
                         f"one layer); prune.scope={p.scope} is not accepted, use prune.scope=local")

@@ -116,8 +116,10 @@ def test_a_presets_own_sweep_is_checked_before_its_first_point(monkeypatch, tmp_
     assert {p[1] for p in seen} == {"l1", "taylor"} and {p[3] for p in seen} == {3}
     assert {p[0] for p in seen} == {"resnet20", "vgg16"}
     seen.clear()
-    cli.precheck(["experiment=smoke", "method=l1"])   # a single run checks itself, in its job
-    assert seen == []
+    # a single run is checked here too, before Hydra makes its folder — on this machine, also
+    # with a launcher that would send a sweep's points elsewhere (a single run runs here)
+    cli.precheck(["experiment=smoke", "method=l1", "hydra/launcher=submitit_slurm"])
+    assert seen == [("resnet20", "l1", 0.5, 0, True)]
 
 
 def test_a_presets_sweep_merges_with_the_command_line_as_hydras_sweeper_does():
@@ -149,6 +151,9 @@ def test_sweep_points_are_checked_on_this_machine_unless_slurm_runs_them(monkeyp
                         (["prune.ratio=0.3,1.2"], r"prune.ratio=1.2 is outside \[0, 1\)")):
         with pytest.raises(SospError, match=needle):
             cli.precheck(["-m", "experiment=smoke", "hydra/launcher=submitit_slurm"] + bad)
-    # a single run checks these itself, in its job
-    cli.precheck(["experiment=smoke", "device=cuda", "dataset=cifar10", f"dataset.root={tmp_path / 'none'}"])
+    # a single run runs here, whatever the launcher: checked here, before Hydra makes its folder
+    with pytest.raises(SospError, match="device=cuda but no CUDA device is available"):
+        cli.precheck(["experiment=smoke", "device=cuda", "hydra/launcher=submitit_slurm"])
+    with pytest.raises(SospError, match=f"cifar10 not found: looked for {tmp_path / 'none'}"):
+        cli.precheck(["experiment=smoke", "dataset=cifar10", f"dataset.root={tmp_path / 'none'}"])
     assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.pt"))
