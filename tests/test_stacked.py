@@ -10,7 +10,7 @@ from sosp_cli.errors import SospError
 from sosp_cli.pruning import BATCHNORM, derivatives, paired, saliency_model, stacked
 from sosp_cli.pruning.derivatives import curvature_product, joint_product, stackable
 from sosp_cli.structures import StructureSet, classifier_name
-from tiny import randomize_batchnorm
+from tiny import TinyHead, randomize_batchnorm
 
 WIDTH = {"mobilenet_v2": 0.25, "resnet50": 0.125, "resnet18": 0.125}
 LAYOUTS = ("whole", "pair")   # the two representations of a dual activation (stack_batch)
@@ -75,6 +75,27 @@ def test_stacked_equals_forward_mode_on_every_model(name, direction, batchnorm, 
     assert bool(injections) == (direction == "ones")
     assert torch.equal(model(x), before)                       # model left as it was
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batchnorm", BATCHNORM)
+@pytest.mark.parametrize("direction", ["ones", "random"])
+def test_batchnorm1d_has_a_stacked_rule(direction, batchnorm, layout):
+    """BatchNorm1d — on [B, C] in an MLP head and on a flattened [B, C, H·W] map — runs the
+    BatchNorm rule (running statistics: the per-channel affine map; batch statistics: ATen's
+    fused kernels) on both layouts, equal to forward mode, instead of falling back to it."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 2, 0])
+    model = randomize_batchnorm(TinyHead(), torch.Generator().manual_seed(1)).double().eval()
+    ss = StructureSet(model, x[:1])
+    model = saliency_model(model, batchnorm, [(x, y)])
+    d = torch.rand(ss.num_structures, dtype=torch.float64) if direction == "random" else \
+        torch.ones(ss.num_structures, dtype=torch.float64)
+    g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
+    # dual="stacked": a function without a rule would raise Unsupported here, not fall back
+    g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout)
+    assert q1.abs().max() > 0 and stackable(model)
+    assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10
 
 
 @pytest.mark.parametrize("batchnorm", BATCHNORM)

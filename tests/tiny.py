@@ -1,5 +1,6 @@
-"""Tiny networks for brute-force checks (an MLP, a conv net with BN and a residual add, and a
-ResNeXt-like one whose grouped convs make structures of several channels)."""
+"""Tiny networks for brute-force checks (an MLP, a conv net with BN and a residual add, a
+ResNeXt-like one whose grouped convs make structures of several channels, and one with
+BatchNorm1d on a flattened feature map and in an MLP head)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -52,10 +53,26 @@ class TinyResNeXt(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class TinyHead(nn.Module):
+    """conv → BN → softplus → conv, its map flattened to [B, C, H·W] for a BatchNorm1d →
+    softplus → mean → linear → BatchNorm1d ([B, C]) → softplus → linear."""
+
+    def __init__(self, in_ch=2, width=3, hidden=4, classes=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(in_ch, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm1d(width)
+        self.fc1, self.bn3, self.fc2 = nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = F.softplus(self.bn1(self.conv1(x)))
+        h = F.softplus(self.bn2(self.conv2(h).flatten(2))).mean(2)
+        return self.fc2(F.softplus(self.bn3(self.fc1(h))))
+
+
 def randomize_batchnorm(model, generator=None):
     """Non-trivial running statistics and affine parameters, so eval-mode BN matters."""
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
                 m.running_mean.uniform_(-0.3, 0.3, generator=generator)
                 m.running_var.uniform_(0.5, 1.5, generator=generator)

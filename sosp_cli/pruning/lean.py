@@ -1,7 +1,7 @@
 """Lean layers for gate-space derivatives: the same function, fewer operations.
 
 Saliencies differentiate only with respect to the gates, never the weights, and run in eval
-mode. Inside :func:`lean_layers`, every Conv2d / Linear / BatchNorm2d computes exactly what it
+mode. Inside :func:`lean_layers`, every Conv2d / Linear / BatchNorm2d / BatchNorm1d computes exactly what it
 computed before, but:
 
 - weights are frozen (no weight-gradient bookkeeping);
@@ -97,11 +97,32 @@ def bn_affine(module: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.detach(), shift.detach()
 
 
-def _bn_forward(module: nn.BatchNorm2d):
+def channel_shaped(values: torch.Tensor, ndim: int, channel_dim: int = 1) -> torch.Tensor:
+    """Per-channel ``values`` viewed to broadcast along ``channel_dim`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    shape[channel_dim % ndim] = -1
+    return values.detach().view(shape)
+
+
+def bn_affine_views(module: nn.BatchNorm2d):
+    """``views(ndim)``: :func:`bn_affine`'s (scale, shift) viewed to broadcast along dimension 1
+    of an ``ndim``-d input — 4 for BatchNorm2d, 2 or 3 for BatchNorm1d ([B, C] or [B, C, L]) —
+    made once per ``ndim``."""
     scale, shift = bn_affine(module)
-    scale, shift = scale[None, :, None, None], shift[None, :, None, None]
+    made = {}
+
+    def views(ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if ndim not in made:
+            made[ndim] = channel_shaped(scale, ndim), channel_shaped(shift, ndim)
+        return made[ndim]
+    return views
+
+
+def _bn_forward(module: nn.BatchNorm2d):
+    views = bn_affine_views(module)
 
     def forward(x):
+        scale, shift = views(x.dim())
         # a product, then the shift added in place: ``torch.addcmul(shift, x, scale)`` does the
         # same in one kernel but, with its first argument broadcast, runs ~3x slower on CPU
         return (x * scale.to(x.dtype)).add_(shift.to(x.dtype))
@@ -111,7 +132,7 @@ def _bn_forward(module: nn.BatchNorm2d):
 def layer_kind(module: nn.Module) -> str | None:
     """'conv' | 'linear' | 'bn' | 'bn_batch' for the layers whose forward can be replaced by a
     frozen one (exact types: a subclass may compute something else; zero-padded convolutions
-    with explicit padding; 'bn': BatchNorm with running statistics, 'bn_batch': BatchNorm
+    with explicit padding; 'bn': BatchNorm2d / BatchNorm1d with running statistics, 'bn_batch': BatchNorm
     without them, which normalises with the statistics of its input batch —
     :func:`batch_statistics`), else None."""
     if type(module) is nn.Conv2d:
@@ -119,7 +140,7 @@ def layer_kind(module: nn.Module) -> str | None:
         return "conv" if ok else None
     if type(module) is nn.Linear:
         return "linear"
-    if type(module) is nn.BatchNorm2d:
+    if type(module) in (nn.BatchNorm2d, nn.BatchNorm1d):
         if module.running_mean is None and module.running_var is None:
             return "bn_batch"
         return "bn" if module.track_running_stats else None
@@ -156,7 +177,7 @@ def _swap(model: nn.Module, builders: dict, swapped: list) -> None:
 
 @contextlib.contextmanager
 def swapped_forwards(model: nn.Module, builders: dict):
-    """Within the block, every Conv2d / Linear / BatchNorm2d whose :func:`layer_kind` has a
+    """Within the block, every Conv2d / Linear / BatchNorm whose :func:`layer_kind` has a
     builder runs ``builders[kind](module)`` as its forward (the others keep theirs), and
     the model's parameters are frozen (gate-space derivatives never need weight gradients).
     Everything is restored on exit, also after an exception, including a forward an enclosing

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..structures import StructureSet
-from .lean import FrozenConv, FrozenLinear, bn_affine, swapped_forwards
+from .lean import FrozenConv, FrozenLinear, bn_affine_views, channel_shaped, swapped_forwards
 from .stacked import (_ADD, _ATTRIBUTES, _METADATA, Unsupported, _add_untracked, _AvgPool,
-                      _bn_jacobian, _channel_shaped, _clamp_mask, _flat, _gate_hooks, _name,
+                      _bn_jacobian, _clamp_mask, _flat, _gate_hooks, _name,
                       _detached, _relu_mask, _slope, dispatch, handler_table, shift_rule,
                       value_and_slope, zeros_of)
 
@@ -112,7 +112,7 @@ class _Gate(torch.autograd.Function):
         ctx.save_for_backward(_kept(x0))
         if direction is None:
             return x0.view_as(x0), x1.view_as(x1)
-        return x0.view_as(x0), torch.addcmul(x1, x0, _channel_shaped(direction, x0.dim(), 1))
+        return x0.view_as(x0), torch.addcmul(x1, x0, channel_shaped(direction, x0.dim(), 1))
 
     @staticmethod
     def backward(ctx, g0, g1):
@@ -127,7 +127,7 @@ class _FirstGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gates2, direction):
         ctx.save_for_backward(x.detach().clone())   # the model may still change x in place
-        return x.view_as(x), x * _channel_shaped(direction, x.dim(), 1)
+        return x.view_as(x), x * channel_shaped(direction, x.dim(), 1)
 
     @staticmethod
     def backward(ctx, g0, g1):
@@ -459,7 +459,7 @@ def _affine(module: nn.Module, state: dict, layer, rest: tuple, inject: bool, bi
             else:
                 y0, y1 = (layer.apply(t, weight, None, *rest) for t in (x, x1))
             if bias is not None:
-                _add_untracked(y0, _channel_shaped(bias, y0.dim(), channel_dim))   # the primal only
+                _add_untracked(y0, channel_shaped(bias, y0.dim(), channel_dim))   # the primal only
             return _dual(y0, y1)
     return forward
 
@@ -475,10 +475,11 @@ def _linear_forward(module: nn.Linear, state: dict, inject: bool):
 
 def _bn_forward(module: nn.BatchNorm2d, state: dict):
     """Eval-mode BatchNorm, x·scale + shift: primal x₀·scale + shift, tangent x₁·scale."""
-    scale, shift = (_channel_shaped(v, 4, 1) for v in bn_affine(module))
+    views = bn_affine_views(module)
 
     def forward(x):
         with torch._C.DisableTorchFunction():
+            scale, shift = views(x.dim())
             s = scale.to(x.dtype)
             entry = _entry(x)
             y0 = x * s

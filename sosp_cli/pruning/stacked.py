@@ -56,7 +56,7 @@ function of the gates), so one backward pass with the stacked cotangent ``[(p �
 returns g (row 0) and Q·d (row 1) — exactly the two products, no second-order cross term.
 
 Every PyTorch function the model calls while stacked is checked against a list of functions
-whose rule above is known; anything else (BatchNorm1d / 3d, attention, a quotient by an
+whose rule above is known; anything else (BatchNorm3d, attention, a quotient by an
 activation, indexing along the batch, ...) raises :class:`Unsupported` and
 the caller falls back to forward-mode AD, which is always exact. The brute-force tests check
 both paths on every registered model. (:mod:`.paired` applies the same rules with the two row
@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..structures import StructureSet
-from .lean import FrozenConv, FrozenLinear, layer_kind, bn_affine, swapped_forwards
+from .lean import FrozenConv, FrozenLinear, bn_affine_views, channel_shaped, layer_kind, swapped_forwards
 
 
 class Unsupported(Exception):
@@ -113,7 +113,7 @@ class _Gate(torch.autograd.Function):
         xs, out = _split(x), torch.empty_like(x)
         outs = _split(out)
         outs[0].copy_(xs[0])
-        torch.addcmul(xs[1], xs[0], _channel_shaped(direction, x.dim(), 1), out=outs[1])
+        torch.addcmul(xs[1], xs[0], channel_shaped(direction, x.dim(), 1), out=outs[1])
         return out
 
     @staticmethod
@@ -130,7 +130,7 @@ class _FirstGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gates2, direction):
         ctx.save_for_backward(x.detach().clone())   # the model may still change x in place
-        return torch.cat([x, x * _channel_shaped(direction, x.dim(), 1)])
+        return torch.cat([x, x * channel_shaped(direction, x.dim(), 1)])
 
     @staticmethod
     def backward(ctx, grad):
@@ -684,13 +684,6 @@ def _add_untracked(t: torch.Tensor, values: torch.Tensor) -> None:
         t.add_(values.to(t.dtype))   # ``to``: the tensor itself when the dtypes agree
 
 
-def _channel_shaped(values: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
-    """Per-channel ``values`` viewed to broadcast along ``channel_dim`` of an ``ndim``-d tensor."""
-    shape = [1] * ndim
-    shape[channel_dim % ndim] = -1
-    return values.detach().view(shape)
-
-
 def _with_bias(module: nn.Module, state: dict, forward, first, bias, channel_dim: int):
     """Stacked affine layer: the bias-free (linear) map on all rows, the bias on primal rows.
     On an input of B rows (no tangent yet): ``first(x, gates)`` when a gate site with d = 1
@@ -705,7 +698,7 @@ def _with_bias(module: nn.Module, state: dict, forward, first, bias, channel_dim
                 y = first(x, gates)
             else:
                 y = forward(x)
-            return y if bias is None else _add_to_primal_rows(y, _channel_shaped(bias, y.dim(), channel_dim))
+            return y if bias is None else _add_to_primal_rows(y, channel_shaped(bias, y.dim(), channel_dim))
     return stacked
 
 
@@ -725,10 +718,11 @@ def _linear_forward(module: nn.Linear, state: dict, inject: bool = False):
 
 
 def _bn_forward(module: nn.BatchNorm2d, state: dict):
-    scale, shift = (_channel_shaped(v, 4, 1) for v in bn_affine(module))
+    views = bn_affine_views(module)
 
     def forward(x):
         with torch._C.DisableTorchFunction():
+            scale, shift = views(x.dim())
             if 2 * x.shape[0] == state["rows"]:   # no tangent yet: the affine map itself
                 return (x * scale.to(x.dtype)).add_(shift.to(x.dtype))
             return _add_to_primal_rows(x * scale.to(x.dtype), shift)
