@@ -22,7 +22,7 @@ from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
 from .selection import Selection, removal_caps, select as _select, validate_guards
 from .structures import StructureSet
 from .surgery import remove_structures
-from .utils import retain_freed_memory
+from .utils import check_seed, check_torch_device, retain_freed_memory
 
 __all__ = ["create_model", "list_models", "list_criteria", "structures", "saliency", "select", "mask",
            "prune", "check_gates", "retain_freed_memory"]
@@ -63,7 +63,8 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
     if device is None:
         p = next(model.parameters())
         device = p.device
-    device = torch.device(device)
+    device = check_torch_device(device, "saliency() device")
+    check_seed(seed, "saliency() seed")
     accepted = sorted(f.name for f in dataclasses.fields(MethodConfig) if f.name != "name")
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -188,6 +189,9 @@ def check_gates(model: nn.Module, example_input: torch.Tensor, trials: int = 2, 
     structure's channels with others on the way to its gate sites) gets scores that are not
     about removing its structures. Raises :class:`SospError` for a model refused outright
     (GroupNorm / LayerNorm on a structure, a grouped convolution that structures would unbalance, ...)."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise SospError(f"check_gates() trials={trials!r}: expected an integer >= 1 (random removals to compare)")
+    check_seed(seed, "check_gates() seed")
     work = copy.deepcopy(model).eval()
     ss = StructureSet(work, example_input[:1].cpu())
     generator = torch.Generator().manual_seed(seed)

@@ -158,6 +158,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_torch_device(device, key: str = "device") -> torch.device:
+    """``device`` (a ``torch.device`` or its string: ``"cpu"``, ``"cuda"``, ``"cuda:1"``) as a
+    ``torch.device`` that sosp computes on and this machine has; one line otherwise (the Python
+    API's twin of :func:`resolve_device`)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SospError(f"{key}={device!r} is not a device ({describe(exc)}); pass 'cpu', 'cuda' "
+                        "or 'cuda:<index>'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SospError(f"{key}={device!r}: sosp computes on 'cpu' or 'cuda' devices")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SospError(f"{key}={device!r} but no CUDA device is available; use 'cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise SospError(f"{key}={device!r} but this machine has {count} CUDA device"
+                            f"{'s' * (count > 1)} (indices 0 to {count - 1})")
+    return dev
+
+
 def _tf32_flags() -> list[tuple[object, str]]:
     """(object, attribute) of every switch between IEEE float32 and TensorFloat-32 for CUDA's
     convolutions (cuDNN) and matrix products: torch ≥ 2.9's ``fp32_precision`` ('ieee' | 'tf32'),

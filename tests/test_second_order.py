@@ -360,6 +360,29 @@ def test_api_saliency_names_a_batch_it_cannot_use_in_one_line(bad, needle):
     assert list(api.saliency(model, [[x, y]], "sosp_h")) == api.structures(model, x[:1])
 
 
+def test_api_devices_and_seeds_it_cannot_use_are_one_line(monkeypatch):
+    """``saliency(device=...)``: a string that is no device, a kind sosp does not compute on, CUDA
+    where there is none or an index beyond the devices — one line each, before the model is
+    copied (not PyTorch's driver error from the first transfer); seeds as ``seed=`` of sosp-run.
+    ``check_gates`` needs at least one trial."""
+    from sosp_cli.errors import SospError
+    model = api.create_model("resnet20", width=0.25)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    for device, needle in (("gpu", r"device='gpu' is not a device \(RuntimeError: Expected one of cpu, cuda"),
+                           ("meta", r"device='meta': sosp computes on 'cpu' or 'cuda' devices"),
+                           ("cuda", r"device='cuda' but no CUDA device is available; use 'cpu'")):
+        with pytest.raises(SospError, match=r"^saliency\(\) " + needle):
+            api.saliency(model, [(x, y)], "sosp_h", device=device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SospError, match=r"device='cuda:2' but this machine has 2 CUDA devices \(indices 0 to 1\)$"):
+        api.saliency(model, [(x, y)], "sosp_h", device="cuda:2")
+    with pytest.raises(SospError, match=r"^saliency\(\) seed=-1 must be an integer in \[0, "):
+        api.saliency(model, [(x, y)], "random", seed=-1)
+    with pytest.raises(SospError, match=r"^check_gates\(\) trials=0: expected an integer >= 1"):
+        api.check_gates(model, x, trials=0)
+
+
 def test_api_saliency_names_inputs_the_model_cannot_run_in_one_line():
     from sosp_cli.errors import SospError
     model = api.create_model("resnet20", width=0.25)
