@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from sosp_cli.config import MethodConfig
 from sosp_cli.errors import SospError, check_choice
-from sosp_cli.measure import PeakMemory, count_macs, count_work, peak_tensor_mb
+from sosp_cli.measure import PeakMemory, count_macs, count_work, op_times_in_turn, peak_tensor_mb
 from sosp_cli.models import check_model, create_model
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import AUTO_LAYOUT, curvature_product, gradient
@@ -212,6 +212,29 @@ def cuda_peak(fn, device) -> dict:
     return {"peak_mb": peak.mb, "tensor_mb": None}
 
 
+def print_profile(profiles: dict, top: int, width: float, classes: int) -> dict:
+    """Print, per method, the self time and calls of the ``top`` operations that take the most
+    time in any method (:func:`sosp_cli.measure.op_times_in_turn`), with each method's time over
+    Taylor's, and the total; return those times {method: {operation: ms}} (and "total")."""
+    methods = list(profiles)
+    ops = sorted({op for times in profiles.values() for op in times},
+                 key=lambda op: -max(t.get(op, (0.0, 0))[0] for t in profiles.values()))[:top]
+    base = profiles.get("taylor")
+    print(f"\n# where the time goes (width {width:g}, {classes} classes): self ms per call (calls)"
+          + (", and / taylor" if base else ""))
+    print("| operation | " + " | ".join(methods) + " |\n|" + "---|" * (len(methods) + 1))
+    total = {m: sum(ms for ms, _ in times.values()) for m, times in profiles.items()}
+    for op in ops + ["total"]:
+        cells = []
+        for m in methods:
+            ms, n = (total[m], None) if op == "total" else profiles[m].get(op, (0.0, 0))
+            ref = total["taylor"] if op == "total" and base else (base.get(op, (0.0, 0))[0] if base else 0.0)
+            ratio = f" ×{ms / ref:.2f}" if base and m != "taylor" and ref > 0 else ""
+            cells.append(f"{ms:.1f}" + (f" ({n:g})" if n is not None else "") + ratio)
+        print(f"| {op} | " + " | ".join(cells) + " |")
+    return {m: {**{op: profiles[m].get(op, (0.0, 0))[0] for op in ops}, "total": total[m]} for m in methods}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet56",
@@ -242,6 +265,10 @@ def main() -> None:
                         help="keep the initial BatchNorm statistics (mean 0, variance 1) instead of "
                              "estimating them on random inputs (calibrate_batchnorm)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--profile", type=positive(int), default=None, metavar="N",
+                        help="also profile the methods (torch.profiler; --repeats rounds of one call of "
+                             "each in turn, averaged) and print the N most time-consuming operations, "
+                             "each method's beside Taylor's")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-width", type=float, default=None, help=argparse.SUPPRESS)
@@ -305,6 +332,10 @@ def main() -> None:
                 row[f"{m}/taylor_paired_ci95"] = "{:.2f}-{:.2f}".format(*paired_ci(paired))
                 row[f"{m}/taylor_flops"] = work[m][0] / work["taylor"][0]
                 row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
+        if args.profile:
+            profiles = op_times_in_turn({m: (lambda m=m: run_method(m, model, ss, data, device, args.tf32))
+                                         for m in methods}, device, rounds=args.repeats)
+            row["profile_ms"] = print_profile(profiles, args.profile, width, classes)
         if not args.no_memory:
             for m in (m for m in METHODS + ("sosp_h_half", "sosp_h_whole", "sosp_h_pair") if m in methods):
                 peak = cpu_peak(args, width, classes, m) if device.type != "cuda" else \
@@ -314,7 +345,7 @@ def main() -> None:
                     row[f"{m}_tensor_mb"] = peak["tensor_mb"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    keys = list(rows[0])
+    keys = [k for k in rows[0] if k != "profile_ms"]
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")

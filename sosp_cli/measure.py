@@ -81,6 +81,35 @@ def peak_tensor_mb(fn) -> float:
     return peak / 2**20
 
 
+def op_times_in_turn(fns: dict, device: torch.device | str = "cpu", rounds: int = 3) -> dict[str, dict]:
+    """Where one call of each of ``fns`` ({name: function}) spends its time:
+    ``{name: {operation: (milliseconds, calls)}}`` per call, averaged over ``rounds`` rounds that
+    each profile one call of every function in turn (a host whose speed drifts slows all of them
+    alike, as in :func:`latencies_in_turn`) — each ATen operation's and autograd node's *self*
+    time (its children's excluded, so the values add up to the call's), host time on a CPU,
+    kernel time on CUDA, from ``torch.profiler``. For when one method's time is not the multiple
+    of another's that their FLOPs predict (``scripts/bench_saliency.py --profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for fn in fns.values():
+        fn()   # warm: the allocator holds each call's memory, as it does for a timed repeat
+    sums = {name: {} for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            with profile(activities=activities) as prof:
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+            for e in prof.key_averages():
+                us = e.self_device_time_total if cuda else e.self_cpu_time_total
+                ms, calls = sums[name].get(e.key, (0.0, 0))
+                sums[name][e.key] = (ms + us / 1000, calls + e.count)
+    return {name: {op: (ms / rounds, calls / rounds) for op, (ms, calls) in ops.items() if ms > 0}
+            for name, ops in sums.items()}
+
+
 @torch.no_grad()
 def latencies_in_turn(models: Sequence[nn.Module], example_input: torch.Tensor, batch_size: int,
                       repeats: int = 10, device: torch.device | str = "cpu") -> list[dict]:

@@ -269,3 +269,29 @@ def test_latencies_are_timed_in_turn_and_the_speedup_is_the_median_ratio():
     assert fast.calls == slow.calls == 7 and slow.training and not fast.training
     assert rows[0]["speedup"] == 1.0 and 0.1 < rows[1]["speedup"] < 0.45
     assert rows[1]["ms"] > rows[0]["ms"] >= 2.0
+
+
+def test_profile_shows_where_each_methods_time_goes(tmp_path):
+    """``--profile N``: each method's N most time-consuming operations beside Taylor's, self times
+    per call that add up to no more than the call's total (in the rows as ``profile_ms``)."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--batches", "1", "--batch-size", "8",
+                           "--repeats", "1", "--methods", "taylor", "sosp_h", "--no-memory", "--device", "cpu",
+                           "--profile", "5", "--json", str(out)], check=True, capture_output=True, text=True)
+    assert "# where the time goes (width 0.25, 10 classes)" in proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    profile = row["profile_ms"]
+    assert set(profile) == {"taylor", "sosp_h"} and all(len(p) == 6 for p in profile.values())
+    for times in profile.values():
+        assert 0 < sum(ms for op, ms in times.items() if op != "total") <= times["total"]
+    assert profile["sosp_h"]["aten::mkldnn_convolution"] > profile["taylor"]["aten::mkldnn_convolution"] > 0
+    assert "| aten::mkldnn_convolution | " in proc.stdout and "| total | " in proc.stdout
+
+
+def test_op_times_are_self_times_per_call_of_each_function():
+    from sosp_cli.measure import op_times_in_turn
+    a = torch.randn(64, 64)
+    times = op_times_in_turn({"mm": lambda: (a @ a).relu(), "twice": lambda: (a @ a @ a).relu()}, rounds=2)
+    assert times["mm"]["aten::mm"][1] == 1 and times["twice"]["aten::mm"][1] == 2   # products per call
+    assert times["mm"]["aten::relu"][1] == times["twice"]["aten::relu"][1] == 1
+    assert all(ms > 0 for ops in times.values() for ms, _ in ops.values())
