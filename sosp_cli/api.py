@@ -45,8 +45,9 @@ def saliency(model: nn.Module, batches: Iterable, method: str, example_input: to
              tf32: bool = False, guards: dict | None = None, **options) -> dict[str, float]:
     """Score per structure (higher = keep) with the registered criterion ``method``.
 
-    ``batches`` yields ``(inputs, targets)``; the loss is the mean cross-entropy over all
-    samples. ``options`` are :class:`sosp_cli.config.MethodConfig` fields (``combine``,
+    ``batches`` yields ``(inputs, targets)``, and is read into a list first (pass the batches
+    to score, e.g. ``itertools.islice(loader, 8)``, not a whole training loader); the loss is the
+    mean cross-entropy over all samples. ``options`` are :class:`sosp_cli.config.MethodConfig` fields (``combine``,
     ``curvature``, ``selection``, ``chunk_size``, ...). The model is scored in eval mode, on a
     copy; ``batchnorm='batch'``: with BatchNorm on each batch's statistics (``saliency.batchnorm``).
     On CUDA the float32 products run in IEEE float32 unless ``tf32=True`` (``saliency.tf32``).
