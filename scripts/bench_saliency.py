@@ -219,20 +219,18 @@ def print_profile(profiles: dict, top: int, width: float, classes: int) -> dict:
     methods = list(profiles)
     ops = sorted({op for times in profiles.values() for op in times},
                  key=lambda op: -max(t.get(op, (0.0, 0))[0] for t in profiles.values()))[:top]
-    base = profiles.get("taylor")
+    # per row, each method's (ms, calls); the total has no count of calls
+    table = {op: {m: profiles[m].get(op, (0.0, 0)) for m in methods} for op in ops}
+    table["total"] = {m: (sum(ms for ms, _ in profiles[m].values()), None) for m in methods}
     print(f"\n# where the time goes (width {width:g}, {classes} classes): self ms per call (calls)"
-          + (", and / taylor" if base else ""))
+          + (", and / taylor" if "taylor" in methods else ""))
     print("| operation | " + " | ".join(methods) + " |\n|" + "---|" * (len(methods) + 1))
-    total = {m: sum(ms for ms, _ in times.values()) for m, times in profiles.items()}
-    for op in ops + ["total"]:
-        cells = []
-        for m in methods:
-            ms, n = (total[m], None) if op == "total" else profiles[m].get(op, (0.0, 0))
-            ref = total["taylor"] if op == "total" and base else (base.get(op, (0.0, 0))[0] if base else 0.0)
-            ratio = f" ×{ms / ref:.2f}" if base and m != "taylor" and ref > 0 else ""
-            cells.append(f"{ms:.1f}" + (f" ({n:g})" if n is not None else "") + ratio)
+    for op, row in table.items():
+        ref = row["taylor"][0] if "taylor" in row else 0.0
+        cells = [f"{ms:.1f}" + (f" ({n:g})" if n is not None else "")
+                 + (f" ×{ms / ref:.2f}" if m != "taylor" and ref > 0 else "") for m, (ms, n) in row.items()]
         print(f"| {op} | " + " | ".join(cells) + " |")
-    return {m: {**{op: profiles[m].get(op, (0.0, 0))[0] for op in ops}, "total": total[m]} for m in methods}
+    return {m: {op: row[m][0] for op, row in table.items()} for m in methods}
 
 
 def main() -> None:
