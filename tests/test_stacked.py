@@ -10,7 +10,7 @@ from sosp_cli.errors import SospError
 from sosp_cli.pruning import BATCHNORM, derivatives, paired, saliency_model, stacked
 from sosp_cli.pruning.derivatives import curvature_product, joint_product, stackable
 from sosp_cli.structures import StructureSet, classifier_name
-from tiny import TinyHead, randomize_batchnorm
+from tiny import TinyFolds, TinyHead, randomize_batchnorm
 
 WIDTH = {"mobilenet_v2": 0.25, "resnet50": 0.125, "resnet18": 0.125}
 LAYOUTS = ("whole", "pair")   # the two representations of a dual activation (stack_batch)
@@ -37,8 +37,8 @@ def count_injections(monkeypatch, layout: str) -> list:
     """A list that grows by one whenever a layer adds the tangent injection to its output."""
     injections = []
     if layout == "pair":
-        forward = paired._Injecting.forward
-        monkeypatch.setattr(paired._Injecting, "forward", staticmethod(lambda *a: injections.append(1) or forward(*a)))
+        inject = paired._inject
+        monkeypatch.setattr(paired, "_inject", lambda *a: injections.append(1) or inject(*a))
     else:
         add = stacked._add_primal_to_tangent
         monkeypatch.setattr(stacked, "_add_primal_to_tangent", lambda y: injections.append(1) or add(y))
@@ -96,6 +96,35 @@ def test_batchnorm1d_has_a_stacked_rule(direction, batchnorm, layout):
     g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout)
     assert q1.abs().max() > 0 and stackable(model)
     assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10
+
+
+@pytest.mark.parametrize("direction", ["ones", "random"])
+def test_paired_batchnorm_folds_its_scale_into_the_tangents_layer(direction, monkeypatch):
+    """``pair``: the tangent of a bias-free convolution or linear layer is computed by its
+    reader — by an eval-mode BatchNorm as the layer with the BatchNorm scale folded into the
+    weight (plus the injection, d = 1), by any other reader as the layer itself — equal to
+    forward mode. Each (layer, folded, injection) computed is recorded, in order of the pass."""
+    computed = []
+    for method, folded in (("apply", False), ("folded", True)):
+        def record(self, *a, run=getattr(paired._Pending, method), folded=folded):
+            computed.append((self.layer.__name__[6:], folded, self.inject))
+            return run(self, *a)
+        monkeypatch.setattr(paired._Pending, method, record)
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 2, 0])
+    model = randomize_batchnorm(TinyFolds(), torch.Generator().manual_seed(1)).double().eval()
+    ss = StructureSet(model, x[:1])
+    d = torch.rand(ss.num_structures, dtype=torch.float64) if direction == "random" else \
+        torch.ones(ss.num_structures, dtype=torch.float64)
+    g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
+    computed.clear()
+    g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch="pair")
+    assert q1.abs().max() > 0 and rel_err(g2, g1) <= 1e-12 and rel_err(q2, q1) <= 1e-12
+    inject = direction == "ones"
+    # d = 1: conv2's input has no tangent yet (one evaluation, _FirstInjecting); fc has a bias
+    conv2 = [] if inject else [("Conv", True, False)]
+    assert computed == conv2 + [("Conv", True, inject), ("Conv", False, inject), ("Conv", False, inject),
+                                ("Linear", True, inject), ("Linear", False, inject)]
 
 
 @pytest.mark.parametrize("batchnorm", BATCHNORM)
@@ -435,7 +464,7 @@ def _tangents_saved(fn, monkeypatch) -> list:
     other tensor can reuse its memory)."""
     tangents, kept = [], []
     dual = paired._dual
-    monkeypatch.setattr(paired, "_dual", lambda y0, y1, injection=False: tangents.append(y1) or dual(y0, y1, injection))
+    monkeypatch.setattr(paired, "_dual", lambda y0, y1: tangents.append(y1) or dual(y0, y1))
 
     def visit(t):
         if any(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for u in tangents):

@@ -79,3 +79,27 @@ def randomize_batchnorm(model, generator=None):
                 m.weight.uniform_(0.5, 1.5, generator=generator)
                 m.bias.uniform_(-0.3, 0.3, generator=generator)
     return model
+
+
+class TinyFolds(nn.Module):
+    """Every reader of a bias-free layer's output: BatchNorm2d after a convolution (conv2 with no
+    tangent on its input when d = 1, conv3 with one); conv3's output read by its BatchNorm and
+    by a ReLU; a convolution read by a ReLU only; BatchNorm1d on [B, C] after a bias-free linear
+    layer."""
+
+    def __init__(self, in_ch=2, width=3, hidden=4, classes=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(in_ch, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv4 = nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False)
+        self.lin, self.bn4 = nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        c = self.conv3(h)
+        h = F.relu(self.bn3(c) + F.relu(c))
+        h = F.relu(self.conv4(h)).mean((2, 3))
+        return self.fc(F.relu(self.bn4(self.lin(h))))

@@ -34,15 +34,15 @@ class FrozenConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.args = (weight, stride, padding, dilation, groups)
+        ctx.weight, ctx.args = weight, (stride, padding, dilation, groups)
         ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def jvp(ctx, x_t, *_):
-        weight, stride, padding, dilation, groups = ctx.args
-        return F.conv2d(x_t, weight, None, stride, padding, dilation, groups)
+        stride, padding, dilation, groups = ctx.args
+        return F.conv2d(x_t, ctx.weight, None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -50,7 +50,7 @@ class FrozenConv(torch.autograd.Function):
         # restores the rows / columns that a strided convolution never read. (Not
         # ``torch.nn.grad.conv2d_input``: it hands ATen an expanded dummy input, which the
         # oneDNN backward materialises with a full-size copy on every call.)
-        weight, stride, padding, dilation, groups = ctx.args
+        weight, (stride, padding, dilation, groups) = ctx.weight, ctx.args
         extra = [n - ((m - 1) * s - 2 * p + d * (k - 1) + 1) for n, m, s, p, d, k in
                  zip(ctx.x_shape[2:], grad.shape[2:], stride, padding, dilation, weight.shape[2:])]
         gx = F.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation)

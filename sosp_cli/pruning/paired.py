@@ -14,10 +14,12 @@ two tensors in turn, with the same kernels. The arithmetic is the stacked pass's
   it keep as it is — the stacked pass copies the primal rows out of its 2B output, so that the
   2B rows can be freed; here nothing is copied, and nothing kept for the backward pass is a
   tangent (``tests/test_stacked.py`` checks it on every model);
-- the tangent injection L(x₀) of a bias-free layer at a gate site with d = 1 is left to the
-  reader of its output (:func:`_dual`): eval-mode BatchNorm, the usual one, makes it part of its
-  own tangent (x₁ + x₀)·scale — one ``addcmul`` of x₁·scale onto x₀·scale — instead of an
-  addition of its own; any other reader adds it first (:func:`tangent`);
+- the tangent of a bias-free convolution or linear layer is left to the reader of its output
+  (:func:`_defer`): eval-mode BatchNorm, the usual one, computes it as one convolution of x₁ with
+  the BatchNorm scale folded into the weight (cached for the block), plus the injection
+  L(x₀)·scale = the primal's x₀·scale (:func:`_inject`), so that neither the tangent's forward
+  nor its backward pass has a BatchNorm multiplication of its own; any other reader computes
+  L x₁ (+ L x₀) first (:func:`tangent`);
 - twice the kernel launches of ``whole`` (those of ``half``): where a pass is launch-bound (a
   GPU at CIFAR sizes) ``whole`` is the faster one.
 
@@ -57,27 +59,61 @@ def tangent(x) -> torch.Tensor | None:
     entry = _entry(x)
     if entry is None:
         return None
-    if entry[2]:   # the injection L(x₀) the layer left to its reader: y₁ += y₀ (in place, untracked)
-        with torch.no_grad():
-            entry[0].add_(x)
-        x._sosp_tangent = (entry[0], x._version, False)
+    if entry[2] is not None:   # left to the reader (_defer): L x₁, plus the injection L x₀ = x
+        pending = entry[2]
+        y1 = pending.apply()
+        if pending.inject:
+            _inject(y1, x)
+        return _dual(x, y1)._sosp_tangent[0]
     return entry[0]
 
 
 def _entry(x):
-    """(tangent, version, injection pending) of ``x``, or None (:func:`tangent`)."""
+    """(tangent, version, :class:`_Pending` or None) of ``x``, or None (:func:`tangent`)."""
     entry = getattr(x, "_sosp_tangent", None) if isinstance(x, torch.Tensor) else None
     if entry is not None and entry[1] != x._version:
         raise Unsupported("an in-place change of an activation by a function without a paired rule")
     return entry
 
 
-def _dual(y0: torch.Tensor, y1: torch.Tensor, injection: bool = False) -> torch.Tensor:
-    """``y0`` with the tangent ``y1`` attached (as of ``y0``'s current version). ``injection``:
-    the true tangent is y₁ + y₀ — a bias-free layer at a gate site with d = 1 leaves the addition
-    to the tensor's reader, which eval-mode BatchNorm makes part of its own (:func:`_bn_forward`)."""
-    y0._sosp_tangent = (y1, y0._version, injection)
+def _dual(y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+    """``y0`` with the tangent ``y1`` attached (as of ``y0``'s current version)."""
+    y0._sosp_tangent = (y1, y0._version, None)
     return y0
+
+
+class _Pending:
+    """The tangent L x₁ (+ the injection L x₀ when ``inject``) of a bias-free convolution or
+    linear layer L, not computed yet: its reader computes it (:func:`_defer`)."""
+
+    __slots__ = ("x1", "layer", "weight", "rest", "inject")
+
+    def __init__(self, x1, layer, weight, rest, inject):
+        self.x1, self.layer, self.weight, self.rest, self.inject = x1, layer, weight, rest, inject
+
+    def apply(self) -> torch.Tensor:
+        """L x₁ (bias-free)."""
+        return self.layer.apply(self.x1, self.weight, None, *self.rest)
+
+    def folded(self, scale: torch.Tensor) -> torch.Tensor:
+        """L x₁ with the weight W·``scale`` per output channel (:class:`_Folded`)."""
+        return _Folded.apply(self.x1, self, scale)
+
+
+def _defer(y0: torch.Tensor, pending: _Pending) -> torch.Tensor:
+    """``y0`` = L x₀ with its tangent left to its reader: eval-mode BatchNorm computes it with
+    its scale folded into L's weight (:func:`_bn_forward`), any other reader as it is
+    (:func:`tangent`)."""
+    y0._sosp_tangent = (None, y0._version, pending)
+    return y0
+
+
+def _inject(y1: torch.Tensor, v: torch.Tensor) -> None:
+    """y₁ += v, untracked: the tangent injection L(x₀) of a layer at a gate site with d = 1
+    (DESIGN §3), the direction's term — the backward pass of the tangent maps ḡ₁ through the
+    Jacobian at the primal only, so it never reaches v."""
+    with torch.no_grad():
+        y1.add_(v)
 
 
 def _kept(t: torch.Tensor) -> torch.Tensor:
@@ -148,21 +184,6 @@ def _frozen(ctx, layer, x, weight, rest):
 def _input_gradients(ctx, *grads):
     """The layer's input gradient (its transposed map) of each of ``grads``."""
     return [ctx.layer.backward(ctx, g)[0] for g in grads]
-
-
-class _Injecting(torch.autograd.Function):
-    """Bias-free convolution or linear layer L (``layer``: :class:`.lean.FrozenConv` /
-    ``FrozenLinear``, with its arguments after the weight) at a gate site with d = 1
-    (:class:`.stacked._InjectingConv`): (L x₀, L x₁), to which the injection L x₀ is added
-    outside, untracked (:func:`_affine`); backward Lᵀ ḡ_k for each."""
-
-    @staticmethod
-    def forward(ctx, x0, x1, layer, weight, *rest):
-        return _frozen(ctx, layer, x0, weight, rest), _frozen(ctx, layer, x1, weight, rest)
-
-    @staticmethod
-    def backward(ctx, g0, g1):
-        return (*_input_gradients(ctx, g0, g1), None, None) + (None,) * ctx.rest
 
 
 class _FirstInjecting(torch.autograd.Function):
@@ -358,11 +379,9 @@ class _Handles:
 
 def _register_hook(mode, x, hook):
     """A gradient hook on an activation is called on each tensor's gradient (the two backward
-    passes' of forward-mode AD). (The tangent's gradient does not depend on a pending injection,
-    which is added untracked: the hook is registered without adding it.)"""
-    x1 = _entry(x)[0]
+    passes' of forward-mode AD); a tangent left to the reader is computed first."""
     with torch._C.DisableTorchFunction():
-        return _Handles(x.register_hook(hook), x1.register_hook(hook))
+        return _Handles(x.register_hook(hook), tangent(x).register_hook(hook))
 
 
 _HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _register_hook, _elementwise, _mul,
@@ -438,8 +457,9 @@ def _affine(module: nn.Module, state: dict, layer, rest: tuple, inject: bool, bi
     """Paired convolution / linear layer (``layer``: :class:`.lean.FrozenConv` / ``FrozenLinear``,
     ``rest`` its arguments after weight and bias): without a tangent, :class:`_FirstInjecting`
     where a gate site with d = 1 left this layer its gates, else the layer as it is; with one,
-    :class:`_Injecting` (``inject``: d = 1 on every input channel) or the frozen layer on each
-    tensor — the bias on the primal only."""
+    the frozen layer on the primal, and on the tangent its linear part — plus the injection
+    L x₀ (``inject``: d = 1 on every input channel) — left to the reader when the layer has no
+    bias (:func:`_defer`). The bias goes to the primal only."""
     weight = module.weight
 
     def forward(x):
@@ -450,18 +470,22 @@ def _affine(module: nn.Module, state: dict, layer, rest: tuple, inject: bool, bi
                 if gates is None:
                     return type(module).forward(module, x)
                 y0, y1 = _FirstInjecting.apply(x, gates, layer, weight, *rest)
-            elif inject:
-                y0, y1 = _Injecting.apply(x, x1, layer, weight, *rest)
-                if bias is None:   # the injection y₁ += y₀ is left to the reader (_dual)
-                    return _dual(y0, y1, injection=True)
-                with torch.no_grad():
-                    y1.add_(y0)
-            else:
-                y0, y1 = (layer.apply(t, weight, None, *rest) for t in (x, x1))
-            if bias is not None:
-                _add_untracked(y0, channel_shaped(bias, y0.dim(), channel_dim))   # the primal only
-            return _dual(y0, y1)
+                return _dual(y0, y1) if bias is None else _biased(y0, y1, bias, channel_dim)
+            y0 = layer.apply(x, weight, None, *rest)
+            pending = _Pending(x1, layer, weight, rest, inject)
+            if bias is None:
+                return _defer(y0, pending)
+            y1 = pending.apply()
+            if inject:
+                _inject(y1, y0)
+            return _biased(y0, y1, bias, channel_dim)
     return forward
+
+
+def _biased(y0, y1, bias, channel_dim: int) -> torch.Tensor:
+    """The pair (y₀ + bias, y₁): a bias moves the primal only."""
+    _add_untracked(y0, channel_shaped(bias, y0.dim(), channel_dim))
+    return _dual(y0, y1)
 
 
 def _conv_forward(module: nn.Conv2d, state: dict, inject: bool):
@@ -474,7 +498,11 @@ def _linear_forward(module: nn.Linear, state: dict, inject: bool):
 
 
 def _bn_forward(module: nn.BatchNorm2d, state: dict):
-    """Eval-mode BatchNorm, x·scale + shift: primal x₀·scale + shift, tangent x₁·scale."""
+    """Eval-mode BatchNorm, x·scale + shift: primal x₀·scale + shift, tangent x₁·scale. A tangent
+    its convolution or linear layer L left to it (:func:`_defer`) is computed as L with the
+    weight W·scale (per output channel, :class:`_Folded`) on L's input tangent, plus the
+    injection L(x₀)·scale = x₀·scale — so that no BatchNorm multiplication of the tangent runs,
+    forward or backward (ḡ₁ goes through (W·scale)ᵀ)."""
     views = bn_affine_views(module)
 
     def forward(x):
@@ -485,26 +513,41 @@ def _bn_forward(module: nn.BatchNorm2d, state: dict):
             y0 = x * s
             if entry is None:
                 return y0.add_(shift.to(x.dtype))
-            x1, _, injection = entry
-            # tangent (x₁ + x₀)·scale = x₁·scale + y₀ before the shift, one kernel (addcmul)
-            y1 = _ScaledInjection.apply(x1, y0, s) if injection else x1 * s
+            pending = entry[2]
+            # the BatchNorm's channels are L's output channels: a convolution's, or a linear
+            # layer's on [B, features] (not on [B, L, features], where BatchNorm1d reads dim 1)
+            if pending is not None and (pending.layer is FrozenConv or x.dim() == 2):
+                y1 = pending.folded(views(1)[0])
+                if pending.inject:
+                    _inject(y1, y0)      # L(x₀)·scale, before the shift
+            else:
+                y1 = tangent(x) * s
             return _dual(y0.add_(shift.to(x.dtype)), y1)
     return forward
 
 
-class _ScaledInjection(torch.autograd.Function):
-    """x₁·scale + v with v = x₀·scale, the BatchNorm of a tangent whose injection x₀ its layer
-    left to it (:func:`_dual`): the added term is the direction, so the backward is ḡ·scale to
-    x₁ only. Saves nothing but the scale."""
+class _Folded(torch.autograd.Function):
+    """L x₁ with L's weight W·scale (``scale`` per output channel): a pending tangent
+    (:class:`_Pending`) computed by the BatchNorm that reads it (:func:`_bn_forward`); backward
+    (W·scale)ᵀ ḡ₁. W·scale is made again for the backward pass instead of kept: a weight's size
+    is below its activation's, and the pass keeps no copy of the weights."""
 
     @staticmethod
-    def forward(ctx, x1, v, scale):
-        ctx.scale = scale
-        return torch.addcmul(v, x1, scale)
+    def forward(ctx, x1, pending, scale):
+        ctx.layer, ctx.scale, weight = pending.layer, scale, pending.weight
+        y1 = pending.layer.forward(ctx, x1, _scaled(weight, scale), None, *pending.rest)
+        ctx.weight = weight     # the layer's forward kept W·scale: keep W instead
+        return y1
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.scale, None, None
+        ctx.weight = _scaled(ctx.weight, ctx.scale)
+        return ctx.layer.backward(ctx, grad)[0], None, None
+
+
+def _scaled(weight, scale):
+    """W·scale per output channel (dimension 0 of a convolution's or linear layer's weight)."""
+    return weight * channel_shaped(scale.to(weight.dtype), weight.dim(), 0)
 
 
 class _BatchStatNorm(torch.autograd.Function):
