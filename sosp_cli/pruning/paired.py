@@ -16,7 +16,7 @@ two tensors in turn, with the same kernels. The arithmetic is the stacked pass's
   tangent (``tests/test_stacked.py`` checks it on every model);
 - the tangent of a bias-free convolution or linear layer is left to the reader of its output
   (:func:`_defer`): eval-mode BatchNorm, the usual one, computes it as one convolution of x₁ with
-  the BatchNorm scale folded into the weight (cached for the block), plus the injection
+  the BatchNorm scale folded into the weight (:class:`_Folded`), plus the injection
   L(x₀)·scale = the primal's x₀·scale (:func:`_inject`), so that neither the tangent's forward
   nor its backward pass has a BatchNorm multiplication of its own; any other reader computes
   L x₁ (+ L x₀) first (:func:`tangent`);
