@@ -103,3 +103,27 @@ class TinyFolds(nn.Module):
         h = F.relu(self.bn3(c) + F.relu(c))
         h = F.relu(self.conv4(h)).mean((2, 3))
         return self.fc(F.relu(self.bn4(self.lin(h))))
+
+
+class TinyInPlace(nn.Module):
+    """A depthwise convolution (no gate site: its channels are its input's structure) reads h,
+    then h is added to in place, then the depthwise output reaches its BatchNorm: a layer whose
+    tangent is computed by its reader must read its input's tangent as it was."""
+
+    def __init__(self, in_ch=2, width=3, classes=4):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(in_ch, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv0, self.bn0 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width, 1, bias=False)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        a = F.relu(self.bn_a(self.conv_a(x)))
+        h = self.bn1(self.conv1(a))
+        d = self.dw(h)
+        h += F.relu(self.bn0(self.conv0(a)))
+        out = F.relu(self.bn2(d)) + h
+        return self.fc(F.relu(self.conv3(out)).mean((2, 3)))

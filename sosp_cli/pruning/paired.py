@@ -388,6 +388,7 @@ _HANDLERS = handler_table(_relu, _hardtanh, _relu6, _max_pool2d, _pooled, _regis
                           _div, shift_rule(_activation_and_constant, _shifted))
 _INPLACE = {torch.Tensor.add_, torch.Tensor.__iadd__}
 _OUT_OF_PLACE = {torch.Tensor.__iadd__: torch.add}
+_OUT_OF_PLACE_TANGENT = {torch.Tensor.add_: torch.add}
 
 
 class _PairedMode(TorchFunctionMode):
@@ -446,7 +447,9 @@ class _PairedMode(TorchFunctionMode):
                 (t1,) = carried
                 out1 = t1 if func in _INPLACE else t1.clone()
             else:
-                out1 = func(*self.tangents(args), **self.tangents(kwargs))
+                # an in-place addition's tangent is a new tensor: the old one may be the input
+                # of a layer whose tangent is not computed yet (_defer), which must read it as it was
+                out1 = _OUT_OF_PLACE_TANGENT.get(func, func)(*self.tangents(args), **self.tangents(kwargs))
             out0 = func(*args, **kwargs)
         if not isinstance(out0, torch.Tensor) or out0.dim() == 0 or out0.shape[0] != self.rows:
             raise Unsupported(f"{_name(func)} with a constant or across the batch")
