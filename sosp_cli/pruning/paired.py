@@ -64,7 +64,8 @@ def tangent(x) -> torch.Tensor | None:
         y1 = pending.apply()
         if pending.inject:
             _inject(y1, x)
-        return _dual(x, y1)._sosp_tangent[0]
+        _dual(x, y1)
+        return y1
     return entry[0]
 
 
@@ -537,15 +538,18 @@ class _Folded(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x1, pending, scale):
-        ctx.layer, ctx.scale, weight = pending.layer, scale, pending.weight
-        y1 = pending.layer.forward(ctx, x1, _scaled(weight, scale), None, *pending.rest)
-        ctx.weight = weight     # the layer's forward kept W·scale: keep W instead
+        ctx.layer, ctx.scale, ctx.unscaled = pending.layer, scale, pending.weight
+        y1 = pending.layer.forward(ctx, x1, _scaled(pending.weight, scale), None, *pending.rest)
+        ctx.weight = None       # the layer's forward kept W·scale: free it until the backward pass
         return y1
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.weight = _scaled(ctx.weight, ctx.scale)
-        return ctx.layer.backward(ctx, grad)[0], None, None
+        ctx.weight = _scaled(ctx.unscaled, ctx.scale)
+        try:
+            return ctx.layer.backward(ctx, grad)[0], None, None
+        finally:
+            ctx.weight = None
 
 
 def _scaled(weight, scale):
