@@ -48,7 +48,7 @@ from ..structures import StructureSet
 from .lean import FrozenConv, FrozenLinear, bn_affine_views, channel_shaped, swapped_forwards
 from .stacked import (_ADD, _ATTRIBUTES, _METADATA, Unsupported, _add_untracked, _AvgPool,
                       _bn_jacobian, _clamp_mask, _flat, _gate_hooks, _name,
-                      _detached, _relu_mask, _slope, dispatch, handler_table, shift_rule,
+                      _detached, _slope, dispatch, handler_table, shift_rule,
                       value_and_slope, zeros_of)
 
 
@@ -233,10 +233,15 @@ def _diagonal(mode, x, primal, apply_d):
 
 
 def _relu(mode, x, inplace=False):
-    def primal(x0):
-        y0 = torch.relu(x0)
-        return y0, y0
-    return _diagonal(mode, x, primal, _relu_mask)
+    """ReLU as two ATen operations with their own (C++) autograd nodes, no Python Function:
+    y₀ = relu(x₀), whose backward masks ḡ₀ with y₀, and the tangent y₁ = x₁·1[x₀ > 0] =
+    ``threshold_backward(x₁, y₀, 0)`` (:func:`.stacked._relu_mask`), whose backward with respect
+    to x₁ is the same mask on ḡ₁. It reads y₀ detached (:func:`_kept`), so no gradient flows
+    from the tangent into the primal, and what it keeps for the backward pass is y₀."""
+    x1 = mode.tangent(x)
+    with torch._C.DisableTorchFunction():
+        y0 = torch.relu(x)
+        return _dual(y0, torch.ops.aten.threshold_backward(x1, _kept(y0), 0.0))
 
 
 def _clamped(mode, x, lo: float, hi: float):
