@@ -208,7 +208,7 @@ class _FirstInjecting(torch.autograd.Function):
 class _Diagonal(torch.autograd.Function):
     """Element-wise f with Jacobian D = diag(f′(x₀)) at the primal (:class:`.stacked._Diagonal`):
     ``primal(x₀)`` returns y₀ = f(x₀) and the one tensor ``apply_d(v, saved, out)`` needs to
-    write D·v; tangent D·x₁, backward D·ḡ_k. For ReLU / clamps ``saved`` is y₀ itself."""
+    write D·v; tangent D·x₁, backward D·ḡ_k. For clamps ``saved`` is y₀ itself (ReLU: :func:`_relu`)."""
 
     @staticmethod
     def forward(ctx, x0, x1, primal, apply_d):
