@@ -145,6 +145,50 @@ def test_an_in_place_addition_after_a_layer_read_its_input(direction, layout):
     assert rel_err(g2, g1) <= 1e-12 and rel_err(q2, q1) <= 1e-12
 
 
+# an activation called in place whose result the model drops: it goes on with its input
+IN_PLACE_CALLS = {
+    "x.relu_()": lambda h: h.relu_(), "torch.relu_": torch.relu_, "F.relu_": F.relu_,
+    "nn.ReLU(inplace=True)": nn.ReLU(inplace=True), "F.relu(x, True)": lambda h: F.relu(h, True),
+    "F.hardtanh_": lambda h: F.hardtanh_(h, -0.5, 0.5), "F.relu6(inplace=True)": lambda h: F.relu6(h, inplace=True),
+    "F.silu(x, True)": lambda h: F.silu(h, True), "nn.Hardswish(inplace=True)": nn.Hardswish(inplace=True),
+    "F.elu(x, 1.0, True)": lambda h: F.elu(h, 1.0, True),
+}
+
+
+class DroppedResult(nn.Module):
+    """conv → BN → ``act(h)`` as a statement → conv → linear."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.c0, self.b0 = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.c1, self.b1 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.c2, self.fc = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = F.relu(self.b0(self.c0(x)))
+        h = self.b1(self.c1(h))
+        self.act(h)
+        return self.fc(self.c2(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("call", IN_PLACE_CALLS)
+def test_an_activation_called_in_place_changes_its_input(call, layout):
+    """``x.relu_()``, ``self.relu(x)`` with ``inplace=True`` and the like, their results dropped:
+    the model goes on with x, which both layouts change in place as the model does (before,
+    they computed the activation as a new tensor, and Q·1 was off by 1.8–30×, silently)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 2, 0])
+    model = randomize_batchnorm(DroppedResult(IN_PLACE_CALLS[call]), torch.Generator().manual_seed(1)).double().eval()
+    ss = StructureSet(model, x[:1])
+    ones = torch.ones(ss.num_structures, dtype=torch.float64)
+    g1, q1 = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="forward_ad")
+    g2, q2 = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked", stack_batch=layout)
+    assert q1.abs().max() > 0 and stackable(model)
+    assert rel_err(g2, g1) <= 1e-12 and rel_err(q2, q1) <= 1e-12
+
+
 @pytest.mark.parametrize("batchnorm", BATCHNORM)
 def test_stack_batch_changes_the_passes_not_the_result(batchnorm, monkeypatch):
     """``method.stack_batch``: ``half`` runs two stacked passes per batch, ``whole`` one of 2B

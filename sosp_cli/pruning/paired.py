@@ -47,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from ..structures import StructureSet
 from .lean import FrozenConv, FrozenLinear, bn_affine_views, channel_shaped, swapped_forwards
 from .stacked import (_ADD, _ATTRIBUTES, _METADATA, Unsupported, _add_untracked, _AvgPool,
-                      _bn_jacobian, _clamp_mask, _flat, _gate_hooks, _name,
+                      in_place, split_inplace, _bn_jacobian, _clamp_mask, _flat, _gate_hooks, _name,
                       _detached, _slope, dispatch, handler_table, shift_rule,
                       value_and_slope, zeros_of)
 
@@ -123,6 +123,13 @@ def _kept(t: torch.Tensor) -> torch.Tensor:
     that an in-place addition into it is refused (:meth:`_PairedMode.linear`)."""
     t._sosp_saved = True
     return t.detach()
+
+
+def _not_kept(x: torch.Tensor) -> None:
+    """Raise :class:`Unsupported` if ``x``, about to be changed in place, is kept for the backward
+    pass (:func:`_kept`): the forward-mode AD path then computes the pass."""
+    if getattr(x, "_sosp_saved", False):
+        raise Unsupported("an activation called in place on a tensor kept for the backward pass")
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -237,39 +244,42 @@ def _relu(mode, x, inplace=False):
     y₀ = relu(x₀), whose backward masks ḡ₀ with y₀, and the tangent y₁ = x₁·1[x₀ > 0] =
     ``threshold_backward(x₁, y₀, 0)`` (:func:`.stacked._relu_mask`), whose backward with respect
     to x₁ is the same mask on ḡ₁. It reads y₀ detached (:func:`_kept`), so no gradient flows
-    from the tangent into the primal, and what it keeps for the backward pass is y₀."""
+    from the tangent into the primal, and what it keeps for the backward pass is y₀. Called in
+    place, it changes x₀ in place (ATen's ``relu_``), the tangent being a new tensor."""
     x1 = mode.tangent(x)
     with torch._C.DisableTorchFunction():
-        y0 = torch.relu(x)
+        if inplace:    # relu_, inplace=True: x itself becomes y₀ (.stacked.in_place)
+            _not_kept(x)
+            y0 = torch.relu_(x)
+        else:
+            y0 = torch.relu(x)
         return _dual(y0, torch.ops.aten.threshold_backward(x1, _kept(y0), 0.0))
 
 
-def _clamped(mode, x, lo: float, hi: float):
+def _clamped(mode, x, lo: float, hi: float, inplace: bool):
     def primal(x0):
         y0 = torch.clamp(x0, lo, hi)
         return y0, y0
-    return _diagonal(mode, x, primal, _clamp_mask(lo, hi))
+    return in_place(mode, x, _diagonal(mode, x, primal, _clamp_mask(lo, hi)), inplace)
 
 
 def _hardtanh(mode, x, min_val=-1.0, max_val=1.0, inplace=False):
-    return _clamped(mode, x, float(min_val), float(max_val))
+    return _clamped(mode, x, float(min_val), float(max_val), inplace)
 
 
 def _relu6(mode, x, inplace=False):
-    return _clamped(mode, x, 0.0, 6.0)
+    return _clamped(mode, x, 0.0, 6.0, inplace)
 
 
 def _elementwise(func):
     """Smooth element-wise f: y₀ = f(x₀) and f′(x₀) by one forward-mode evaluation at x₀."""
 
     def handler(mode, x, *args, **kwargs):
-        kwargs.pop("inplace", None)
-        if args and isinstance(args[-1], bool):
-            args = args[:-1]
+        args, inplace = split_inplace(args, kwargs)
 
         def primal(x0):
             return value_and_slope(func, x0, args, kwargs)
-        return _diagonal(mode, x, primal, _slope)
+        return in_place(mode, x, _diagonal(mode, x, primal, _slope), inplace)
     return handler
 
 
@@ -410,6 +420,15 @@ class _PairedMode(TorchFunctionMode):
         if t is None:
             raise Unsupported("an element-wise function applied to a tensor that is not an activation")
         return t
+
+    def write_back(self, x, out):
+        """``x`` changed in place to ``out`` (an activation called in place,
+        :func:`.stacked.in_place`): the primal copied into it, ``out``'s tangent attached."""
+        _not_kept(x)
+        t1 = tangent(out)
+        with torch._C.DisableTorchFunction():
+            x.copy_(out)
+        return _dual(x, t1)
 
     def tangents(self, items):
         """``items`` (args or kwargs, nested) with every tensor replaced by its tangent, zeros for

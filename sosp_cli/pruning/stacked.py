@@ -262,13 +262,29 @@ def _slope(v, slope, out):
     torch.mul(v, slope, out=out)
 
 
+def split_inplace(args: tuple, kwargs: dict) -> tuple[tuple, bool]:
+    """(args without a trailing positional ``inplace``, whether the activation was called in
+    place): ``F.silu(x, True)``, ``F.elu(x, 1.0, True)``, ``inplace=True`` (popped from ``kwargs``)."""
+    inplace = bool(kwargs.pop("inplace", False))
+    if args and isinstance(args[-1], bool):
+        inplace, args = inplace or args[-1], args[:-1]
+    return args, inplace
+
+
+def in_place(mode, x, out, inplace: bool):
+    """The result of an activation: with ``inplace``, written into its input ``x``, which is
+    returned (``mode.write_back``) — a model may go on with ``x`` and drop the result
+    (``self.relu(x)`` as a statement, ``x.relu_()``); the rules here compute new tensors."""
+    return mode.write_back(x, out) if inplace and out is not x else out
+
+
 def _relu(mode, x, inplace=False):
     """ReLU on stacked rows (:class:`_Diagonal` with D = 1[x₀ > 0]); it keeps y₀ = relu(x₀), B
     rows of their own, which the output remembers for a gate site reading it (:func:`_primal_rows`)."""
     x = mode.check(x)
     with torch.no_grad():
         y0 = torch.relu(_primal(x))
-    return _kept_primal(_Diagonal.apply(x, None, y0, _relu_mask), y0)
+    return in_place(mode, x, _kept_primal(_Diagonal.apply(x, None, y0, _relu_mask), y0), inplace)
 
 
 def _primal_rows(x: torch.Tensor) -> torch.Tensor:
@@ -288,21 +304,21 @@ def _kept_primal(out: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _clamped(mode, x, lo: float, hi: float):
+def _clamped(mode, x, lo: float, hi: float, inplace: bool):
     """Hardtanh / ReLU6 (:class:`_Diagonal` with D = 1[lo < x₀ < hi]): ReLU's rule with an
     upper bound; it keeps y₀ = clamp(x₀, lo, hi), shared with a gate site reading the output."""
     x = mode.check(x)
     with torch.no_grad():
         y0 = torch.clamp(_primal(x), lo, hi)
-    return _kept_primal(_Diagonal.apply(x, y0, y0, _clamp_mask(lo, hi)), y0)
+    return in_place(mode, x, _kept_primal(_Diagonal.apply(x, y0, y0, _clamp_mask(lo, hi)), y0), inplace)
 
 
 def _hardtanh(mode, x, min_val=-1.0, max_val=1.0, inplace=False):
-    return _clamped(mode, x, float(min_val), float(max_val))
+    return _clamped(mode, x, float(min_val), float(max_val), inplace)
 
 
 def _relu6(mode, x, inplace=False):
-    return _clamped(mode, x, 0.0, 6.0)
+    return _clamped(mode, x, 0.0, 6.0, inplace)
 
 
 class _MaxPool(torch.autograd.Function):
@@ -394,14 +410,12 @@ def _elementwise(func):
     (:class:`_Diagonal` with D = diag(f′(x₀)), which it keeps)."""
 
     def handler(mode, x, *args, **kwargs):
-        kwargs.pop("inplace", None)               # results are new tensors here
-        if args and isinstance(args[-1], bool):   # positional ``inplace`` (hardswish, elu, ...)
-            args = args[:-1]
+        args, inplace = split_inplace(args, kwargs)
         x = mode.check(x)
         x0 = _primal(x).detach()
         # f(x₀) and f′(x₀) = f′(x₀)·1 in one forward-mode evaluation: nothing saved, no backward
         y0, slope = value_and_slope(func, x0, args, kwargs)
-        return _Diagonal.apply(x, y0, slope, _slope)
+        return in_place(mode, x, _Diagonal.apply(x, y0, slope, _slope), inplace)
     return handler
 
 
@@ -538,6 +552,11 @@ _SHIFTS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__rad
 _DIVS = (torch.div, torch.Tensor.div, torch.Tensor.__truediv__)
 
 
+def _in_place_call(handler):
+    """The handler of an activation's in-place variant (``relu_``, ``hardtanh_``)."""
+    return lambda mode, x, *args: handler(mode, x, *args, inplace=True)
+
+
 def handler_table(relu, hardtanh, relu6, max_pool2d, pooled, register_hook, elementwise, mul,
                   div, shift) -> dict:
     """PyTorch function → rule ``handler(mode, x, *args, **kwargs)`` of a representation of the
@@ -548,9 +567,9 @@ def handler_table(relu, hardtanh, relu6, max_pool2d, pooled, register_hook, elem
     (:data:`_SHIFTS`), with a constant or of two activations."""
     return {torch.mul: mul, torch.Tensor.mul: mul, torch.Tensor.__mul__: mul, torch.Tensor.__rmul__: mul,
             **{f: div for f in _DIVS}, **{f: shift(f) for f in _SHIFTS},
-            F.relu: relu, torch.relu: relu, torch.Tensor.relu: relu, F.relu_: relu,
-            torch.relu_: relu, torch.Tensor.relu_: relu, F.hardtanh: hardtanh,
-            F.hardtanh_: hardtanh, F.relu6: relu6, F.max_pool2d: max_pool2d,
+            F.relu: relu, torch.relu: relu, torch.Tensor.relu: relu,
+            **{f: _in_place_call(relu) for f in (F.relu_, torch.relu_, torch.Tensor.relu_)},
+            F.hardtanh: hardtanh, F.hardtanh_: _in_place_call(hardtanh), F.relu6: relu6, F.max_pool2d: max_pool2d,
             F.avg_pool2d: pooled(F.avg_pool2d, _avg_pool2d_backward),
             F.adaptive_avg_pool2d: pooled(F.adaptive_avg_pool2d, _adaptive_avg_pool2d_backward),
             torch.Tensor.register_hook: register_hook,
@@ -599,6 +618,12 @@ class _StackedMode(TorchFunctionMode):
         if not self.stacked(x):
             raise Unsupported("an element-wise function applied to a tensor that is not an activation")
         return x
+
+    def write_back(self, x, out):
+        """``x`` changed in place to ``out`` (an activation called in place, :func:`in_place`);
+        the stacked rules keep copies of what they need for the backward pass, not ``x``."""
+        with torch._C.DisableTorchFunction():
+            return x.copy_(out)
 
     def joined(self, items):
         """``items`` (args or kwargs, nested) with every B-row tensor — no tangent — as the
