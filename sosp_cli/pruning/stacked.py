@@ -621,9 +621,12 @@ class _StackedMode(TorchFunctionMode):
 
     def write_back(self, x, out):
         """``x`` changed in place to ``out`` (an activation called in place, :func:`in_place`);
-        the stacked rules keep copies of what they need for the backward pass, not ``x``."""
+        the stacked rules keep copies of what they need for the backward pass, not ``x``. The
+        primal rows ``out`` remembers for a gate site (:func:`_kept_primal`) are now ``x``'s."""
         with torch._C.DisableTorchFunction():
-            return x.copy_(out)
+            x.copy_(out)
+        kept = getattr(out, "_sosp_primal", None)
+        return x if kept is None or kept[1] != out._version else _kept_primal(x, kept[0])
 
     def joined(self, items):
         """``items`` (args or kwargs, nested) with every B-row tensor — no tangent — as the
