@@ -77,6 +77,25 @@ def test_stacked_equals_forward_mode_on_every_model(name, direction, batchnorm, 
     assert all(p.requires_grad for p in model.parameters())
 
 
+def tiny_errors(make_model, direction: str, layout: str, batchnorm: str | None = None):
+    """Relative errors of (g, Q·d) from the ``layout`` pass (``dual="stacked"``: a function
+    without a rule raises instead of falling back) against forward mode, on ``make_model()`` with
+    random BatchNorm statistics in float64, six 2 × 5 × 5 inputs, d = 1 or random;
+    ``batchnorm``: :func:`saliency_model`'s statistics. Checks that Q·d is not 0."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 2, 0])
+    model = randomize_batchnorm(make_model(), torch.Generator().manual_seed(1)).double().eval()
+    ss = StructureSet(model, x[:1])
+    if batchnorm is not None:
+        model = saliency_model(model, batchnorm, [(x, y)])
+    d = torch.rand(ss.num_structures, dtype=torch.float64) if direction == "random" else \
+        torch.ones(ss.num_structures, dtype=torch.float64)
+    g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
+    g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout)
+    assert q1.abs().max() > 0 and stackable(model)
+    return rel_err(g2, g1), rel_err(q2, q1)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batchnorm", BATCHNORM)
 @pytest.mark.parametrize("direction", ["ones", "random"])
@@ -84,18 +103,8 @@ def test_batchnorm1d_has_a_stacked_rule(direction, batchnorm, layout):
     """BatchNorm1d — on [B, C] in an MLP head and on a flattened [B, C, H·W] map — runs the
     BatchNorm rule (running statistics: the per-channel affine map; batch statistics: ATen's
     fused kernels) on both layouts, equal to forward mode, instead of falling back to it."""
-    torch.manual_seed(0)
-    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 2, 0])
-    model = randomize_batchnorm(TinyHead(), torch.Generator().manual_seed(1)).double().eval()
-    ss = StructureSet(model, x[:1])
-    model = saliency_model(model, batchnorm, [(x, y)])
-    d = torch.rand(ss.num_structures, dtype=torch.float64) if direction == "random" else \
-        torch.ones(ss.num_structures, dtype=torch.float64)
-    g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
-    # dual="stacked": a function without a rule would raise Unsupported here, not fall back
-    g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout)
-    assert q1.abs().max() > 0 and stackable(model)
-    assert rel_err(g2, g1) <= 1e-10 and rel_err(q2, q1) <= 1e-10
+    errors = tiny_errors(TinyHead, direction, layout, batchnorm)
+    assert max(errors) <= 1e-10
 
 
 @pytest.mark.parametrize("direction", ["ones", "random"])
@@ -105,21 +114,14 @@ def test_paired_batchnorm_folds_its_scale_into_the_tangents_layer(direction, mon
     weight (plus the injection, d = 1), by any other reader as the layer itself — equal to
     forward mode. Each (layer, folded, injection) computed is recorded, in order of the pass."""
     computed = []
-    for method, folded in (("apply", False), ("folded", True)):
-        def record(self, *a, run=getattr(paired._Pending, method), folded=folded):
-            computed.append((self.layer.__name__[6:], folded, self.inject))
-            return run(self, *a)
-        monkeypatch.setattr(paired._Pending, method, record)
-    torch.manual_seed(0)
-    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 2, 0])
-    model = randomize_batchnorm(TinyFolds(), torch.Generator().manual_seed(1)).double().eval()
-    ss = StructureSet(model, x[:1])
-    d = torch.rand(ss.num_structures, dtype=torch.float64) if direction == "random" else \
-        torch.ones(ss.num_structures, dtype=torch.float64)
-    g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
-    computed.clear()
-    g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch="pair")
-    assert q1.abs().max() > 0 and rel_err(g2, g1) <= 1e-12 and rel_err(q2, q1) <= 1e-12
+    tangent = paired._Pending.tangent
+
+    def record(self, injection, scale=None):
+        computed.append((self.layer.__name__[6:], scale is not None, self.inject))
+        return tangent(self, injection, scale)
+    monkeypatch.setattr(paired._Pending, "tangent", record)
+    errors = tiny_errors(TinyFolds, direction, "pair")   # forward mode computes no _Pending
+    assert max(errors) <= 1e-12
     inject = direction == "ones"
     # d = 1: conv2's input has no tangent yet (one evaluation, _FirstInjecting); fc has a bias
     conv2 = [] if inject else [("Conv", True, False)]
@@ -133,16 +135,7 @@ def test_an_in_place_addition_after_a_layer_read_its_input(direction, layout):
     """``h += ...`` after a depthwise convolution read h, before the convolution's BatchNorm:
     the convolution's tangent, which ``pair`` computes in the BatchNorm, is that of h as the
     convolution read it (``pair`` gave Q·d 8 % off when the addition changed h's tangent in place)."""
-    torch.manual_seed(0)
-    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 2, 0])
-    model = randomize_batchnorm(TinyInPlace(), torch.Generator().manual_seed(1)).double().eval()
-    ss = StructureSet(model, x[:1])
-    d = torch.rand(ss.num_structures, dtype=torch.float64) if direction == "random" else \
-        torch.ones(ss.num_structures, dtype=torch.float64)
-    g1, q1 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="forward_ad")
-    g2, q2 = curvature_product(model, ss, [(x, y)], d, "cpu", dual="stacked", stack_batch=layout)
-    assert q1.abs().max() > 0 and stackable(model)
-    assert rel_err(g2, g1) <= 1e-12 and rel_err(q2, q1) <= 1e-12
+    assert max(tiny_errors(TinyInPlace, direction, layout)) <= 1e-12
 
 
 # an activation called in place whose result the model drops: it goes on with its input
@@ -178,15 +171,7 @@ def test_an_activation_called_in_place_changes_its_input(call, layout):
     """``x.relu_()``, ``self.relu(x)`` with ``inplace=True`` and the like, their results dropped:
     the model goes on with x, which both layouts change in place as the model does (before,
     they computed the activation as a new tensor, and Q·1 was off by 1.8–30×, silently)."""
-    torch.manual_seed(0)
-    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 2, 0])
-    model = randomize_batchnorm(DroppedResult(IN_PLACE_CALLS[call]), torch.Generator().manual_seed(1)).double().eval()
-    ss = StructureSet(model, x[:1])
-    ones = torch.ones(ss.num_structures, dtype=torch.float64)
-    g1, q1 = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="forward_ad")
-    g2, q2 = curvature_product(model, ss, [(x, y)], ones, "cpu", dual="stacked", stack_batch=layout)
-    assert q1.abs().max() > 0 and stackable(model)
-    assert rel_err(g2, g1) <= 1e-12 and rel_err(q2, q1) <= 1e-12
+    assert max(tiny_errors(lambda: DroppedResult(IN_PLACE_CALLS[call]), "ones", layout)) <= 1e-12
 
 
 @pytest.mark.parametrize("batchnorm", BATCHNORM)

@@ -60,10 +60,7 @@ def tangent(x) -> torch.Tensor | None:
     if entry is None:
         return None
     if entry[2] is not None:   # left to the reader (_defer): L x₁, plus the injection L x₀ = x
-        pending = entry[2]
-        y1 = pending.apply()
-        if pending.inject:
-            _inject(y1, x)
+        y1 = entry[2].tangent(x)
         _dual(x, y1)
         return y1
     return entry[0]
@@ -92,13 +89,17 @@ class _Pending:
     def __init__(self, x1, layer, weight, rest, inject):
         self.x1, self.layer, self.weight, self.rest, self.inject = x1, layer, weight, rest, inject
 
-    def apply(self) -> torch.Tensor:
-        """L x₁ (bias-free)."""
-        return self.layer.apply(self.x1, self.weight, None, *self.rest)
-
-    def folded(self, scale: torch.Tensor) -> torch.Tensor:
-        """L x₁ with the weight W·``scale`` per output channel (:class:`_Folded`)."""
-        return _Folded.apply(self.x1, self, scale)
+    def tangent(self, injection: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """L x₁ (bias-free; with ``scale``, with the weight W·scale per output channel:
+        :class:`_Folded`), plus ``injection`` — L x₀, times ``scale`` if given — when the layer
+        injects (:func:`_inject`)."""
+        if scale is None:
+            y1 = self.layer.apply(self.x1, self.weight, None, *self.rest)
+        else:
+            y1 = _Folded.apply(self.x1, self, scale)
+        if self.inject:
+            _inject(y1, injection)
+        return y1
 
 
 def _defer(y0: torch.Tensor, pending: _Pending) -> torch.Tensor:
@@ -503,10 +504,7 @@ def _affine(module: nn.Module, state: dict, layer, rest: tuple, inject: bool, bi
             pending = _Pending(x1, layer, weight, rest, inject)
             if bias is None:
                 return _defer(y0, pending)
-            y1 = pending.apply()
-            if inject:
-                _inject(y1, y0)
-            return _biased(y0, y1, bias, channel_dim)
+            return _biased(y0, pending.tangent(y0), bias, channel_dim)
     return forward
 
 
@@ -545,9 +543,7 @@ def _bn_forward(module: nn.BatchNorm2d, state: dict):
             # the BatchNorm's channels are L's output channels: a convolution's, or a linear
             # layer's on [B, features] (not on [B, L, features], where BatchNorm1d reads dim 1)
             if pending is not None and (pending.layer is FrozenConv or x.dim() == 2):
-                y1 = pending.folded(views(1)[0])
-                if pending.inject:
-                    _inject(y1, y0)      # L(x₀)·scale, before the shift
+                y1 = pending.tangent(y0, views(1)[0])    # injection L(x₀)·scale: y₀ before the shift
             else:
                 y1 = tangent(x) * s
             return _dual(y0.add_(shift.to(x.dtype)), y1)
