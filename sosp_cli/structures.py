@@ -13,7 +13,14 @@ channels j, j + C/G, ..., j + (G−1)·C/G — one at position j of every group 
 common multiple of the groups of the grouped convs in the group). This is Torch-Pruning's own
 group-aligned pruning, whose ``prune_in_channels`` keeps the same positions in every group;
 a grouped conv whose channels are not laid out so (e.g. behind a concatenation that shifts
-them) is refused in one line.
+them) is refused in one line. Channels split into P equal parts that meet again element-wise (a
+GLU written as chunk + multiply) take the same layout: channel j of every part reaches one
+channel together, so structure j is channels j, j + C/P, ... (``_split_parts``).
+
+What Torch-Pruning maps a structure's channels through but cannot remove them from — a GLU, a
+slice with fixed bounds, a function along the channels that it traces as element-wise (softmax,
+flip, a reduction, ...), a mapping onto channels a layer does not have — is refused when the
+structures are built (``_check_mapped``).
 
 Each structure s has a gate c_s. The gate multiplies the channel where it enters every
 channel-mixing weight layer that reads it (a Conv2d that is not depthwise, or a Linear: the
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -113,9 +121,10 @@ class StructureSet:
         for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
                                        root_module_types=(nn.Conv2d, nn.Linear)):
             root = names[group[0].dep.target.module]
-            sg = _structure_group(root, len(group[0].idxs), offset, group.items, names)
+            sg = _structure_group(root, len(group[0].idxs), offset, group, names)
             for item in group.items:
                 module = item.dep.target.module
+                _check_mapped(item, dg, root, names)
                 structure = sg.structure_of(torch.tensor([int(r) for r in item.root_idxs], dtype=torch.long))
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
                     self.norm_sites.append((names[module], torch.tensor([int(i) for i in item.idxs]),
@@ -148,15 +157,24 @@ class StructureSet:
         self.num_structures = offset
         self.sites = {n: GateSite(f, torch.tensor(c, dtype=torch.long), torch.tensor(g, dtype=torch.long))
                       for n, (f, c, g) in sites.items()}
+        gated = torch.zeros(self.num_structures, dtype=torch.bool)
         for name, site in self.sites.items():
             if len(set(site.channels.tolist())) != len(site.channels):
                 raise SospError(f"input channels of '{name}' belong to two structures; "
                                 "the gate model cannot represent this layer")
+            gated[site.gates] = True
             module = modules[name]
             if is_grouped(module):
                 _check_group_aligned(name, module, "input", site.lookup(self.num_structures, "cpu"))
         for name, table in grouped_outputs.items():
             _check_group_aligned(name, modules[name], "output", table)
+        if not bool(gated.all()):
+            first = self.names()[int((~gated).nonzero()[0])]
+            raise SospError(f"structure '{first}' reaches no Conv2d or Linear layer that reads "
+                            "it (its channels are outputs of the model, or Torch-Pruning does not "
+                            "follow them to the layer that reads them), so its gate would change "
+                            "nothing and its removal would change the model's outputs "
+                            "(DESIGN.md §2)")
 
     def names(self) -> list[str]:
         return [n for g in self.groups for n in g.names()]
@@ -235,12 +253,13 @@ def is_grouped(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
 
 
-def _structure_group(root: str, channels: int, offset: int, items, names: dict) -> StructureGroup:
+def _structure_group(root: str, channels: int, offset: int, group, names: dict) -> StructureGroup:
     """The structure group of a Torch-Pruning group of ``channels`` root channels: one structure
-    per channel, or per channel position when grouped convs are in the group (module docstring)."""
-    grouped = {names[it.dep.target.module]: it.dep.target.module.groups for it in items
+    per channel, or per channel position when grouped convs are in the group, or when the
+    channels are split into equal parts that meet again (module docstring)."""
+    grouped = {names[it.dep.target.module]: it.dep.target.module.groups for it in group.items
                if is_grouped(it.dep.target.module)}
-    g = math.lcm(*grouped.values()) if grouped else 1
+    g = math.lcm(*grouped.values(), _split_parts(root, channels, group))
     if channels % g:
         first = next(iter(grouped))
         raise SospError(f"the {channels} channels of '{root}' cannot be split into {g} equal "
@@ -248,6 +267,138 @@ def _structure_group(root: str, channels: int, offset: int, items, names: dict) 
                         f"{grouped[first]}); structures of grouped convolutions take one channel "
                         "position of every group")
     return StructureGroup(root=root, size=channels // g, offset=offset, channel_groups=g)
+
+
+_CHANNEL_SPLITS = (tp.ops._SplitOp, tp.ops._UnbindOp)
+
+
+def _split_parts(root: str, channels: int, group) -> int:
+    """P when the root's channels are split into P equal parts that meet again element-wise
+    (a GLU written ``a, b = h.chunk(2, 1); a * b.sigmoid()``: P = 2), else 1.
+
+    There channel j of one part and channel j of every other part reach the same channel of a
+    later layer, so they are removed together: one structure is channels j, j + C/P, ..., the
+    layout of channel groups (module docstring). Torch-Pruning's groups keep one root channel
+    per reached channel (``Group.add_and_merge``), so the coupling is found by following its
+    dependency graph from the root as ``get_pruning_group`` does, keeping every root channel."""
+    if not any(isinstance(it.dep.target.module, _CHANNEL_SPLITS) for it in group.items):
+        return 1
+    start = group[0].dep
+    first = [tp._helpers._HybridIndex(idx=i, root_idx=i) for i in range(channels)]
+    stack, seen = [(start.target, start.handler, first)], set()
+    reached: dict[tuple, set[int]] = {}   # (node, pruning function, channel) → root channels
+    while stack:
+        node, handler, idxs = stack.pop()
+        for dep in node.dependencies:
+            if not dep.is_triggered_by(handler):
+                continue
+            mapped = idxs
+            for mapping in dep.index_mapping:
+                if mapping is not None:
+                    mapped = mapping(mapped)
+            key = (dep.target, dep.handler, tuple(mapped))
+            if not mapped or key in seen:
+                continue
+            seen.add(key)
+            for i in mapped:
+                reached.setdefault((dep.target, dep.handler, i.idx), set()).add(i.root_idx)
+            stack.append((dep.target, dep.handler, mapped))
+    together = {frozenset(r) for r in reached.values() if len(r) > 1}
+    if not together:
+        return 1
+    parts = max(len(t) for t in together)
+    size = channels // parts
+    for t in together:
+        j = min(t)
+        if channels % parts or set(t) != {j + k * size for k in range(parts)}:
+            shown = ", ".join(str(c) for c in sorted(t)[:4])
+            raise SospError(f"channels {shown} of '{root}' reach one channel of a later layer "
+                            f"together, not as channels j, j + {size}, ... of {parts} equal parts "
+                            "would, so sosp cannot make structures of them; supported: parts of "
+                            "equal size combined element-wise, as in a, b = x.chunk(2, 1); "
+                            "a * b.sigmoid()")
+    return parts
+
+
+def _check_mapped(item, dg: tp.DependencyGraph, root: str, names: dict) -> None:
+    """Refuse what Torch-Pruning maps a structure's channels through but cannot remove them from:
+    a GLU, a slice with fixed bounds, and any mapping onto channels a layer does not have (it
+    mis-traces some splits, e.g. chunks concatenated in another order)."""
+    module = item.dep.target.module
+    if isinstance(module, tp.ops._ElementWiseOp) and "Glu" in str(module._grad_fn):
+        raise SospError(f"a GLU (F.glu / nn.GLU) halves the channels of '{root}', which "
+                        "Torch-Pruning does not map to the layer reading them; write it as "
+                        "a, b = x.chunk(2, 1); a * b.sigmoid(), which sosp prunes as structures of "
+                        "two channels")
+    if isinstance(module, tp.ops._ElementWiseOp) and _combines_channels(item.dep.target.grad_fn, len(item.idxs)):
+        raise SospError(f"{item.dep.target.grad_fn.name()} combines the channels of '{root}' "
+                        "(a softmax, cumulative sum, flip, roll, sort, gather or reduction along "
+                        "dimension 1), which Torch-Pruning traces as element-wise: a gate at 0 "
+                        "would not be the removal of a channel (DESIGN.md §2)")
+    if isinstance(module, tp.ops._SliceOp) and module.dim == 1:
+        raise SospError(f"the channels of '{root}' are sliced with fixed bounds "
+                        f"({_slice_text(module)}), which would select other channels once some "
+                        "are removed; supported: parts of equal size (x.chunk(2, 1))")
+    if module not in names or not item.idxs:
+        return
+    outputs = dg.is_out_channel_pruning_fn(item.dep.handler)
+    count = _channel_count(module, outputs)
+    if count is not None and max(item.idxs) >= count:
+        raise SospError(f"Torch-Pruning maps {len(item.idxs)} channels of '{root}' onto the "
+                        f"{count} {'output' if outputs else 'input'} channels of "
+                        f"'{names[module] or type(module).__name__}': an operation between them "
+                        "changes or reorders the channels in a way it does not trace, so their "
+                        "structures cannot be gated")
+
+
+# autograd functions that combine values along the dimensions they save (``_saved_dim`` or
+# ``_saved_dims``; without one, as a full reduction, along every dimension)
+_ALONG_A_DIMENSION = {
+    "Softmax", "LogSoftmax", "Cumsum", "Cumprod", "Cummax", "Cummin", "Logcumsumexp", "Flip",
+    "Roll", "Mean", "Sum", "Nansum", "Prod", "Max", "Min", "Amax", "Amin", "Norm",
+    "LinalgVectorNorm", "Std", "Var", "StdMean", "VarMean", "Logsumexp", "Sort", "Topk",
+    "Kthvalue", "Median", "Nanmedian", "Mode", "IndexSelect", "Gather"}
+
+
+def _combines_channels(grad_fn, channels: int) -> bool:
+    """Whether the autograd function ``grad_fn`` combines values along dimension 1 (the channels
+    of a conv's [B, C, H, W] output, the features of a linear layer's [B, F]) of a tensor with
+    at least ``channels`` there, as far as the sizes it saves tell (tokens [B, T, F]: T < F
+    channels read on the last dimension, which gated linear layers refuse)."""
+    if grad_fn is None or re.sub(r"Backward\d*$", "", grad_fn.name()) not in _ALONG_A_DIMENSION:
+        return False
+    saved = getattr(grad_fn, "_saved_dim", getattr(grad_fn, "_saved_dims", None))
+    if saved is None:
+        return True                                    # a reduction over every dimension
+    dims = [d - 2 ** 64 if d >= 2 ** 63 else d for d in (saved if isinstance(saved, tuple) else (saved,))]
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None:
+        tensor = getattr(grad_fn, "_saved_self", None)
+        if tensor is None and "Softmax" in grad_fn.name():
+            tensor = getattr(grad_fn, "_saved_result", None)
+        sizes = None if tensor is None else tensor.shape
+    rank = None if sizes is None else len(sizes)
+    if rank is not None and (rank < 2 or sizes[1] < channels):
+        return False
+    return any(d == 1 or (rank is not None and d == 1 - rank) for d in dims)
+
+
+def _channel_count(module: nn.Module, outputs: bool) -> int | None:
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels if outputs else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if outputs else module.in_features
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    return None
+
+
+def _slice_text(op) -> str:
+    """``x[:, a:b]`` as the model wrote it (torch records an open end as a huge number)."""
+    start = "" if not op.start else op.start
+    end = "" if op.end is None or op.end >= 2 ** 62 else op.end
+    step = "" if op.step in (None, 1) else f":{op.step}"
+    return f"x[:, {start}:{end}{step}]"
 
 
 def _check_group_aligned(name: str, module: nn.Conv2d, side: str, structure: torch.Tensor) -> None:
@@ -310,7 +461,9 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
         try:
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+            # a tuple: Torch-Pruning first tries model(*example_inputs), which on a tensor would
+            # trace the model on its first example unbatched ([C, H, W]: dimension 1 not the channels)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=(example_input,))
         except SospError:
             raise
         except Exception as exc:   # a model Torch-Pruning cannot trace (e.g. a reshape it cannot map)

@@ -1,4 +1,5 @@
 """Every second-order quantity against brute force on tiny networks, in float64 (DESIGN §3)."""
+import functools
 import math
 import weakref
 
@@ -15,10 +16,11 @@ from sosp_cli.pruning.derivatives import (batch_gradients, curvature_matrix, cur
                                              joint_product)
 from sosp_cli.pruning.sosp_i import greedy_order
 from sosp_cli.structures import StructureSet
-from tiny import TinyHead, TinyMLP, TinyResNet, TinyResNeXt, randomize_batchnorm
+from tiny import TinyGLU, TinyHead, TinyMLP, TinyResNet, TinyResNeXt, randomize_batchnorm
 
 CASES = {"mlp": (TinyMLP, (9, 6), 3), "resnet": (TinyResNet, (9, 2, 5, 5), 4),
-         "resnext": (TinyResNeXt, (9, 2, 5, 5), 4), "batchnorm1d": (TinyHead, (9, 2, 5, 5), 4)}
+         "resnext": (TinyResNeXt, (9, 2, 5, 5), 4), "batchnorm1d": (TinyHead, (9, 2, 5, 5), 4),
+         "glu": (functools.partial(TinyGLU, residual=False), (9, 2, 5, 5), 4)}
 
 
 def setup(case):

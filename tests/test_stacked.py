@@ -10,7 +10,7 @@ from sosp_cli.errors import SospError
 from sosp_cli.pruning import BATCHNORM, derivatives, paired, saliency_model, stacked
 from sosp_cli.pruning.derivatives import curvature_product, joint_product, stackable
 from sosp_cli.structures import StructureSet, classifier_name
-from tiny import TinyFolds, TinyHead, TinyInPlace, randomize_batchnorm
+from tiny import TinyFolds, TinyGLU, TinyHead, TinyInPlace, randomize_batchnorm
 
 WIDTH = {"mobilenet_v2": 0.25, "resnet50": 0.125, "resnet18": 0.125}
 LAYOUTS = ("whole", "pair")   # the two representations of a dual activation (stack_batch)
@@ -136,6 +136,15 @@ def test_an_in_place_addition_after_a_layer_read_its_input(direction, layout):
     the convolution's tangent, which ``pair`` computes in the BatchNorm, is that of h as the
     convolution read it (``pair`` gave Q·d 8 % off when the addition changed h's tangent in place)."""
     assert max(tiny_errors(TinyInPlace, direction, layout)) <= 1e-12
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("direction", ["ones", "random"])
+@pytest.mark.parametrize("residual", [False, True], ids=["glu", "glu_residual"])
+def test_a_gated_linear_unit_has_stacked_rules(residual, direction, layout):
+    """chunk, sigmoid and the product of the two halves (structures of two channels each) run
+    on both layouts, equal to forward mode."""
+    assert max(tiny_errors(lambda: TinyGLU(residual=residual), direction, layout)) <= 1e-12
 
 
 # an activation called in place whose result the model drops: it goes on with its input
@@ -277,7 +286,7 @@ class ThreeLayer(TwoLayer):
 
 
 UNSUPPORTED = {
-    "cumsum": lambda h: torch.cumsum(h, 1),                        # mixes the features
+    "cumsum": lambda h: torch.cumsum(h, 0),                        # mixes the rows
     "reciprocal": lambda h: 1.0 / (h * h + 1.0),                   # a quotient by an activation
     "centred": lambda h: torch.relu(h) - torch.relu(h).mean(0, keepdim=True),  # mixes the rows
 }

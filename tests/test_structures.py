@@ -5,14 +5,17 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch_pruning as tp
 
 from sosp_cli import api
 from sosp_cli.checkpoint import load_model, save_model
 from sosp_cli.errors import SospError
 from sosp_cli.models import list_models
+from sosp_cli import structures
 from sosp_cli.structures import StructureSet
 from sosp_cli.surgery import remove_structures
+from tiny import TinyGLU, randomize_batchnorm
 
 WIDTH = {"resnet18": 0.25, "resnet50": 0.125, "mobilenet_v2": 0.25, "vgg16": 0.25, "vgg19": 0.25,
          "resnext29_8x64d": 0.125}
@@ -165,11 +168,22 @@ def _conv_net(middle: nn.Module) -> nn.Module:
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
 
 
-class _ChannelSoftmax(nn.Module):
-    """Mixes every channel with every other one — an operation Torch-Pruning traces as element-wise."""
+class _AddChannelMean(torch.autograd.Function):
+    """x + its mean over the channels, as one autograd function: Torch-Pruning traces it as
+    element-wise, and nothing in the graph says that it combines the channels."""
 
+    @staticmethod
+    def forward(ctx, x):
+        return x + x.mean(1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad + grad.mean(1, keepdim=True)
+
+
+class _ChannelMixing(nn.Module):
     def forward(self, x):
-        return torch.softmax(x, dim=1)
+        return _AddChannelMean.apply(x)
 
 
 class _TokenMLP(nn.Module):
@@ -270,7 +284,7 @@ def test_per_channel_layers_keep_the_gate_invariant(norm):
 def test_check_gates_finds_channel_mixing_that_the_graph_does_not_show():
     x = torch.randn(4, 3, 8, 8)
     torch.manual_seed(0)
-    mixing, plain = _conv_net(_ChannelSoftmax()), _conv_net(nn.Identity())
+    mixing, plain = _conv_net(_ChannelMixing()), _conv_net(nn.Identity())
     assert api.check_gates(plain, x) <= 1e-4   # relative to the removals' effect on the logits
     assert api.check_gates(mixing, x) > 1e-3
 
@@ -377,3 +391,146 @@ class _ShiftedGroups(nn.Module):
 def test_grouped_convolution_that_structures_would_unbalance_is_refused(na, nb, message):
     with pytest.raises(SospError, match=message):
         api.structures(_ShiftedGroups(na, nb), torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["glu", "glu_residual"])
+def test_parts_of_a_split_that_meet_again_are_one_structure(residual):
+    """TinyGLU: conv1's halves a, b meet in a · sigmoid(b), so channel j of a and channel j of b
+    reach one channel of conv2's input together — one structure is conv1's channels j and j + 3.
+    Rooted at conv1, Torch-Pruning's group keeps only one of the two root channels per channel it
+    reaches, which left the other half with no gate (a saliency of 0, and a pruned model that
+    differed from the masked one). With the residual addition, the group is rooted at conv2
+    (whose channel j reaches both halves' channel j), as before."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(TinyGLU(residual=residual), torch.Generator().manual_seed(1)).eval()
+    x = torch.randn(4, 2, 6, 6)
+    ss = StructureSet(model, x[:1])
+    glu = {g.root: g for g in ss.groups}["conv2" if residual else "conv1"]
+    assert (glu.size, glu.channel_groups) == (3, 1 if residual else 2)
+    assert glu.channels_of(1) == ([1] if residual else [1, 4])
+    assert set(glu.producers) == ({"conv1", "conv2"} if residual else {"conv1"})
+    assert ss.num_structures == 3 if residual else 6
+    for j in ([0], [1, 2]):
+        remove = [f"{glu.root}:{i}" for i in j]
+        with torch.no_grad():
+            masked, pruned_model = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
+            assert (masked - pruned_model(x)).abs().max().item() <= 1e-5
+            assert (masked - model(x)).abs().max().item() > 1e-3
+        assert pruned_model.conv1.out_channels == 6 - 2 * len(j)
+        assert pruned_model.conv2.in_channels == 3 - len(j)
+    scores = api.saliency(model, [(x, torch.tensor([0, 1, 2, 3]))], "sosp_h", example_input=x[:1])
+    assert min(scores.values()) > 0
+    assert api.check_gates(model, x, trials=4) <= 1e-5
+
+
+# operations that combine a structure's channels with others and that Torch-Pruning traces as
+# element-wise: the gate of a channel would not be its removal (check_gates error 0.05–0.6)
+_ALONG_CHANNELS = {
+    "softmax": lambda h: h.softmax(1), "log_softmax": lambda h: h.log_softmax(-3),
+    "cumsum": lambda h: h.cumsum(1), "flip": lambda h: h.flip([1]), "roll": lambda h: h.roll(1, 1),
+    "subtract_channel_mean": lambda h: h - h.mean((-3,), keepdim=True),
+    "channel_max_attention": lambda h: h * h.amax(1, keepdim=True).sigmoid(),
+    "global_scale": lambda h: h / h.abs().mean(),
+    "index_select": lambda h: h.index_select(1, torch.tensor([3, 1, 2, 0, 4, 5, 6, 7]))}
+
+
+def test_a_structure_that_no_layer_reads_is_refused(monkeypatch):
+    """The last guard of the gate model: were the halves of a GLU not joined (as before
+    ``_split_parts``), conv1's channels of one half would reach no gate site — refused, not
+    scored 0."""
+    monkeypatch.setattr(structures, "_split_parts", lambda root, channels, group: 1)
+    with pytest.raises(SospError, match=r"^structure 'conv1:\d' reaches no Conv2d or Linear layer that "
+                                        r"reads it .* so its gate would change nothing"):
+        StructureSet(TinyGLU(residual=False), torch.zeros(1, 2, 6, 6))
+
+
+def test_the_graph_is_traced_on_the_batch_not_on_its_first_example():
+    """Torch-Pruning calls model(*example_inputs) first: on a tensor that is the first example
+    unbatched, which an MLP or a conv net without a fixed-rank operation runs — there dimension
+    0 is the channels, and the dimensions the autograd functions save are not the model's."""
+    for model, x in ((nn.Sequential(_Shapes(), nn.Linear(4, 6), _BatchCentred(), nn.Linear(6, 3)),
+                      torch.zeros(1, 4)),
+                     (nn.Sequential(_Shapes(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                    nn.Flatten(0), nn.Linear(4, 2)), torch.zeros(1, 3, 8, 8))):
+        model[0].seen.clear()
+        structures.dependency_graph(model, x)
+        assert model[0].seen == [tuple(x.shape)]
+        assert len(api.structures(model, x)) == 4 if x.dim() == 4 else 6
+
+
+class _Shapes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape))
+        return x
+
+
+class _BatchCentred(nn.Module):
+    def forward(self, h):
+        return h - h.mean(0, keepdim=True)
+
+
+class _Split(nn.Module):
+    """conv 'a' (8 channels) → an operation on its channels → conv 'b' → classifier."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        halves = kind in ("nn_glu", "f_glu", "slice", "unbind")
+        self.b = nn.Conv2d(2 if kind == "pixel_shuffle" else 4 if halves else 8, 6, 1)
+        self.glu, self.fc = nn.GLU(1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.kind == "nn_glu":
+            h = self.glu(h)
+        elif self.kind == "f_glu":
+            h = F.glu(h, 1)
+        elif self.kind == "slice":
+            h = h[:, :4] * torch.sigmoid(h[:, 4:])
+        elif self.kind == "unbind":
+            a, b = h.unflatten(1, (2, 4)).unbind(1)
+            h = a * b
+        elif self.kind == "reordered_chunks":
+            a, b = h.chunk(2, 1)
+            h = torch.cat([b, a], 1)
+        elif self.kind == "pixel_shuffle":
+            h = F.pixel_shuffle(h, 2)
+        elif self.kind in _ALONG_CHANNELS:
+            h = _ALONG_CHANNELS[self.kind](h)
+        return self.fc(torch.relu(self.b(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("nn_glu", r"^a GLU \(F.glu / nn.GLU\) halves the channels of 'a', which Torch-Pruning does not map to the "
+               r"layer reading them; write it as a, b = x.chunk\(2, 1\); a \* b.sigmoid\(\)"),
+    ("f_glu", r"^a GLU \(F.glu / nn.GLU\) halves the channels of 'a'"),
+    ("slice", r"^the channels of 'a' are sliced with fixed bounds \(x\[:, (4:|:4)\]\), which would select "
+              r"other channels once some are removed"),
+    ("unbind", r"^channels \d, \d of 'a' reach one channel of a later layer together, not as channels j, "
+               r"j \+ 4, ... of 2 equal parts would"),
+    ("reordered_chunks", r"^Torch-Pruning maps 16 channels of 'a' onto the 8 output channels of 'a': an "
+                         r"operation between them changes or reorders the channels in a way it does not trace"),
+    ("pixel_shuffle", r"^Torch-Pruning maps 8 channels of 'a' onto the 2 input channels of 'b'")])
+def test_channel_operations_torch_pruning_cannot_carry_are_refused_when_structures_are_built(kind, message):
+    """Each of these gave structures that are not what removal removes — a saliency of 0, or a
+    gate on other channels (the reordered chunks: check_gates error 0.36) — or an IndexError."""
+    with pytest.raises(SospError, match=message):
+        api.structures(_Split(kind), torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("kind", _ALONG_CHANNELS)
+def test_operations_along_the_channels_are_refused_when_structures_are_built(kind):
+    """Found from the autograd function's saved dimension (negative ones too), which
+    Torch-Pruning's graph keeps; before, these ran and gave saliencies of another model."""
+    with pytest.raises(SospError, match=r"^\w+Backward\d combines the channels of 'a' \(a softmax, "
+                                        r"cumulative sum, flip, roll, sort, gather or reduction along "
+                                        r"dimension 1\), which Torch-Pruning traces as element-wise"):
+        api.structures(_Split(kind), torch.zeros(1, 3, 8, 8))
+    harmless = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Softmax(-1), nn.Flatten(2), nn.LogSoftmax(2),
+                             nn.Unflatten(2, (6, 6)), nn.Conv2d(8, 4, 1))
+    assert len(api.structures(harmless, torch.zeros(1, 3, 8, 8))) == 8   # softmax along H, W: fine

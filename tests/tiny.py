@@ -127,3 +127,23 @@ class TinyInPlace(nn.Module):
         h += F.relu(self.bn0(self.conv0(a)))
         out = F.relu(self.bn2(d)) + h
         return self.fc(F.relu(self.conv3(out)).mean((2, 3)))
+
+
+class TinyGLU(nn.Module):
+    """A gated linear unit written as chunk + multiply: conv1's 6 channels split in halves a, b
+    and a · sigmoid(b) → 3 channels, then conv2 — with ``residual``, its output added to the
+    GLU's: one structure is channels j and j + 3 of conv1 (with channel j of conv2)."""
+
+    def __init__(self, in_ch=2, width=3, classes=4, residual=True):
+        super().__init__()
+        self.residual = residual
+        self.conv1, self.bn1 = nn.Conv2d(in_ch, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        a, b = self.bn1(self.conv1(x)).chunk(2, 1)
+        h = a * torch.sigmoid(b)
+        r = self.bn2(self.conv2(h))
+        h = F.softplus(h + r if self.residual else r)
+        return self.fc(h.mean((2, 3)))
