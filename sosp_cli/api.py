@@ -21,7 +21,7 @@ from .models import create_model as _create_model, list_models
 from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
 from .selection import Selection, removal_caps, select as _select, validate_guards
 from .structures import StructureSet
-from .surgery import remove_structures
+from .surgery import logit_gaps, remove_structures
 from .utils import check_seed, check_torch_device, retain_freed_memory
 
 __all__ = ["create_model", "list_models", "list_criteria", "structures", "saliency", "select", "mask",
@@ -197,14 +197,10 @@ def check_gates(model: nn.Module, example_input: torch.Tensor, trials: int = 2, 
     ss = StructureSet(work, example_input[:1].cpu())
     generator = torch.Generator().manual_seed(seed)
     error, effect = 0.0, 0.0
-    with torch.no_grad():
-        dense = work(example_input)
-        for _ in range(trials):
-            remove = ss.random_removal(generator)
-            masked = mask(work, remove, example_input)(example_input)
-            pruned = prune(work, remove, example_input)(example_input)
-            error = max(error, (masked - pruned).abs().max().item())
-            effect = max(effect, (dense - masked).abs().max().item())
+    for _ in range(trials):
+        remove = ss.random_removal(generator)
+        gaps = logit_gaps(work, prune(work, remove, example_input), ss, remove, example_input)
+        error, effect = max(error, gaps["error"]), max(effect, gaps["effect"])
     if effect == 0.0:
         return 0.0 if error == 0.0 else float("inf")
     return error / effect

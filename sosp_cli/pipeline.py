@@ -40,7 +40,7 @@ from .budget import CostModel
 from .selection import (TARGET_NOUNS, Originals, originals_of, removal_caps, select,
                         validate as validate_selection)
 from .structures import StructureSet
-from .surgery import remove_structures
+from .surgery import GATE_TOLERANCE, gate_error, logit_gaps, remove_structures
 from .train import check_train_config, evaluate, train
 from .utils import (DEVICES, atomic_write, check_seed, float32_products, fingerprint, make_folder, resolve_device,
                     save_json, save_torch, seed_everything)
@@ -433,6 +433,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
     first_saliency, current, history, record = None, model, [], None
     diagnostics = None   # of the first step's selection, carried into every later step's record
     seconds = []         # each round's saliency time; a step's record holds those up to it
+    gate_errors = []     # each round's gate_error (surgery.py); likewise
     for step in range(1, k + 1):
         key = step_key(cfg, step)
         path = run.out / pruned_file(step, k)
@@ -451,6 +452,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
             current, history = build_from_record(record), record["history"]
             diagnostics = record.get("diagnostics")
             seconds = list(record.get("saliency_seconds_steps") or [])   # absent: made before it existed
+            gate_errors = list(record.get("gate_error_steps") or [])
             continue
         if step > 1:
             ss = StructureSet(current.cpu().eval(), run.example)
@@ -466,6 +468,7 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
         if p.diagnostics and step == 1:
             diagnostics = _diagnostics(run, current, ss, sel.remove)
         pruned, new = remove_structures(current.cpu(), ss, sel.remove, run.example)
+        gate_errors = gate_errors + [_check_pruned(run, current, pruned, ss, sel.remove, step)]
         history = history + new
         if step < k and p.step_epochs > 0:
             tcfg = dataclasses.replace(cfg.schedule.finetune, epochs=p.step_epochs)
@@ -473,11 +476,26 @@ def stage_prune(run: Run, model) -> tuple[dict, dict]:
             run.remove(run.out / f"step{step}_last.pt")
         record = model_record(pruned.cpu(), run.spec, history, key=key, step=step,
                               selection=dataclasses.asdict(sel), diagnostics=diagnostics,
-                              saliency_seconds_steps=seconds,
+                              saliency_seconds_steps=seconds, gate_error_steps=gate_errors,
                               removed_structures=originals.structures - ss.num_structures + len(sel.remove))
         run.save(record, path)
         current = pruned
     return first_saliency, record
+
+
+def _check_pruned(run: Run, model, pruned, ss: StructureSet, remove: list[str], step: int) -> float:
+    """The gate invariant for this step's removal on 8 training images (surgery.gate_error):
+    the pruned model must be the masked model the saliencies were computed for."""
+    x = take_batches(run.splits.train_eval, 8, 8, seed=run.cfg.seed)[0][0]
+    gaps = logit_gaps(model.cpu(), pruned, ss, remove, x)
+    error = gate_error(gaps)
+    if error > GATE_TOLERANCE:
+        raise SospError(f"step {step}: the physically pruned {type(model).__name__} differs from the "
+                        f"masked one by {gaps['error']:.3g} in its logits, where the removal changed "
+                        f"them by {gaps['effect']:.3g} (8 training images): the gates are not the "
+                        "removal of these structures (DESIGN.md §2), so their saliencies are not "
+                        "about removing them")
+    return error
 
 
 def _log_guards(sel, p, step: int, k: int) -> None:
@@ -633,6 +651,8 @@ def _result(r: Run, dense_model, pruned_model, dense, after_prune, after_finetun
         "macs_before": f0, "macs_after": f1, "macs_reduction": 1 - f1 / f0,
         "latency": latency, "saliency_seconds": sal["seconds"],
         "saliency_seconds_steps": pruned_rec.get("saliency_seconds_steps"),
+        # None: pruned before the check existed
+        "gate_error": max(pruned_rec["gate_error_steps"]) if pruned_rec.get("gate_error_steps") else None,
         "saliency_peak_memory_mb": sal["peak_memory_mb"], "saliency_samples": sal["num_samples"],
         "device": str(r.device), "layer_ratios": sel["layer_ratios"],
     }

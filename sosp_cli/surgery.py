@@ -64,6 +64,43 @@ def _check_runs(pruned: nn.Module, model: nn.Module, example_input: torch.Tensor
                         "structures") from exc
 
 
+def logit_gaps(model: nn.Module, pruned: nn.Module, structures: StructureSet, remove: list[str],
+               x: torch.Tensor) -> dict[str, float]:
+    """The gate invariant (DESIGN.md §2) for one removal, on the inputs ``x``, in eval mode:
+    ``error`` = max |z_masked − z_pruned| (``model`` with the gates of ``remove`` at 0 against the
+    physically pruned ``pruned``), ``effect`` = max |z_dense − z_masked| (what the removal does),
+    ``scale`` = max |z_dense|. Both models run on their own device and are left in their mode."""
+    gates = torch.ones(structures.num_structures)
+    gates[structures.indices_of(remove)] = 0.0
+    modes = model.training, pruned.training
+    model.eval(), pruned.eval()
+    try:
+        with torch.no_grad():
+            dense = model(x.to(_device(model))).float().cpu()
+            with structures.gated(model, gates.to(_device(model))):
+                masked = model(x.to(_device(model))).float().cpu()
+            cut = pruned(x.to(_device(pruned))).float().cpu()
+    finally:
+        model.train(modes[0]), pruned.train(modes[1])
+    return {"error": (masked - cut).abs().max().item(), "effect": (dense - masked).abs().max().item(),
+            "scale": dense.abs().max().item()}
+
+
+# a pruned model whose logits differ from the masked model's by more than this share of the
+# removal's effect (or of 1e-3 of the logits, for a removal that changes next to nothing) is not
+# the model the saliencies were computed for; float32 gives ≤ 6e-7 on every registered model (README: result.json)
+GATE_TOLERANCE = 1e-3
+
+
+def gate_error(gaps: dict[str, float]) -> float:
+    """``error`` relative to the removal's ``effect``, floored at 1e-3 of the logits' ``scale``
+    (removing channels that are 0 on these inputs changes the logits only by rounding)."""
+    floor = max(gaps["effect"], 1e-3 * gaps["scale"])
+    if floor == 0.0:
+        return 0.0 if gaps["error"] == 0.0 else float("inf")
+    return gaps["error"] / floor
+
+
 def replay(model: nn.Module, history: list, example_input: torch.Tensor) -> nn.Module:
     """Apply a saved pruning history to a freshly built (unpruned) model, in place."""
     model.eval()

@@ -21,7 +21,7 @@ from helpers import compose_run, write_cifar, write_imagefolder
 RESULT_KEYS = {"dataset", "model", "method", "prune_ratio", "seed", "top1_before", "top5_before",
                "top1_pruned", "top5_pruned", "top1_finetuned", "top5_finetuned", "params_before",
                "params_after", "params_reduction", "macs_before", "macs_after", "macs_reduction",
-               "latency", "saliency_seconds", "saliency_peak_memory_mb", "layer_ratios"}
+               "latency", "saliency_seconds", "saliency_peak_memory_mb", "layer_ratios", "gate_error"}
 
 
 def test_smoke_run_writes_every_artefact_and_resumes(tmp_path):
@@ -45,12 +45,35 @@ def test_smoke_run_writes_every_artefact_and_resumes(tmp_path):
     assert abs(result["achieved_ratio"] - 0.4) < 0.02
     assert set(result["latency"]) == {"cpu_bs1", "cpu_bs64"}
     assert all(v < 1.0 for v in result["layer_ratios"].values())
+    assert 0 <= result["gate_error"] <= 1e-4   # the pruned model is the masked one (surgery.gate_error)
     stamps = {p: os.stat(out / p).st_mtime_ns for p in ("pretrained.pt", "saliency.pt", "pruned.pt", "finetuned.pt")}
     lines = (out / "metrics.jsonl").read_text().count("\n")
     again = run(cfg, out)  # resume: every stage is skipped
     assert {p: os.stat(out / p).st_mtime_ns for p in stamps} == stamps
     assert (out / "metrics.jsonl").read_text().count("\n") == lines
     assert again["top1_finetuned"] == result["top1_finetuned"]
+
+
+def test_a_pruned_model_that_is_not_the_masked_one_stops_the_run(tmp_path, monkeypatch):
+    """Every removal is checked against the masked model on 8 training images: a pruned model
+    that differs (here: one of its weights changed after the surgery) is not the model the
+    saliencies were about — a one-line error, with the saliencies already written kept."""
+    from sosp_cli import pipeline
+    surgery = pipeline.remove_structures
+
+    def off(model, ss, remove, x):
+        pruned, history = surgery(model, ss, remove, x)
+        with torch.no_grad():
+            pruned.fc.bias[0] += 1.0
+        return pruned, history
+
+    monkeypatch.setattr(pipeline, "remove_structures", off)
+    cfg = compose_run(["experiment=smoke", "method=l1", "prune.ratio=0.2"], tmp_path)
+    with pytest.raises(SospError, match=r"^step 1: the physically pruned CifarResNet differs from the masked one "
+                                        r"by 1 in its logits, where the removal changed them by [\d.e-]+ \(8 training "
+                                        r"images\): the gates are not the removal of these structures"):
+        run(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "saliency.pt").exists() and not (tmp_path / "run" / "pruned.pt").exists()
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "imagenet"])
@@ -1048,9 +1071,12 @@ def test_iterative_pruning_in_three_steps(tmp_path):
     names = ["saliency.pt", "saliency_step2.pt", "saliency_step3.pt"]
     seconds = [torch.load(out / n, weights_only=False)["seconds"] for n in names]
     assert r["saliency_seconds_steps"] == seconds and r["saliency_seconds"] == seconds[0]
+    gate_errors = torch.load(out / "pruned.pt", weights_only=False)["gate_error_steps"]
+    assert len(gate_errors) == 3 and r["gate_error"] == max(gate_errors) <= 1e-4
     (out / "pruned.pt").unlink()
     (out / "finetuned.pt").unlink()
-    assert run(cfg, out)["saliency_seconds_steps"] == seconds
+    again = run(cfg, out)
+    assert again["saliency_seconds_steps"] == seconds and again["gate_error"] == r["gate_error"]
     # the diagnostics of the first step's removed set reach result.json
     step1 = torch.load(out / "pruned_step1.pt", weights_only=False)
     assert r["diagnostics"] == step1["diagnostics"] and r["diagnostics"]["removed"] == len(step1["selection"]["remove"])
