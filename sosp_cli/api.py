@@ -21,7 +21,7 @@ from .models import create_model as _create_model, list_models
 from .pruning import SaliencyInput, get_criterion, list_criteria, saliency_model
 from .selection import Selection, removal_caps, select as _select, validate_guards
 from .structures import StructureSet
-from .surgery import logit_gaps, remove_structures
+from .surgery import check_removal, logit_gaps, remove_structures
 from .utils import check_seed, check_torch_device, retain_freed_memory
 
 __all__ = ["create_model", "list_models", "list_criteria", "structures", "saliency", "select", "mask",
@@ -173,10 +173,14 @@ def mask(model: nn.Module, remove: Iterable[str], example_input: torch.Tensor) -
 
 
 def prune(model: nn.Module, remove: Iterable[str], example_input: torch.Tensor) -> nn.Module:
-    """A physically pruned copy of ``model`` (a genuinely smaller ``nn.Module``)."""
+    """A physically pruned copy of ``model`` (a genuinely smaller ``nn.Module``), checked to give
+    the logits of :func:`mask`'s on ``example_input`` (DESIGN.md §2; a one-line
+    :class:`SospError` if it does not, as :func:`check_gates` would measure)."""
+    remove = list(remove)
     ss = StructureSet(model, example_input[:1].cpu())
-    ss.indices_of(list(remove))  # validates the names
-    pruned, _ = remove_structures(model, ss, list(remove), example_input[:1])
+    ss.indices_of(remove)  # validates the names
+    pruned, _ = remove_structures(model, ss, remove, example_input[:1])
+    check_removal(model, pruned, ss, remove, example_input, "the example input")
     return pruned
 
 
@@ -199,7 +203,8 @@ def check_gates(model: nn.Module, example_input: torch.Tensor, trials: int = 2, 
     error, effect = 0.0, 0.0
     for _ in range(trials):
         remove = ss.random_removal(generator)
-        gaps = logit_gaps(work, prune(work, remove, example_input), ss, remove, example_input)
+        pruned, _ = remove_structures(work, ss, remove, example_input[:1])
+        gaps = logit_gaps(work, pruned, ss, remove, example_input)
         error, effect = max(error, gaps["error"]), max(effect, gaps["effect"])
     if effect == 0.0:
         return 0.0 if error == 0.0 else float("inf")

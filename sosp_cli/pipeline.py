@@ -40,7 +40,7 @@ from .budget import CostModel
 from .selection import (TARGET_NOUNS, Originals, originals_of, removal_caps, select,
                         validate as validate_selection)
 from .structures import StructureSet
-from .surgery import GATE_TOLERANCE, gate_error, logit_gaps, remove_structures
+from .surgery import check_removal, remove_structures
 from .train import check_train_config, evaluate, train
 from .utils import (DEVICES, atomic_write, check_seed, float32_products, fingerprint, make_folder, resolve_device,
                     save_json, save_torch, seed_everything)
@@ -487,15 +487,7 @@ def _check_pruned(run: Run, model, pruned, ss: StructureSet, remove: list[str], 
     """The gate invariant for this step's removal on 8 training images (surgery.gate_error):
     the pruned model must be the masked model the saliencies were computed for."""
     x = take_batches(run.splits.train_eval, 8, 8, seed=run.cfg.seed)[0][0]
-    gaps = logit_gaps(model.cpu(), pruned, ss, remove, x)
-    error = gate_error(gaps)
-    if error > GATE_TOLERANCE:
-        raise SospError(f"step {step}: the physically pruned {type(model).__name__} differs from the "
-                        f"masked one by {gaps['error']:.3g} in its logits, where the removal changed "
-                        f"them by {gaps['effect']:.3g} (8 training images): the gates are not the "
-                        "removal of these structures (DESIGN.md §2), so their saliencies are not "
-                        "about removing them")
-    return error
+    return check_removal(model.cpu(), pruned, ss, remove, x, "8 training images", f"step {step}: ")
 
 
 def _log_guards(sel, p, step: int, k: int) -> None:

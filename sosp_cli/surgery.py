@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .errors import SospError, describe
 from .structures import StructureSet, dependency_graph
+from .utils import float32_products
 
 
 def remove_structures(model: nn.Module, structures: StructureSet, remove: list[str],
@@ -69,13 +70,15 @@ def logit_gaps(model: nn.Module, pruned: nn.Module, structures: StructureSet, re
     """The gate invariant (DESIGN.md §2) for one removal, on the inputs ``x``, in eval mode:
     ``error`` = max |z_masked − z_pruned| (``model`` with the gates of ``remove`` at 0 against the
     physically pruned ``pruned``), ``effect`` = max |z_dense − z_masked| (what the removal does),
-    ``scale`` = max |z_dense|. Both models run on their own device and are left in their mode."""
+    ``scale`` = max |z_dense|. Both models run on their own device, with CUDA's float32 products
+    in IEEE float32 (TF32's rounding would differ between the masked and the smaller pruned
+    convolutions), and are left in their mode."""
     gates = torch.ones(structures.num_structures)
     gates[structures.indices_of(remove)] = 0.0
     modes = model.training, pruned.training
     model.eval(), pruned.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), float32_products(False):
             dense = model(x.to(_device(model))).float().cpu()
             with structures.gated(model, gates.to(_device(model))):
                 masked = model(x.to(_device(model))).float().cpu()
@@ -99,6 +102,20 @@ def gate_error(gaps: dict[str, float]) -> float:
     if floor == 0.0:
         return 0.0 if gaps["error"] == 0.0 else float("inf")
     return gaps["error"] / floor
+
+
+def check_removal(model: nn.Module, pruned: nn.Module, structures: StructureSet, remove: list[str],
+                  x: torch.Tensor, inputs: str, prefix: str = "") -> float:
+    """:func:`gate_error` of this removal on ``x`` (described as ``inputs`` in the error); a
+    one-line :class:`SospError` above :data:`GATE_TOLERANCE`."""
+    gaps = logit_gaps(model, pruned, structures, remove, x)
+    error = gate_error(gaps)
+    if error > GATE_TOLERANCE:
+        raise SospError(f"{prefix}the physically pruned {type(model).__name__} differs from the "
+                        f"masked one by {gaps['error']:.3g} in its logits, where the removal changed "
+                        f"them by {gaps['effect']:.3g} ({inputs}): the gates are not the removal of "
+                        "these structures (DESIGN.md §2), so saliencies are not about removing them")
+    return error
 
 
 def replay(model: nn.Module, history: list, example_input: torch.Tensor) -> nn.Module:

@@ -287,6 +287,12 @@ def test_check_gates_finds_channel_mixing_that_the_graph_does_not_show():
     mixing, plain = _conv_net(_ChannelMixing()), _conv_net(nn.Identity())
     assert api.check_gates(plain, x) <= 1e-4   # relative to the removals' effect on the logits
     assert api.check_gates(mixing, x) > 1e-3
+    remove = StructureSet(mixing, x[:1]).random_removal(torch.Generator().manual_seed(0))
+    with pytest.raises(SospError, match=r"^the physically pruned Sequential differs from the masked one by "
+                                        r"[\d.e-]+ in its logits, where the removal changed them by [\d.e-]+ "
+                                        r"\(the example input\): the gates are not the removal"):
+        api.prune(mixing, remove, x)
+    assert api.prune(plain, remove, x)(x).shape == (4, 5)
 
 
 @pytest.mark.parametrize("method", ["sosp_h", "taylor", "sosp_i"])
