@@ -52,6 +52,13 @@ def test_smoke_run_writes_every_artefact_and_resumes(tmp_path):
     assert {p: os.stat(out / p).st_mtime_ns for p in stamps} == stamps
     assert (out / "metrics.jsonl").read_text().count("\n") == lines
     assert again["top1_finetuned"] == result["top1_finetuned"]
+    # a folder pruned before the gate check existed is reused as it is: gate_error null
+    record = torch.load(out / "pruned.pt", weights_only=False)
+    del record["gate_error_steps"]
+    torch.save(record, out / "pruned.pt")
+    (out / "finetuned.pt").unlink()
+    assert run(cfg, out)["gate_error"] is None
+    assert "gate_error_steps" not in torch.load(out / "pruned.pt", weights_only=False)
 
 
 def test_a_pruned_model_that_is_not_the_masked_one_stops_the_run(tmp_path, monkeypatch):
