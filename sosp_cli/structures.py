@@ -19,8 +19,8 @@ channel together, so structure j is channels j, j + C/P, ... (``_split_parts``).
 
 What Torch-Pruning maps a structure's channels through but cannot remove them from — a GLU, a
 slice with fixed bounds, a function along the channels that it traces as element-wise (softmax,
-flip, a reduction, ...), a mapping onto channels a layer does not have — is refused when the
-structures are built (``_check_mapped``).
+flip, a reduction, a matrix product over the channels, ...), a mapping onto channels a layer
+does not have — is refused when the structures are built (``_check_mapped``).
 
 Each structure s has a gate c_s. The gate multiplies the channel where it enters every
 channel-mixing weight layer that reads it (a Conv2d that is not depthwise, or a Linear: the
@@ -335,6 +335,13 @@ def _check_mapped(item, dg: tp.DependencyGraph, root: str, names: dict) -> None:
                         "(a softmax, cumulative sum, flip, roll, sort, gather or reduction along "
                         "dimension 1), which Torch-Pruning traces as element-wise: a gate at 0 "
                         "would not be the removal of a channel (DESIGN.md §2)")
+    contracted = _contracted_size(item.dep.target.grad_fn) if isinstance(module, tp.ops._ElementWiseOp) else None
+    if contracted is not None and contracted == len(item.idxs):
+        raise SospError(f"{item.dep.target.grad_fn.name()} is a matrix product over a dimension of "
+                        f"{contracted}, the number of channels of '{root}' (as in attention or a "
+                        "Gram matrix over channels), which Torch-Pruning traces as element-wise: "
+                        "it mixes the channels, so a gate at 0 would not be the removal of a "
+                        "channel (DESIGN.md §2)")
     if isinstance(module, tp.ops._SliceOp) and module.dim == 1:
         raise SospError(f"the channels of '{root}' are sliced with fixed bounds "
                         f"({_slice_text(module)}), which would select other channels once some "
@@ -381,6 +388,51 @@ def _combines_channels(grad_fn, channels: int) -> bool:
     if rank is not None and (rank < 2 or sizes[1] < channels):
         return False
     return any(d == 1 or (rank is not None and d == 1 - rank) for d in dims)
+
+
+# matrix products: (saved operand, its contracted dimension); the operands share that size
+_PRODUCTS = {
+    "Mm": (("self", -1), ("mat2", -2)), "Bmm": (("self", -1), ("mat2", -2)),
+    "Addmm": (("mat1", -1), ("mat2", -2)), "Baddbmm": (("batch1", -1), ("batch2", -2)),
+    "Addbmm": (("batch1", -1), ("batch2", -2)), "Mv": (("self", -1), ("vec", -1)),
+    "Addmv": (("mat", -1), ("vec", -1)), "Dot": (("self", -1), ("tensor", -1)),
+    "Vdot": (("self", -1), ("other", -1))}
+
+
+def _contracted_size(grad_fn) -> int | None:
+    """The size of the dimension a matrix product (mm, bmm, addmm, ... — what ``@`` and einsum
+    run) sums over, from the operands or sizes its autograd function saved; None for any other
+    function, or if it saved neither."""
+    if grad_fn is None or _multiplies_a_parameter(grad_fn):
+        return None
+    for operand, dim in _PRODUCTS.get(re.sub(r"Backward\d*$", "", grad_fn.name()), ()):
+        sizes = getattr(grad_fn, f"_saved_{operand}_sym_sizes", None)
+        if sizes is None:
+            try:
+                tensor = getattr(grad_fn, f"_saved_{operand}", None)
+            except RuntimeError:                      # not saved (the other operand needs no grad)
+                tensor = None
+            sizes = None if not isinstance(tensor, torch.Tensor) else tensor.shape
+        if sizes is not None:
+            return int(sizes[dim])
+    return None
+
+
+def _multiplies_a_parameter(grad_fn, depth: int = 4) -> bool:
+    """Whether an operand of ``grad_fn`` is a parameter, reached through at most ``depth``
+    one-input functions (a transpose, a view): the product of a linear layer on a 3-d input, which
+    Torch-Pruning does not attribute to the layer and the gate-site check names instead."""
+    for fn, _ in grad_fn.next_functions:
+        for _ in range(depth):
+            if fn is None:
+                break
+            if "AccumulateGrad" in fn.name():
+                return True
+            inputs = [f for f, _ in fn.next_functions if f is not None]
+            if len(inputs) != 1:
+                break
+            fn = inputs[0]
+    return False
 
 
 def _channel_count(module: nn.Module, outputs: bool) -> int | None:

@@ -506,6 +506,16 @@ class _Split(nn.Module):
             h = torch.cat([b, a], 1)
         elif self.kind == "pixel_shuffle":
             h = F.pixel_shuffle(h, 2)
+        elif self.kind in ("gram", "channel_attention", "input_attention"):
+            shape, f = h.shape, h.flatten(2)                         # [B, C, HW]
+            if self.kind == "gram":                                  # non-local block: sums over C
+                h = f @ (f.transpose(1, 2) @ f) / 64
+            elif self.kind == "channel_attention":                   # DANet: channel j ← all channels
+                h = (f @ f.transpose(1, 2)).softmax(-1) @ f
+            else:                                                    # weights from the input image
+                xf = x.flatten(2)
+                h = f @ (xf.transpose(1, 2) @ xf).softmax(-1)
+            h = h.view(shape)
         elif self.kind in _ALONG_CHANNELS:
             h = _ALONG_CHANNELS[self.kind](h)
         return self.fc(torch.relu(self.b(h)).mean((2, 3)))
@@ -527,6 +537,31 @@ def test_channel_operations_torch_pruning_cannot_carry_are_refused_when_structur
     gate on other channels (the reordered chunks: check_gates error 0.36) — or an IndexError."""
     with pytest.raises(SospError, match=message):
         api.structures(_Split(kind), torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("kind", ["gram", "channel_attention"])
+def test_matrix_products_over_the_channels_are_refused_when_structures_are_built(kind):
+    """A product summing over the channels (Torch-Pruning traces it as element-wise) makes every
+    channel depend on every other, so a gate at the next conv is not the removal of one; before,
+    these built structures and scored them (check_gates 0.03 on the non-local block)."""
+    with pytest.raises(SospError, match=r"^BmmBackward0 is a matrix product over a dimension of 8, "
+                                        r"the number of channels of 'a' \(as in attention or a Gram "
+                                        r"matrix over channels\)"):
+        api.structures(_Split(kind), torch.zeros(1, 3, 8, 8))
+
+
+def test_a_matrix_product_over_positions_keeps_the_channels():
+    """Spatial attention whose weights do not depend on the structures (here: the input image)
+    mixes positions, not channels: each channel of 'a' is still its own structure."""
+    torch.manual_seed(0)
+    model, x = _Split("input_attention").eval(), torch.randn(4, 3, 8, 8)
+    assert api.structures(model, x[:1])[-8:] == [f"a:{i}" for i in range(8)]
+    remove = ["a:1", "a:4", "a:6"]
+    with torch.no_grad():
+        masked, pruned = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
+        assert (masked - pruned(x)).abs().max().item() <= 1e-5
+        assert (masked - model(x)).abs().max().item() > 1e-3
+    assert pruned.a.out_channels == 5
 
 
 @pytest.mark.parametrize("kind", _ALONG_CHANNELS)
