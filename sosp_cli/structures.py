@@ -335,10 +335,10 @@ def _check_mapped(item, dg: tp.DependencyGraph, root: str, names: dict) -> None:
                         "(a softmax, cumulative sum, flip, roll, sort, gather or reduction along "
                         "dimension 1), which Torch-Pruning traces as element-wise: a gate at 0 "
                         "would not be the removal of a channel (DESIGN.md §2)")
-    contracted = _contracted_size(item.dep.target.grad_fn) if isinstance(module, tp.ops._ElementWiseOp) else None
-    if contracted is not None and contracted == len(item.idxs):
+    contracted = _contracted_sizes(item.dep.target.grad_fn) if isinstance(module, tp.ops._ElementWiseOp) else ()
+    if len(item.idxs) in contracted:
         raise SospError(f"{item.dep.target.grad_fn.name()} is a matrix product over a dimension of "
-                        f"{contracted}, the number of channels of '{root}' (as in attention or a "
+                        f"{len(item.idxs)}, the number of channels of '{root}' (as in attention or a "
                         "Gram matrix over channels), which Torch-Pruning traces as element-wise: "
                         "it mixes the channels, so a gate at 0 would not be the removal of a "
                         "channel (DESIGN.md §2)")
@@ -390,22 +390,29 @@ def _combines_channels(grad_fn, channels: int) -> bool:
     return any(d == 1 or (rank is not None and d == 1 - rank) for d in dims)
 
 
-# matrix products: (saved operand, its contracted dimension); the operands share that size
+# matrix products: (saved operand, a dimension it sums over); what ``@`` and einsum run, and
+# attention, whose weights sum over the query's and key's features and the value's positions
 _PRODUCTS = {
     "Mm": (("self", -1), ("mat2", -2)), "Bmm": (("self", -1), ("mat2", -2)),
     "Addmm": (("mat1", -1), ("mat2", -2)), "Baddbmm": (("batch1", -1), ("batch2", -2)),
     "Addbmm": (("batch1", -1), ("batch2", -2)), "Mv": (("self", -1), ("vec", -1)),
     "Addmv": (("mat", -1), ("vec", -1)), "Dot": (("self", -1), ("tensor", -1)),
-    "Vdot": (("self", -1), ("other", -1))}
+    "Vdot": (("self", -1), ("other", -1)),
+    "ScaledDotProductAttention": (("query", -1), ("key", -1), ("value", -2))}
 
 
-def _contracted_size(grad_fn) -> int | None:
-    """The size of the dimension a matrix product (mm, bmm, addmm, ... — what ``@`` and einsum
-    run) sums over, from the operands or sizes its autograd function saved; None for any other
-    function, or if it saved neither."""
-    if grad_fn is None or _multiplies_a_parameter(grad_fn):
-        return None
-    for operand, dim in _PRODUCTS.get(re.sub(r"Backward\d*$", "", grad_fn.name()), ()):
+def _contracted_sizes(grad_fn) -> set[int]:
+    """The sizes of the dimensions a matrix product (mm, bmm, addmm, ..., scaled dot-product
+    attention) sums over, from the operands or sizes its autograd function saved; empty for any
+    other function, for a product with a weight (a linear layer), or if it saved nothing."""
+    if grad_fn is None:
+        return set()
+    name = re.sub(r"Backward\d*$", "", grad_fn.name())
+    name = "ScaledDotProductAttention" if name.startswith("ScaledDotProduct") else name
+    if name not in _PRODUCTS or _multiplies_a_parameter(grad_fn):
+        return set()
+    found = set()
+    for operand, dim in _PRODUCTS[name]:
         sizes = getattr(grad_fn, f"_saved_{operand}_sym_sizes", None)
         if sizes is None:
             try:
@@ -413,25 +420,24 @@ def _contracted_size(grad_fn) -> int | None:
             except RuntimeError:                      # not saved (the other operand needs no grad)
                 tensor = None
             sizes = None if not isinstance(tensor, torch.Tensor) else tensor.shape
-        if sizes is not None:
-            return int(sizes[dim])
-    return None
+        if sizes is not None and len(sizes) >= -dim:
+            found.add(int(sizes[dim]))
+    return found
 
 
-def _multiplies_a_parameter(grad_fn, depth: int = 4) -> bool:
-    """Whether an operand of ``grad_fn`` is a parameter, reached through at most ``depth``
-    one-input functions (a transpose, a view): the product of a linear layer on a 3-d input, which
-    Torch-Pruning does not attribute to the layer and the gate-site check names instead."""
+_VIEWS = {"T", "Transpose", "Permute", "View", "UnsafeView", "Reshape", "ReshapeAlias", "Expand",
+          "Unsqueeze", "Squeeze", "Alias", "Clone", "ToCopy"}
+
+
+def _multiplies_a_parameter(grad_fn) -> bool:
+    """Whether an operand of ``grad_fn`` is a parameter, seen through views (a transpose, a
+    reshape): the product of a linear layer on a 3-d input, which Torch-Pruning does not
+    attribute to the layer and the gate-site check names instead."""
     for fn, _ in grad_fn.next_functions:
-        for _ in range(depth):
-            if fn is None:
-                break
-            if "AccumulateGrad" in fn.name():
-                return True
-            inputs = [f for f, _ in fn.next_functions if f is not None]
-            if len(inputs) != 1:
-                break
-            fn = inputs[0]
+        while fn is not None and re.sub(r"Backward\d*$", "", fn.name()) in _VIEWS:
+            fn = fn.next_functions[0][0]
+        if fn is not None and "AccumulateGrad" in fn.name():
+            return True
     return False
 
 

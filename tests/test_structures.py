@@ -506,6 +506,9 @@ class _Split(nn.Module):
             h = torch.cat([b, a], 1)
         elif self.kind == "pixel_shuffle":
             h = F.pixel_shuffle(h, 2)
+        elif self.kind == "sdpa":                                    # one head, positions as tokens
+            tokens = h.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()   # [B, 1, HW, C]
+            h = F.scaled_dot_product_attention(tokens, tokens, tokens).squeeze(1).transpose(1, 2).reshape(h.shape)
         elif self.kind in ("gram", "channel_attention", "input_attention"):
             shape, f = h.shape, h.flatten(2)                         # [B, C, HW]
             if self.kind == "gram":                                  # non-local block: sums over C
@@ -539,12 +542,14 @@ def test_channel_operations_torch_pruning_cannot_carry_are_refused_when_structur
         api.structures(_Split(kind), torch.zeros(1, 3, 8, 8))
 
 
-@pytest.mark.parametrize("kind", ["gram", "channel_attention"])
+@pytest.mark.parametrize("kind", ["gram", "channel_attention", "sdpa"])
 def test_matrix_products_over_the_channels_are_refused_when_structures_are_built(kind):
     """A product summing over the channels (Torch-Pruning traces it as element-wise) makes every
     channel depend on every other, so a gate at the next conv is not the removal of one; before,
-    these built structures and scored them (check_gates 0.03 on the non-local block)."""
-    with pytest.raises(SospError, match=r"^BmmBackward0 is a matrix product over a dimension of 8, "
+    these built structures and scored them (check_gates 0.03 on the non-local block, 0.009 on
+    the attention over positions, whose weights sum over the channels: on the CPU its flash
+    kernel, ScaledDotProductFlashAttentionForCpuBackward0)."""
+    with pytest.raises(SospError, match=r"^\w+Backward\d is a matrix product over a dimension of 8, "
                                         r"the number of channels of 'a' \(as in attention or a Gram "
                                         r"matrix over channels\)"):
         api.structures(_Split(kind), torch.zeros(1, 3, 8, 8))
