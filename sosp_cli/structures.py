@@ -19,8 +19,8 @@ channel together, so structure j is channels j, j + C/P, ... (``_split_parts``).
 
 What Torch-Pruning maps a structure's channels through but cannot remove them from — a GLU, a
 slice with fixed bounds, a function along the channels that it traces as element-wise (softmax,
-flip, a reduction, a matrix product over the channels, ...), a mapping onto channels a layer
-does not have — is refused when the structures are built (``_check_mapped``).
+flip, a reduction, a matrix product over the channels, a padding of the channels, ...), a
+mapping onto channels a layer does not have — is refused when the structures are built (``_check_mapped``).
 
 Each structure s has a gate c_s. The gate multiplies the channel where it enters every
 channel-mixing weight layer that reads it (a Conv2d that is not depthwise, or a Linear: the
@@ -335,6 +335,13 @@ def _check_mapped(item, dg: tp.DependencyGraph, root: str, names: dict) -> None:
                         "(a softmax, cumulative sum, flip, roll, sort, gather or reduction along "
                         "dimension 1), which Torch-Pruning traces as element-wise: a gate at 0 "
                         "would not be the removal of a channel (DESIGN.md §2)")
+    if isinstance(module, tp.ops._ElementWiseOp) and _pads_channels(item.dep.target.grad_fn):
+        raise SospError(f"{item.dep.target.grad_fn.name()} pads the channels of '{root}' (F.pad on "
+                        "the dimension before H and W, as an option-A shortcut or "
+                        "F.local_response_norm does), which Torch-Pruning traces as element-wise: "
+                        "channel j would be gated where it is not, and the padding's fixed width "
+                        "cannot follow a removal (DESIGN.md §2); supported instead: a 1×1 "
+                        "convolution shortcut (option B, as sosp's CIFAR ResNets have), BatchNorm")
     contracted = _contracted_sizes(item.dep.target.grad_fn) if isinstance(module, tp.ops._ElementWiseOp) else ()
     if len(item.idxs) in contracted:
         raise SospError(f"{item.dep.target.grad_fn.name()} is a matrix product over a dimension of "
@@ -423,6 +430,16 @@ def _contracted_sizes(grad_fn) -> set[int]:
         if sizes is not None and len(sizes) >= -dim:
             found.add(int(sizes[dim]))
     return found
+
+
+def _pads_channels(grad_fn) -> bool:
+    """Whether ``grad_fn`` is a constant padding (``F.pad``) of dimension −3 or an earlier one:
+    the channels of an [B, C, H, W] image (F.pad's pairs run from the last dimension; spatial
+    padding has at most two), or the channels of F.local_response_norm's [B, 1, C, H, W] view."""
+    if grad_fn is None or not grad_fn.name().startswith("ConstantPadNd"):
+        return False
+    pad = tuple(getattr(grad_fn, "_saved_pad", ()))
+    return any(pad[4:])
 
 
 _VIEWS = {"T", "Transpose", "Permute", "View", "UnsafeView", "Reshape", "ReshapeAlias", "Expand",

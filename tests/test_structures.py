@@ -506,6 +506,10 @@ class _Split(nn.Module):
             h = torch.cat([b, a], 1)
         elif self.kind == "pixel_shuffle":
             h = F.pixel_shuffle(h, 2)
+        elif self.kind == "lrn":
+            h = F.local_response_norm(h, 3, alpha=1.0)
+        elif self.kind == "spatial_pad":
+            h = F.pad(h, (1, 1, 1, 1))[:, :, 1:-1, 1:-1] + F.pad(h, (0, 0, 2, 0))[:, :, :-2]
         elif self.kind == "sdpa":                                    # one head, positions as tokens
             tokens = h.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()   # [B, 1, HW, C]
             h = F.scaled_dot_product_attention(tokens, tokens, tokens).squeeze(1).transpose(1, 2).reshape(h.shape)
@@ -567,6 +571,41 @@ def test_a_matrix_product_over_positions_keeps_the_channels():
         assert (masked - pruned(x)).abs().max().item() <= 1e-5
         assert (masked - model(x)).abs().max().item() > 1e-3
     assert pruned.a.out_channels == 5
+
+
+class _OptionA(nn.Module):
+    """A residual block with an option-A shortcut (He et al. 2016; the CIFAR ResNets of
+    akamaster/pytorch_resnet_cifar10): the input subsampled and zero-padded by 2 channels each side."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(h)))))
+        out = F.relu(out + F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2)))
+        return self.fc(out.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", [_OptionA(), _Split("lrn")], ids=["option_a_shortcut", "local_response_norm"])
+def test_padding_the_channels_is_refused_when_structures_are_built(model):
+    """Torch-Pruning traces F.pad as element-wise, so it coupled the stem's channel j with
+    conv2's channel j instead of j + 2 (check_gates 1.5), and a local response normalisation's
+    sum over neighbouring channels went unseen (0.03 with alpha = 1)."""
+    with pytest.raises(SospError, match=r"^ConstantPadNdBackward0 pads the channels of '(stem|a)' \(F.pad on "
+                                        r"the dimension before H and W, .*option B"):
+        api.structures(model, torch.zeros(1, 3, 8, 8))
+
+
+def test_padding_the_positions_keeps_the_channels():
+    torch.manual_seed(0)
+    model, x = _Split("spatial_pad").eval(), torch.randn(4, 3, 8, 8)
+    assert len(api.structures(model, x[:1])) == 14
+    assert api.check_gates(model, x, trials=4) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", _ALONG_CHANNELS)
