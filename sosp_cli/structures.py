@@ -21,6 +21,8 @@ What Torch-Pruning maps a structure's channels through but cannot remove them fr
 slice with fixed bounds, a function along the channels that it traces as element-wise (softmax,
 flip, a reduction, a matrix product over the channels, a padding of the channels, ...), a
 mapping onto channels a layer does not have — is refused when the structures are built (``_check_mapped``).
+What the names in the graph do not show is then tested numerically: the channels a gate site
+reads for a structure carry that structure's channels only (``_check_channels_stay_apart``).
 
 Each structure s has a gate c_s. The gate multiplies the channel where it enters every
 channel-mixing weight layer that reads it (a Conv2d that is not depthwise, or a Linear: the
@@ -41,10 +43,12 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn as nn
 import torch_pruning as tp
 
 from .errors import SospError, describe
+from .utils import load_jvp_decompositions
 
 
 @dataclass
@@ -118,6 +122,7 @@ class StructureSet:
         sites: dict[str, tuple[int, list[int], list[int]]] = {}
         offset = 0
         grouped_outputs: dict[str, torch.Tensor] = {}   # grouped conv → structure of each output
+        produced: dict[str, torch.Tensor] = {}          # producer → structure of each output (-1: none)
         for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
                                        root_module_types=(nn.Conv2d, nn.Linear)):
             root = names[group[0].dep.target.module]
@@ -142,6 +147,8 @@ class StructureSet:
                 if dg.is_out_channel_pruning_fn(item.dep.handler):
                     if mname not in sg.producers:
                         sg.producers.append(mname)
+                    produced.setdefault(mname, torch.full((_channel_count(module, True),), -1))[
+                        torch.tensor([int(i) for i in item.idxs], dtype=torch.long)] = structure
                     if is_grouped(module):
                         table = grouped_outputs.setdefault(mname, torch.full((module.out_channels,), -1))
                         table[torch.tensor([int(i) for i in item.idxs], dtype=torch.long)] = structure
@@ -175,6 +182,8 @@ class StructureSet:
                             "follow them to the layer that reads them), so its gate would change "
                             "nothing and its removal would change the model's outputs "
                             "(DESIGN.md §2)")
+
+        _check_channels_stay_apart(self, model, example_input, produced)
 
     def names(self) -> list[str]:
         return [n for g in self.groups for n in g.names()]
@@ -240,6 +249,126 @@ class StructureSet:
         finally:
             for h in handles:
                 h.remove()
+
+
+# what a structure's channels may pick up from other structures' on their way to a gate site,
+# relative to what they carry (float32 rounding: ~1e-7; channel mixing: the mixing weights)
+MIXING_TOLERANCE = 1e-3
+
+
+def _check_channels_stay_apart(ss: StructureSet, model: nn.Module, example_input: torch.Tensor,
+                               produced: dict[str, torch.Tensor]) -> None:
+    """The gate model's premise (DESIGN.md §2), tested numerically on ``example_input``: every
+    channel a gate site reads for structure s is a function of s's channels alone — the producers'
+    outputs reach it through per-channel operations only (BatchNorm, activations, pooling,
+    depthwise convs, additions of channels of the same structure). Forward-mode AD, twice: each
+    producer's output channel of structure s gets the tangent r_s (random, one per structure; a
+    second draw r'_s) times a fixed random field n (the same in both draws: a constant would
+    vanish in an instance normalisation), and every gate site records the tangent t it reads
+    and passes its input on without one, so that tangents go from producers to the first layers
+    reading them only. Then t_i / r_s(i) = t'_i / r'_s(i) at every channel i (r = 1 for channels of no structure, which
+    must not pick up a tangent either). An operation that mixes channels, which the name-based
+    refusals of ``_check_mapped`` do not know (a channel shuffle by reshape, a custom autograd
+    function with a forward-mode rule), breaks the equality and is refused in one line. A model
+    with a function that has no forward-mode rule is not tested here (``check_gates`` measures it)."""
+    load_jvp_decompositions()
+    generator = torch.Generator().manual_seed(0)
+    draws = [1.0 + torch.rand(ss.num_structures + 1, generator=generator, dtype=torch.float64)
+             for _ in range(2)]
+    for r in draws:
+        r[-1] = 1.0          # slot S: channels of no structure
+    noise: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        seen = [_site_tangents(ss, model, example_input[:1], produced, r, noise, generator) for r in draws]
+    except (_Untestable, NotImplementedError, RuntimeError):
+        return   # a function without a forward-mode rule (a custom autograd function without
+        # jvp: NotImplementedError; an ATen function: RuntimeError): not testable here
+    finally:
+        model.train(was_training)
+    names = ss.names() + ["(no structure)"]
+    for name, site in ss.sites.items():
+        t, t2 = seen[0].get(name), seen[1].get(name)
+        if t is None or t2 is None:
+            continue
+        slots = site.lookup(ss.num_structures, "cpu")
+        u = t.double().cpu() / _per_channel(draws[0][slots], t.dim())
+        u2 = t2.double().cpu() / _per_channel(draws[1][slots], t2.dim())
+        scale = max(u.abs().max().item(), u2.abs().max().item())
+        gap = (u - u2).abs()
+        if not math.isfinite(scale) or scale == 0.0 or gap.max().item() <= MIXING_TOLERANCE * scale:
+            continue    # (a model with non-finite weights is refused where it is scored)
+        channel = int(gap.transpose(0, 1).reshape(gap.shape[1], -1).amax(1).argmax())
+        raise SospError(f"input channel {channel} of '{name}', gated as structure "
+                        f"'{names[int(slots[channel])]}', carries other structures' channels too "
+                        f"(by {gap.max().item() / scale:.2g} of what it carries, measured by "
+                        "forward-mode AD on the example input): an operation between the layers "
+                        "writing it and this one mixes channels in a way Torch-Pruning traces as "
+                        "element-wise (a channel shuffle, a custom function), so a gate at 0 would "
+                        "not be the removal of a structure (DESIGN.md §2)")
+
+
+def _site_tangents(ss: StructureSet, model: nn.Module, x: torch.Tensor, produced: dict[str, torch.Tensor],
+                   r: torch.Tensor, noise: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
+    """One forward-mode pass of :func:`_check_channels_stay_apart`: every producer's output
+    channel of structure s gets the tangent r_s·n (``noise[name]``, drawn on the first pass), and
+    every gate site's input tangent is recorded and removed. Returns {site: tangent or None}."""
+    modules = dict(model.named_modules())
+    param = next(model.parameters(), None)
+    if param is not None:
+        x = x.to(param.device, param.dtype if x.is_floating_point() else x.dtype)
+    reads: dict[str, torch.Tensor | None] = {}
+
+    def inject(name, table):
+        def hook(module, args, out):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            if isinstance(module, nn.Linear) and out.dim() != 2:
+                raise _Untestable   # features on the last dimension: refused at the gate sites
+            primal = fwad.unpack_dual(out).primal
+            if name not in noise:
+                noise[name] = torch.randn(primal.shape, generator=generator, dtype=torch.float64)
+            return fwad.make_dual(primal, (noise[name] * _per_channel(r[table], out.dim())).to(primal))
+        return hook
+
+    def record(name):
+        def hook(module, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            if isinstance(module, nn.Linear) and args[0].dim() != 2:
+                raise _Untestable
+            primal, tangent = fwad.unpack_dual(args[0])
+            reads[name] = None if tangent is None else tangent.detach().clone()
+            return (primal,) + tuple(args[1:])
+        return hook
+
+    from .pruning.lean import eval_batchnorm_as_affine   # (a cycle at import time)
+
+    handles = []
+    try:
+        for name, table in produced.items():
+            extended = torch.where(table >= 0, table, torch.tensor(ss.num_structures))
+            handles.append(modules[name].register_forward_hook(inject(name, extended)))
+        for name in ss.sites:
+            handles.append(modules[name].register_forward_pre_hook(record(name)))
+        # eval-mode BatchNorm as x·scale + shift: the same function, whose forward-mode rule
+        # costs two element-wise operations instead of ATen's batch_norm decomposition (~30×)
+        with torch.no_grad(), fwad.dual_level(), eval_batchnorm_as_affine(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return reads
+
+
+class _Untestable(Exception):
+    """A model :func:`_check_channels_stay_apart` cannot test."""
+
+
+def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """One value per channel (dimension 1), shaped to broadcast against an ``ndim``-d tensor."""
+    return values.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def is_depthwise(module: nn.Module) -> bool:

@@ -55,7 +55,7 @@ def remove_structures(model: nn.Module, structures: StructureSet, remove: list[s
 
 def _check_runs(pruned: nn.Module, model: nn.Module, example_input: torch.Tensor) -> None:
     """One forward pass of the pruned model: a layer whose removal Torch-Pruning cannot carry
-    through (a reshape by channel groups, as in a channel shuffle) fails here, with its name."""
+    through (a reshape to a fixed number of channels) fails here, with its name."""
     try:
         with torch.no_grad():
             pruned(example_input.to(_device(pruned)))

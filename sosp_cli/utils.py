@@ -1,12 +1,14 @@
 """Small shared helpers: atomic writes, config fingerprints, seeding, devices."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -250,3 +252,15 @@ def retain_freed_memory() -> bool:
         return False
     return all(libc.mallopt(param, value) for param, value in
                ((_M_MMAP_THRESHOLD, 32 << 20), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+
+
+@functools.cache
+def load_jvp_decompositions() -> None:
+    """PyTorch's forward-mode AD loads its decompositions on first use, scripting them with
+    ``torch.jit.script``, which warns that it is deprecated — PyTorch's warning about PyTorch's
+    own code, which a user of sosp can do nothing about. Load them once with that warning off."""
+    loader = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+    if loader is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            loader()

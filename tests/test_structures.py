@@ -56,6 +56,23 @@ def test_gates_at_zero_equal_physical_removal(name):
         assert sum(p.numel() for p in pruned_model.parameters()) < p0
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_the_channel_check_runs_on_every_registered_model(name, monkeypatch):
+    """``_check_channels_stay_apart`` is not skipped (every function has a forward-mode rule),
+    every gate site reads a tangent, and what it measures is rounding: it passes at 1e-5."""
+    passes = []
+    original = structures._site_tangents
+
+    def spy(*args):
+        passes.append(original(*args))
+        return passes[-1]
+    monkeypatch.setattr(structures, "_site_tangents", spy)
+    monkeypatch.setattr(structures, "MIXING_TOLERANCE", 1e-5)
+    ss = StructureSet(calibrated(name), torch.randn(1, 3, 32, 32))
+    assert len(passes) == 2
+    assert all(reads.get(site) is not None for reads in passes for site in ss.sites)
+
+
 def test_structure_names_are_stable_and_exclude_stem_and_classifier():
     model = api.create_model("resnet20", width=0.5)
     x = torch.zeros(1, 3, 32, 32)
@@ -181,9 +198,19 @@ class _AddChannelMean(torch.autograd.Function):
         return grad + grad.mean(1, keepdim=True)
 
 
+class _AddChannelMeanWithJvp(_AddChannelMean):
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent + tangent.mean(1, keepdim=True)
+
+
 class _ChannelMixing(nn.Module):
+    def __init__(self, jvp: bool = False):
+        super().__init__()
+        self.function = _AddChannelMeanWithJvp if jvp else _AddChannelMean
+
     def forward(self, x):
-        return _AddChannelMean.apply(x)
+        return self.function.apply(x)
 
 
 class _TokenMLP(nn.Module):
@@ -198,16 +225,21 @@ class _TokenMLP(nn.Module):
 
 
 class _ChannelShuffle(nn.Module):
-    """ShuffleNet's shuffle: a reshape by channel groups, which a removed channel breaks."""
+    """ShuffleNet's shuffle: a reshape by channel groups, which Torch-Pruning traces as leaving
+    channel j at position j (and which a removed channel would break)."""
 
-    def __init__(self):
+    def __init__(self, shuffle: bool = True):
         super().__init__()
+        self.shuffle = shuffle
         self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
 
     def forward(self, x):
         x = torch.relu(self.a(x))
         B, C, H, W = x.shape
-        x = x.view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, C, H, W)
+        if self.shuffle:
+            x = x.view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, C, H, W)
+        else:    # a reshape to a fixed width: harmless here, impossible once a channel is removed
+            x = x.reshape(B, 8, H, W)
         return self.fc(torch.relu(self.b(x)).mean((2, 3)))
 
 
@@ -303,9 +335,25 @@ def test_linear_gate_site_on_tokens_is_refused(method):
 
 
 def test_a_removal_torch_pruning_cannot_carry_through_is_a_one_line_error():
-    model, x = _ChannelShuffle().eval(), torch.randn(2, 3, 8, 8)
-    with pytest.raises(SospError, match=r"^the physically pruned _ChannelShuffle does not run \(RuntimeError"):
+    model, x = _ChannelShuffle(shuffle=False).eval(), torch.randn(2, 3, 8, 8)
+    assert len(api.structures(model, x[:1])) == 16
+    with pytest.raises(SospError, match=r"^the physically pruned _ChannelShuffle does not run \(RuntimeError: "
+                                        r"shape '\[1, 8, 8, 8\]' is invalid"):
         api.prune(model, ["a:0"], x[:1])
+
+
+def test_channels_mixed_where_the_graph_does_not_show_it_are_refused_when_structures_are_built():
+    """The forward-mode check of ``_check_channels_stay_apart``: a channel shuffle (before, its
+    structures were scored silently, their gates on other channels than their own) and a custom
+    autograd function with a forward-mode rule that adds the channel mean; one without such a
+    rule is left to check_gates (test below)."""
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(SospError, match=r"^input channel \d of 'b', gated as structure 'a:\d', carries "
+                                        r"other structures' channels too \(by 0\.\d+ of what it carries"):
+        api.structures(_ChannelShuffle(), x)
+    with pytest.raises(SospError, match=r"^input channel \d of '3', gated as structure '0:\d', carries"):
+        api.structures(_conv_net(_ChannelMixing(jvp=True)), x)
+    assert len(api.structures(_conv_net(_ChannelMixing()), x)) == 16
 
 
 def test_a_model_torch_pruning_cannot_trace_is_a_one_line_error():

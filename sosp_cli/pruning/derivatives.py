@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from ..distributed import summed, summed_count
 from ..errors import SospError, check_choice
 from ..structures import StructureSet
+from ..utils import load_jvp_decompositions
 from .lean import lean_layers, uses_batch_statistics
 from .paired import paired_dual
-from .stacked import Unsupported, load_jvp_decompositions, stacked_dual
+from .stacked import Unsupported, stacked_dual
 
 
 def _count(batches) -> int:

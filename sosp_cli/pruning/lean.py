@@ -175,6 +175,13 @@ def _swap(model: nn.Module, builders: dict, swapped: list) -> None:
             module.forward = builders[kind](module)
 
 
+def eval_batchnorm_as_affine(model: nn.Module):
+    """Within the block, every BatchNorm2d / BatchNorm1d with running statistics runs as
+    x·scale + shift (:func:`bn_affine`), what it computes in eval mode (parameters frozen, as in
+    :func:`swapped_forwards`)."""
+    return swapped_forwards(model, {"bn": _bn_forward})
+
+
 @contextlib.contextmanager
 def swapped_forwards(model: nn.Module, builders: dict):
     """Within the block, every Conv2d / Linear / BatchNorm whose :func:`layer_kind` has a

@@ -65,8 +65,6 @@ blocks as two tensors of B rows: ``method.stack_batch=pair``.)
 from __future__ import annotations
 
 import contextlib
-import functools
-import warnings
 
 import torch
 import torch.nn as nn
@@ -74,6 +72,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..structures import StructureSet
+from ..utils import load_jvp_decompositions
 from .lean import FrozenConv, FrozenLinear, bn_affine_views, channel_shaped, layer_kind, swapped_forwards
 
 
@@ -385,18 +384,6 @@ def _pooled(func, backward):
     def handler(mode, x, *args, **kwargs):
         return _AvgPool.apply(mode.check(x), func, backward, args, kwargs)
     return handler
-
-
-@functools.cache
-def load_jvp_decompositions() -> None:
-    """PyTorch's forward-mode AD loads its decompositions on first use, scripting them with
-    ``torch.jit.script``, which warns that it is deprecated — PyTorch's warning about PyTorch's
-    own code, which a user of sosp can do nothing about. Load them once with that warning off."""
-    loader = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
-    if loader is not None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-            loader()
 
 
 def value_and_slope(func, x0: torch.Tensor, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
