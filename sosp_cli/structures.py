@@ -478,6 +478,13 @@ def _check_mapped(item, dg: tp.DependencyGraph, root: str, names: dict) -> None:
                         "Gram matrix over channels), which Torch-Pruning traces as element-wise: "
                         "it mixes the channels, so a gate at 0 would not be the removal of a "
                         "channel (DESIGN.md §2)")
+    fn = item.dep.target.grad_fn
+    if isinstance(module, tp.ops._SplitOp) and fn is not None and fn.name().startswith("SplitWithSizes") \
+            and _saved_dim_is_channels(fn):
+        sizes = list(fn._saved_split_sizes)
+        raise SospError(f"torch.split splits the channels of '{root}' at the fixed sizes {sizes}, "
+                        "which cannot follow a removal (the pruned model would not run); "
+                        "supported: parts of equal size (x.chunk(2, 1))")
     if isinstance(module, tp.ops._SliceOp) and module.dim == 1:
         raise SospError(f"the channels of '{root}' are sliced with fixed bounds "
                         f"({_slice_text(module)}), which would select other channels once some "
@@ -585,6 +592,14 @@ def _multiplies_a_parameter(grad_fn) -> bool:
         if fn is not None and "AccumulateGrad" in fn.name():
             return True
     return False
+
+
+def _saved_dim_is_channels(grad_fn) -> bool:
+    """Whether the dimension ``grad_fn`` saved (``_saved_dim``, negative ones as torch stores them:
+    wrapped to unsigned 64 bits) is dimension 1 of its input (``_saved_self_sym_sizes``)."""
+    dim, sizes = grad_fn._saved_dim, grad_fn._saved_self_sym_sizes
+    dim = dim - 2 ** 64 if dim >= 2 ** 63 else dim
+    return dim % len(sizes) == 1
 
 
 def _channel_count(module: nn.Module, outputs: bool) -> int | None:

@@ -534,7 +534,7 @@ class _Split(nn.Module):
         super().__init__()
         self.kind = kind
         self.a = nn.Conv2d(3, 8, 3, padding=1)
-        halves = kind in ("nn_glu", "f_glu", "slice", "unbind")
+        halves = kind in ("nn_glu", "f_glu", "slice", "unbind", "split_sizes")
         self.b = nn.Conv2d(2 if kind == "pixel_shuffle" else 4 if halves else 8, 6, 1)
         self.glu, self.fc = nn.GLU(1), nn.Linear(6, 4)
 
@@ -546,6 +546,9 @@ class _Split(nn.Module):
             h = F.glu(h, 1)
         elif self.kind == "slice":
             h = h[:, :4] * torch.sigmoid(h[:, 4:])
+        elif self.kind == "split_sizes":
+            a, b = h.split([4, 4], -3)
+            h = a * b.sigmoid()
         elif self.kind == "unbind":
             a, b = h.unflatten(1, (2, 4)).unbind(1)
             h = a * b
@@ -582,6 +585,8 @@ class _Split(nn.Module):
     ("f_glu", r"^a GLU \(F.glu / nn.GLU\) halves the channels of 'a'"),
     ("slice", r"^the channels of 'a' are sliced with fixed bounds \(x\[:, (4:|:4)\]\), which would select "
               r"other channels once some are removed"),
+    ("split_sizes", r"^torch.split splits the channels of 'a' at the fixed sizes \[4, 4\], which cannot follow "
+                    r"a removal \(the pruned model would not run\); supported: parts of equal size"),
     ("unbind", r"^channels \d, \d of 'a' reach one channel of a later layer together, not as channels j, "
                r"j \+ 4, ... of 2 equal parts would"),
     ("reordered_chunks", r"^Torch-Pruning maps 16 channels of 'a' onto the 8 output channels of 'a': an "
