@@ -15,7 +15,8 @@ group-aligned pruning, whose ``prune_in_channels`` keeps the same positions in e
 a grouped conv whose channels are not laid out so (e.g. behind a concatenation that shifts
 them) is refused in one line. Channels split into P equal parts that meet again element-wise (a
 GLU written as chunk + multiply) take the same layout: channel j of every part reaches one
-channel together, so structure j is channels j, j + C/P, ... (``_split_parts``).
+channel together, so structure j is channels j, j + C/P, ... (``_split_parts``); a grouped conv
+over the parts' C/P channels counts P·G channel groups (``_structure_group``).
 
 What Torch-Pruning maps a structure's channels through but cannot remove them from — a GLU, a
 slice with fixed bounds, a function along the channels that it traces as element-wise (softmax,
@@ -126,7 +127,7 @@ class StructureSet:
         for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
                                        root_module_types=(nn.Conv2d, nn.Linear)):
             root = names[group[0].dep.target.module]
-            sg = _structure_group(root, len(group[0].idxs), offset, group, names)
+            sg = _structure_group(root, len(group[0].idxs), offset, group, names, dg)
             for item in group.items:
                 module = item.dep.target.module
                 _check_mapped(item, dg, root, names)
@@ -382,18 +383,27 @@ def is_grouped(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
 
 
-def _structure_group(root: str, channels: int, offset: int, group, names: dict) -> StructureGroup:
+def _structure_group(root: str, channels: int, offset: int, group, names: dict,
+                     dg: tp.DependencyGraph) -> StructureGroup:
     """The structure group of a Torch-Pruning group of ``channels`` root channels: one structure
     per channel, or per channel position when grouped convs are in the group, or when the
-    channels are split into equal parts that meet again (module docstring)."""
-    grouped = {names[it.dep.target.module]: it.dep.target.module.groups for it in group.items
-               if is_grouped(it.dep.target.module)}
-    g = math.lcm(*grouped.values(), _split_parts(root, channels, group))
+    channels are split into equal parts that meet again (module docstring). A grouped conv with
+    G groups over n = C/P of the channels (it reads or writes the parts of a split: P root
+    channels per channel of its own) needs P·G root channels per structure: structure j is then
+    channel position j of each of its groups, with the channels of every part that meet there."""
+    grouped = {}
+    for it in group.items:
+        module = it.dep.target.module
+        if is_grouped(module):
+            n = module.out_channels if dg.is_out_channel_pruning_fn(it.dep.handler) else module.in_channels
+            per_channel = channels // n if n < channels and channels % n == 0 else 1
+            grouped[names[module]] = (module.groups, module.groups * per_channel)
+    g = math.lcm(*(factor for _, factor in grouped.values()), _split_parts(root, channels, group))
     if channels % g:
         first = next(iter(grouped))
         raise SospError(f"the {channels} channels of '{root}' cannot be split into {g} equal "
                         f"channel groups for grouped convolution '{first}' (groups="
-                        f"{grouped[first]}); structures of grouped convolutions take one channel "
+                        f"{grouped[first][0]}); structures of grouped convolutions take one channel "
                         "position of every group")
     return StructureGroup(root=root, size=channels // g, offset=offset, channel_groups=g)
 

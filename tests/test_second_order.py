@@ -20,7 +20,8 @@ from tiny import TinyGLU, TinyHead, TinyMLP, TinyResNet, TinyResNeXt, randomize_
 
 CASES = {"mlp": (TinyMLP, (9, 6), 3), "resnet": (TinyResNet, (9, 2, 5, 5), 4),
          "resnext": (TinyResNeXt, (9, 2, 5, 5), 4), "batchnorm1d": (TinyHead, (9, 2, 5, 5), 4),
-         "glu": (functools.partial(TinyGLU, residual=False), (9, 2, 5, 5), 4)}
+         "glu": (functools.partial(TinyGLU, residual=False), (9, 2, 5, 5), 4),
+         "glu_grouped": (functools.partial(TinyGLU, width=4, residual=False, groups=2), (9, 2, 5, 5), 4)}
 
 
 def setup(case):

@@ -477,6 +477,33 @@ def test_parts_of_a_split_that_meet_again_are_one_structure(residual):
     assert api.check_gates(model, x, trials=4) <= 1e-5
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_parts_of_a_split_feeding_a_grouped_conv_keep_its_groups_equal(residual):
+    """TinyGLU with conv2 a grouped conv (G = 2) over the GLU's 4 channels: a structure is
+    channel position j of both of conv2's input groups with both halves behind each — conv1's
+    channels j, j + 2, j + 4, j + 6 (P·G = 4 root channels, not lcm(P, G) = 2, which took one
+    group's channel alone and was refused as unbalancing conv2). With the residual addition
+    the group is rooted at conv2, whose channel j is one of two output groups' position j."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(TinyGLU(width=4, residual=residual, groups=2), torch.Generator().manual_seed(1)).eval()
+    x = torch.randn(4, 2, 6, 6)
+    ss = StructureSet(model, x[:1])
+    glu = {g.root: g for g in ss.groups}["conv2" if residual else "conv1"]
+    assert (glu.size, glu.channel_groups) == ((2, 2) if residual else (2, 4))
+    assert glu.channels_of(1) == ([1, 3] if residual else [1, 3, 5, 7])
+    for j in ([0], [1]):
+        remove = [f"{glu.root}:{i}" for i in j]
+        with torch.no_grad():
+            masked, pruned_model = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
+            assert (masked - pruned_model(x)).abs().max().item() <= 1e-5
+            assert (masked - model(x)).abs().max().item() > 1e-3
+        assert (pruned_model.conv1.out_channels, pruned_model.conv2.in_channels) == (4, 2)
+        assert pruned_model.conv2.groups == 2
+    scores = api.saliency(model, [(x, torch.tensor([0, 1, 2, 3]))], "sosp_h", example_input=x[:1])
+    assert min(scores.values()) > 0
+    assert api.check_gates(model, x, trials=4) <= 1e-5
+
+
 # operations that combine a structure's channels with others and that Torch-Pruning traces as
 # element-wise: the gate of a channel would not be its removal (check_gates error 0.05–0.6)
 _ALONG_CHANNELS = {

@@ -132,13 +132,16 @@ class TinyInPlace(nn.Module):
 class TinyGLU(nn.Module):
     """A gated linear unit written as chunk + multiply: conv1's 6 channels split in halves a, b
     and a · sigmoid(b) → 3 channels, then conv2 — with ``residual``, its output added to the
-    GLU's: one structure is channels j and j + 3 of conv1 (with channel j of conv2)."""
+    GLU's: one structure is channels j and j + 3 of conv1 (with channel j of conv2). With
+    ``groups`` G, conv2 is a grouped conv over the GLU's channels: a structure is then channel
+    position j of its G groups, with both halves of each (2G channels of conv1)."""
 
-    def __init__(self, in_ch=2, width=3, classes=4, residual=True):
+    def __init__(self, in_ch=2, width=3, classes=4, residual=True, groups=1):
         super().__init__()
         self.residual = residual
         self.conv1, self.bn1 = nn.Conv2d(in_ch, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False, groups=groups)
+        self.bn2 = nn.BatchNorm2d(width)
         self.fc = nn.Linear(width, classes)
 
     def forward(self, x):
