@@ -267,11 +267,12 @@ def _check_channels_stay_apart(ss: StructureSet, model: nn.Module, example_input
     second draw r'_s) times a fixed random field n (the same in both draws: a constant would
     vanish in an instance normalisation), and every gate site records the tangent t it reads
     and passes its input on without one, so that tangents go from producers to the first layers
-    reading them only. Then t_i / r_s(i) = t'_i / r'_s(i) at every channel i (r = 1 for channels of no structure, which
-    must not pick up a tangent either). An operation that mixes channels, which the name-based
-    refusals of ``_check_mapped`` do not know (a channel shuffle by reshape, a custom autograd
-    function with a forward-mode rule), breaks the equality and is refused in one line. A model
-    with a function that has no forward-mode rule is not tested here (``check_gates`` measures it)."""
+    reading them only. Then t_i / r_s(i) = t'_i / r'_s(i) at every channel i (r = 1 for channels
+    of no structure, which must not pick up a tangent either). An operation that mixes
+    channels, which the name-based refusals of ``_check_mapped`` do not know (a channel shuffle
+    by reshape, a custom autograd function with a forward-mode rule), breaks the equality and is
+    refused in one line. A model with a function that has no forward-mode rule is not tested
+    here (``check_gates`` measures it)."""
     load_jvp_decompositions()
     generator = torch.Generator().manual_seed(0)
     draws = [1.0 + torch.rand(ss.num_structures + 1, generator=generator, dtype=torch.float64)
@@ -461,34 +462,36 @@ def _split_parts(root: str, channels: int, group) -> int:
 
 def _check_mapped(item, dg: tp.DependencyGraph, root: str, names: dict) -> None:
     """Refuse what Torch-Pruning maps a structure's channels through but cannot remove them from:
-    a GLU, a slice with fixed bounds, and any mapping onto channels a layer does not have (it
-    mis-traces some splits, e.g. chunks concatenated in another order)."""
+    a GLU; a function along the channels, a padding of them or a matrix product over them, all of
+    which it traces as element-wise; a slice with fixed bounds or a split at fixed sizes; and any
+    mapping onto channels a layer does not have (it mis-traces some splits, e.g. chunks
+    concatenated in another order)."""
     module = item.dep.target.module
     if isinstance(module, tp.ops._ElementWiseOp) and "Glu" in str(module._grad_fn):
         raise SospError(f"a GLU (F.glu / nn.GLU) halves the channels of '{root}', which "
                         "Torch-Pruning does not map to the layer reading them; write it as "
                         "a, b = x.chunk(2, 1); a * b.sigmoid(), which sosp prunes as structures of "
                         "two channels")
-    if isinstance(module, tp.ops._ElementWiseOp) and _combines_channels(item.dep.target.grad_fn, len(item.idxs)):
-        raise SospError(f"{item.dep.target.grad_fn.name()} combines the channels of '{root}' "
+    fn = item.dep.target.grad_fn
+    if isinstance(module, tp.ops._ElementWiseOp) and _combines_channels(fn, len(item.idxs)):
+        raise SospError(f"{fn.name()} combines the channels of '{root}' "
                         "(a softmax, cumulative sum, flip, roll, sort, gather or reduction along "
                         "dimension 1), which Torch-Pruning traces as element-wise: a gate at 0 "
                         "would not be the removal of a channel (DESIGN.md §2)")
-    if isinstance(module, tp.ops._ElementWiseOp) and _pads_channels(item.dep.target.grad_fn):
-        raise SospError(f"{item.dep.target.grad_fn.name()} pads the channels of '{root}' (F.pad on "
+    if isinstance(module, tp.ops._ElementWiseOp) and _pads_channels(fn):
+        raise SospError(f"{fn.name()} pads the channels of '{root}' (F.pad on "
                         "the dimension before H and W, as an option-A shortcut or "
                         "F.local_response_norm does), which Torch-Pruning traces as element-wise: "
                         "channel j would be gated where it is not, and the padding's fixed width "
                         "cannot follow a removal (DESIGN.md §2); supported instead: a 1×1 "
                         "convolution shortcut (option B, as sosp's CIFAR ResNets have), BatchNorm")
-    contracted = _contracted_sizes(item.dep.target.grad_fn) if isinstance(module, tp.ops._ElementWiseOp) else ()
+    contracted = _contracted_sizes(fn) if isinstance(module, tp.ops._ElementWiseOp) else ()
     if len(item.idxs) in contracted:
-        raise SospError(f"{item.dep.target.grad_fn.name()} is a matrix product over a dimension of "
+        raise SospError(f"{fn.name()} is a matrix product over a dimension of "
                         f"{len(item.idxs)}, the number of channels of '{root}' (as in attention or a "
                         "Gram matrix over channels), which Torch-Pruning traces as element-wise: "
                         "it mixes the channels, so a gate at 0 would not be the removal of a "
                         "channel (DESIGN.md §2)")
-    fn = item.dep.target.grad_fn
     if isinstance(module, tp.ops._SplitOp) and fn is not None and fn.name().startswith("SplitWithSizes") \
             and _saved_dim_is_channels(fn):
         sizes = list(fn._saved_split_sizes)
