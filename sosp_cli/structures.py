@@ -289,7 +289,7 @@ def _check_channels_stay_apart(ss: StructureSet, model: nn.Module, example_input
         # jvp: NotImplementedError; an ATen function: RuntimeError): not testable here
     finally:
         model.train(was_training)
-    names = ss.names() + ["(no structure)"]
+    names = ss.names()
     for name, site in ss.sites.items():
         t, t2 = seen[0].get(name), seen[1].get(name)
         if t is None or t2 is None:
@@ -302,9 +302,10 @@ def _check_channels_stay_apart(ss: StructureSet, model: nn.Module, example_input
         if not math.isfinite(scale) or scale == 0.0 or gap.max().item() <= MIXING_TOLERANCE * scale:
             continue    # (a model with non-finite weights is refused where it is scored)
         channel = int(gap.transpose(0, 1).reshape(gap.shape[1], -1).amax(1).argmax())
-        raise SospError(f"input channel {channel} of '{name}', gated as structure "
-                        f"'{names[int(slots[channel])]}', carries other structures' channels too "
-                        f"(by {gap.max().item() / scale:.2g} of what it carries, measured by "
+        slot = int(slots[channel])
+        which = ("of no structure, carries structures' channels" if slot == ss.num_structures else
+                 f"gated as structure '{names[slot]}', carries other structures' channels too")
+        raise SospError(f"input channel {channel} of '{name}', {which} (by {gap.max().item() / scale:.2g} of what it carries, measured by "
                         "forward-mode AD on the example input): an operation between the layers "
                         "writing it and this one mixes channels in a way Torch-Pruning traces as "
                         "element-wise (a channel shuffle, a custom function), so a gate at 0 would "
