@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .errors import SospError, describe
-from .utils import load_jvp_decompositions
+from .utils import channel_shaped, load_jvp_decompositions
 
 
 @dataclass
@@ -122,8 +122,7 @@ class StructureSet:
         self.norm_sites: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         sites: dict[str, tuple[int, list[int], list[int]]] = {}
         offset = 0
-        grouped_outputs: dict[str, torch.Tensor] = {}   # grouped conv → structure of each output
-        produced: dict[str, torch.Tensor] = {}          # producer → structure of each output (-1: none)
+        produced: dict[str, torch.Tensor] = {}   # producer → structure of each output (-1: none)
         for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
                                        root_module_types=(nn.Conv2d, nn.Linear)):
             root = names[group[0].dep.target.module]
@@ -150,9 +149,6 @@ class StructureSet:
                         sg.producers.append(mname)
                     produced.setdefault(mname, torch.full((_channel_count(module, True),), -1))[
                         torch.tensor([int(i) for i in item.idxs], dtype=torch.long)] = structure
-                    if is_grouped(module):
-                        table = grouped_outputs.setdefault(mname, torch.full((module.out_channels,), -1))
-                        table[torch.tensor([int(i) for i in item.idxs], dtype=torch.long)] = structure
                     continue
                 in_features = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
                 _, chans, gates = sites.setdefault(mname, (in_features, [], []))
@@ -174,8 +170,9 @@ class StructureSet:
             module = modules[name]
             if is_grouped(module):
                 _check_group_aligned(name, module, "input", site.lookup(self.num_structures, "cpu"))
-        for name, table in grouped_outputs.items():
-            _check_group_aligned(name, modules[name], "output", table)
+        for name, table in produced.items():
+            if is_grouped(modules[name]):
+                _check_group_aligned(name, modules[name], "output", table)
         if not bool(gated.all()):
             first = self.names()[int((~gated).nonzero()[0])]
             raise SospError(f"structure '{first}' reaches no Conv2d or Linear layer that reads "
@@ -295,8 +292,8 @@ def _check_channels_stay_apart(ss: StructureSet, model: nn.Module, example_input
         if t is None or t2 is None:
             continue
         slots = site.lookup(ss.num_structures, "cpu")
-        u = t.double().cpu() / _per_channel(draws[0][slots], t.dim())
-        u2 = t2.double().cpu() / _per_channel(draws[1][slots], t2.dim())
+        u = t.double().cpu() / channel_shaped(draws[0][slots], t.dim())
+        u2 = t2.double().cpu() / channel_shaped(draws[1][slots], t2.dim())
         scale = max(u.abs().max().item(), u2.abs().max().item())
         gap = (u - u2).abs()
         if not math.isfinite(scale) or scale == 0.0 or gap.max().item() <= MIXING_TOLERANCE * scale:
@@ -305,7 +302,8 @@ def _check_channels_stay_apart(ss: StructureSet, model: nn.Module, example_input
         slot = int(slots[channel])
         which = ("of no structure, carries structures' channels" if slot == ss.num_structures else
                  f"gated as structure '{names[slot]}', carries other structures' channels too")
-        raise SospError(f"input channel {channel} of '{name}', {which} (by {gap.max().item() / scale:.2g} of what it carries, measured by "
+        raise SospError(f"input channel {channel} of '{name}', {which} (by "
+                        f"{gap.max().item() / scale:.2g} of what it carries, measured by "
                         "forward-mode AD on the example input): an operation between the layers "
                         "writing it and this one mixes channels in a way Torch-Pruning traces as "
                         "element-wise (a channel shuffle, a custom function), so a gate at 0 would "
@@ -332,7 +330,7 @@ def _site_tangents(ss: StructureSet, model: nn.Module, x: torch.Tensor, produced
             primal = fwad.unpack_dual(out).primal
             if name not in noise:
                 noise[name] = torch.randn(primal.shape, generator=generator, dtype=torch.float64)
-            return fwad.make_dual(primal, (noise[name] * _per_channel(r[table], out.dim())).to(primal))
+            return fwad.make_dual(primal, (noise[name] * channel_shaped(r[table], out.dim())).to(primal))
         return hook
 
     def record(name):
@@ -367,11 +365,6 @@ def _site_tangents(ss: StructureSet, model: nn.Module, x: torch.Tensor, produced
 
 class _Untestable(Exception):
     """A model :func:`_check_channels_stay_apart` cannot test."""
-
-
-def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    """One value per channel (dimension 1), shaped to broadcast against an ``ndim``-d tensor."""
-    return values.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -467,32 +460,9 @@ def _check_mapped(item, dg: tp.DependencyGraph, root: str, names: dict) -> None:
     which it traces as element-wise; a slice with fixed bounds or a split at fixed sizes; and any
     mapping onto channels a layer does not have (it mis-traces some splits, e.g. chunks
     concatenated in another order)."""
-    module = item.dep.target.module
-    if isinstance(module, tp.ops._ElementWiseOp) and "Glu" in str(module._grad_fn):
-        raise SospError(f"a GLU (F.glu / nn.GLU) halves the channels of '{root}', which "
-                        "Torch-Pruning does not map to the layer reading them; write it as "
-                        "a, b = x.chunk(2, 1); a * b.sigmoid(), which sosp prunes as structures of "
-                        "two channels")
-    fn = item.dep.target.grad_fn
-    if isinstance(module, tp.ops._ElementWiseOp) and _combines_channels(fn, len(item.idxs)):
-        raise SospError(f"{fn.name()} combines the channels of '{root}' "
-                        "(a softmax, cumulative sum, flip, roll, sort, gather or reduction along "
-                        "dimension 1), which Torch-Pruning traces as element-wise: a gate at 0 "
-                        "would not be the removal of a channel (DESIGN.md §2)")
-    if isinstance(module, tp.ops._ElementWiseOp) and _pads_channels(fn):
-        raise SospError(f"{fn.name()} pads the channels of '{root}' (F.pad on "
-                        "the dimension before H and W, as an option-A shortcut or "
-                        "F.local_response_norm does), which Torch-Pruning traces as element-wise: "
-                        "channel j would be gated where it is not, and the padding's fixed width "
-                        "cannot follow a removal (DESIGN.md §2); supported instead: a 1×1 "
-                        "convolution shortcut (option B, as sosp's CIFAR ResNets have), BatchNorm")
-    contracted = _contracted_sizes(fn) if isinstance(module, tp.ops._ElementWiseOp) else ()
-    if len(item.idxs) in contracted:
-        raise SospError(f"{fn.name()} is a matrix product over a dimension of "
-                        f"{len(item.idxs)}, the number of channels of '{root}' (as in attention or a "
-                        "Gram matrix over channels), which Torch-Pruning traces as element-wise: "
-                        "it mixes the channels, so a gate at 0 would not be the removal of a "
-                        "channel (DESIGN.md §2)")
+    module, fn = item.dep.target.module, item.dep.target.grad_fn
+    if isinstance(module, tp.ops._ElementWiseOp):
+        _check_elementwise(fn, len(item.idxs), root)
     if isinstance(module, tp.ops._SplitOp) and fn is not None and fn.name().startswith("SplitWithSizes") \
             and _saved_dim_is_channels(fn):
         sizes = list(fn._saved_split_sizes)
@@ -515,6 +485,37 @@ def _check_mapped(item, dg: tp.DependencyGraph, root: str, names: dict) -> None:
                         "structures cannot be gated")
 
 
+def _check_elementwise(fn, channels: int, root: str) -> None:
+    """Refuse an operation on ``channels`` channels of ``root`` that Torch-Pruning traces as
+    element-wise (autograd function ``fn``) but that is not: a GLU, a function along the
+    channels, a padding of them, a matrix product over them (:func:`_check_mapped`)."""
+    if fn is None:
+        return
+    if "Glu" in fn.name():
+        raise SospError(f"a GLU (F.glu / nn.GLU) halves the channels of '{root}', which "
+                        "Torch-Pruning does not map to the layer reading them; write it as "
+                        "a, b = x.chunk(2, 1); a * b.sigmoid(), which sosp prunes as structures of "
+                        "two channels")
+    if _combines_channels(fn, channels):
+        raise SospError(f"{fn.name()} combines the channels of '{root}' "
+                        "(a softmax, cumulative sum, flip, roll, sort, gather or reduction along "
+                        "dimension 1), which Torch-Pruning traces as element-wise: a gate at 0 "
+                        "would not be the removal of a channel (DESIGN.md §2)")
+    if _pads_channels(fn):
+        raise SospError(f"{fn.name()} pads the channels of '{root}' (F.pad on "
+                        "the dimension before H and W, as an option-A shortcut or "
+                        "F.local_response_norm does), which Torch-Pruning traces as element-wise: "
+                        "channel j would be gated where it is not, and the padding's fixed width "
+                        "cannot follow a removal (DESIGN.md §2); supported instead: a 1×1 "
+                        "convolution shortcut (option B, as sosp's CIFAR ResNets have), BatchNorm")
+    if channels in _contracted_sizes(fn):
+        raise SospError(f"{fn.name()} is a matrix product over a dimension of "
+                        f"{channels}, the number of channels of '{root}' (as in attention or a "
+                        "Gram matrix over channels), which Torch-Pruning traces as element-wise: "
+                        "it mixes the channels, so a gate at 0 would not be the removal of a "
+                        "channel (DESIGN.md §2)")
+
+
 # autograd functions that combine values along the dimensions they save (``_saved_dim`` or
 # ``_saved_dims``; without one, as a full reduction, along every dimension)
 _ALONG_A_DIMENSION = {
@@ -524,17 +525,27 @@ _ALONG_A_DIMENSION = {
     "Kthvalue", "Median", "Nanmedian", "Mode", "IndexSelect", "Gather"}
 
 
+def _function_name(grad_fn) -> str:
+    """``SoftmaxBackward0`` → ``Softmax``: the function an autograd node is the backward of."""
+    return re.sub(r"Backward\d*$", "", grad_fn.name())
+
+
+def _signed(dim: int) -> int:
+    """A dimension as autograd saves it (negative ones wrapped to unsigned 64 bits), signed."""
+    return dim - 2 ** 64 if dim >= 2 ** 63 else dim
+
+
 def _combines_channels(grad_fn, channels: int) -> bool:
     """Whether the autograd function ``grad_fn`` combines values along dimension 1 (the channels
     of a conv's [B, C, H, W] output, the features of a linear layer's [B, F]) of a tensor with
     at least ``channels`` there, as far as the sizes it saves tell (tokens [B, T, F]: T < F
     channels read on the last dimension, which gated linear layers refuse)."""
-    if grad_fn is None or re.sub(r"Backward\d*$", "", grad_fn.name()) not in _ALONG_A_DIMENSION:
+    if grad_fn is None or _function_name(grad_fn) not in _ALONG_A_DIMENSION:
         return False
     saved = getattr(grad_fn, "_saved_dim", getattr(grad_fn, "_saved_dims", None))
     if saved is None:
         return True                                    # a reduction over every dimension
-    dims = [d - 2 ** 64 if d >= 2 ** 63 else d for d in (saved if isinstance(saved, tuple) else (saved,))]
+    dims = [_signed(d) for d in (saved if isinstance(saved, tuple) else (saved,))]
     sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
     if sizes is None:
         tensor = getattr(grad_fn, "_saved_self", None)
@@ -564,7 +575,7 @@ def _contracted_sizes(grad_fn) -> set[int]:
     other function, for a product with a weight (a linear layer), or if it saved nothing."""
     if grad_fn is None:
         return set()
-    name = re.sub(r"Backward\d*$", "", grad_fn.name())
+    name = _function_name(grad_fn)
     name = "ScaledDotProductAttention" if name.startswith("ScaledDotProduct") else name
     if name not in _PRODUCTS or _multiplies_a_parameter(grad_fn):
         return set()
@@ -601,7 +612,7 @@ def _multiplies_a_parameter(grad_fn) -> bool:
     reshape): the product of a linear layer on a 3-d input, which Torch-Pruning does not
     attribute to the layer and the gate-site check names instead."""
     for fn, _ in grad_fn.next_functions:
-        while fn is not None and re.sub(r"Backward\d*$", "", fn.name()) in _VIEWS:
+        while fn is not None and _function_name(fn) in _VIEWS:
             fn = fn.next_functions[0][0]
         if fn is not None and "AccumulateGrad" in fn.name():
             return True
@@ -611,9 +622,7 @@ def _multiplies_a_parameter(grad_fn) -> bool:
 def _saved_dim_is_channels(grad_fn) -> bool:
     """Whether the dimension ``grad_fn`` saved (``_saved_dim``, negative ones as torch stores them:
     wrapped to unsigned 64 bits) is dimension 1 of its input (``_saved_self_sym_sizes``)."""
-    dim, sizes = grad_fn._saved_dim, grad_fn._saved_self_sym_sizes
-    dim = dim - 2 ** 64 if dim >= 2 ** 63 else dim
-    return dim % len(sizes) == 1
+    return _signed(grad_fn._saved_dim) % len(grad_fn._saved_self_sym_sizes) == 1
 
 
 def _channel_count(module: nn.Module, outputs: bool) -> int | None:

@@ -264,3 +264,10 @@ def load_jvp_decompositions() -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
             loader()
+
+
+def channel_shaped(values: torch.Tensor, ndim: int, channel_dim: int = 1) -> torch.Tensor:
+    """Per-channel ``values`` viewed to broadcast along ``channel_dim`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    shape[channel_dim % ndim] = -1
+    return values.detach().view(shape)

@@ -36,6 +36,16 @@ def calibrated(name, in_channels=3, size=32):
     return model.eval()
 
 
+def pruned_as_masked(model, remove, x, tolerance=1e-5):
+    """``api.prune(model, remove)``, checked to give the masked model's logits on ``x`` (within
+    ``tolerance``) where the removal changed them (by more than 1e-3)."""
+    with torch.no_grad():
+        masked, pruned = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
+        assert (masked - pruned(x)).abs().max().item() <= tolerance
+        assert (masked - model(x)).abs().max().item() > 1e-3
+    return pruned
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_gates_at_zero_equal_physical_removal(name):
     model = calibrated(name)
@@ -45,13 +55,7 @@ def test_gates_at_zero_equal_physical_removal(name):
     ss = StructureSet(model, x[:1])
     for trial in range(2):
         remove = ss.random_removal(torch.Generator().manual_seed(trial))
-        with torch.no_grad():
-            masked = api.mask(model, remove, x[:1])(x)
-            pruned_model = api.prune(model, remove, x[:1])
-            pruned = pruned_model(x)
-            dense = model(x)
-        assert (masked - pruned).abs().max().item() <= 1e-4
-        assert (masked - dense).abs().max().item() > 1e-3  # the removal did change something
+        pruned_model = pruned_as_masked(model, remove, x, tolerance=1e-4)
         p0 = sum(p.numel() for p in model.parameters())
         assert sum(p.numel() for p in pruned_model.parameters()) < p0
 
@@ -409,11 +413,7 @@ def test_grouped_convolution_structures_take_one_position_of_every_group():
     assert set(groups["c"].producers) == {"c", "skip"} and groups["c"].channel_groups == 3
     assert ss.num_structures == 4 + 2 + 4 == len(api.structures(model, x[:1]))
     for remove in (["a:1"], ["b:0"], ["a:0", "a:3", "b:1", "c:2"], ["c:0", "c:1", "c:3"]):
-        with torch.no_grad():
-            masked, pruned_model = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
-            pruned = pruned_model(x)
-            assert (masked - pruned).abs().max().item() <= 1e-5
-            assert (masked - model(x)).abs().max().item() > 1e-3
+        pruned_model = pruned_as_masked(model, remove, x)
         assert pruned_model.b.groups == 2 and pruned_model.c.groups == 3   # still equal groups
         removed = {r: sum(n.startswith(r + ":") for n in remove) for r in groups}
         assert pruned_model.b.in_channels == 8 - 2 * removed["a"]
@@ -466,10 +466,7 @@ def test_parts_of_a_split_that_meet_again_are_one_structure(residual):
     assert ss.num_structures == 3 if residual else 6
     for j in ([0], [1, 2]):
         remove = [f"{glu.root}:{i}" for i in j]
-        with torch.no_grad():
-            masked, pruned_model = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
-            assert (masked - pruned_model(x)).abs().max().item() <= 1e-5
-            assert (masked - model(x)).abs().max().item() > 1e-3
+        pruned_model = pruned_as_masked(model, remove, x)
         assert pruned_model.conv1.out_channels == 6 - 2 * len(j)
         assert pruned_model.conv2.in_channels == 3 - len(j)
     scores = api.saliency(model, [(x, torch.tensor([0, 1, 2, 3]))], "sosp_h", example_input=x[:1])
@@ -493,10 +490,7 @@ def test_the_parts_of_a_split_feeding_a_grouped_conv_keep_its_groups_equal(resid
     assert glu.channels_of(1) == ([1, 3] if residual else [1, 3, 5, 7])
     for j in ([0], [1]):
         remove = [f"{glu.root}:{i}" for i in j]
-        with torch.no_grad():
-            masked, pruned_model = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
-            assert (masked - pruned_model(x)).abs().max().item() <= 1e-5
-            assert (masked - model(x)).abs().max().item() > 1e-3
+        pruned_model = pruned_as_masked(model, remove, x)
         assert (pruned_model.conv1.out_channels, pruned_model.conv2.in_channels) == (4, 2)
         assert pruned_model.conv2.groups == 2
     scores = api.saliency(model, [(x, torch.tensor([0, 1, 2, 3]))], "sosp_h", example_input=x[:1])
@@ -646,11 +640,7 @@ def test_a_matrix_product_over_positions_keeps_the_channels():
     model, x = _Split("input_attention").eval(), torch.randn(4, 3, 8, 8)
     assert api.structures(model, x[:1])[-8:] == [f"a:{i}" for i in range(8)]
     remove = ["a:1", "a:4", "a:6"]
-    with torch.no_grad():
-        masked, pruned = api.mask(model, remove, x[:1])(x), api.prune(model, remove, x[:1])
-        assert (masked - pruned(x)).abs().max().item() <= 1e-5
-        assert (masked - model(x)).abs().max().item() > 1e-3
-    assert pruned.a.out_channels == 5
+    assert pruned_as_masked(model, remove, x).a.out_channels == 5
 
 
 class _OptionA(nn.Module):

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils import channel_shaped
+
 
 # The autograd Functions here and in :mod:`.stacked` take ``ctx`` in ``forward`` (no separate
 # ``setup_context``): PyTorch binds a ``setup_context``-style Function's arguments with
@@ -95,13 +97,6 @@ def bn_affine(module: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     if module.bias is not None:
         shift = shift + module.bias
     return scale.detach(), shift.detach()
-
-
-def channel_shaped(values: torch.Tensor, ndim: int, channel_dim: int = 1) -> torch.Tensor:
-    """Per-channel ``values`` viewed to broadcast along ``channel_dim`` of an ``ndim``-d tensor."""
-    shape = [1] * ndim
-    shape[channel_dim % ndim] = -1
-    return values.detach().view(shape)
 
 
 def bn_affine_views(module: nn.BatchNorm2d):
