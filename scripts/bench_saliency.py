@@ -4,7 +4,8 @@
 FLOPs barely change): SOSP-I's exact Gauss–Newton matrix takes C backward passes per batch and
 SOSP-H a fixed two passes' work, so their ratio to Taylor shows which grows with C.
 
-Every method runs in the same process on the same batches, alternating, ``--repeats`` times; the
+Every method runs in the same process on the same batches, alternating, ``--repeats`` times (in
+the order given, then reversed, and so on: ``sosp_cli.measure.in_turn``); the
 median time is reported with the ratio to ``taylor`` (one forward + one backward per batch), and
 the ratio of the fastest runs (``_min``, less sensitive to a noisy host), and the median of the
 per-repeat ratios (``_paired``) with a 95 % bootstrap interval (``_paired_ci95``). The work of one
@@ -46,7 +47,8 @@ import torch.nn as nn
 
 from sosp_cli.config import MethodConfig
 from sosp_cli.errors import SospError, check_choice
-from sosp_cli.measure import PeakMemory, count_macs, count_work, op_times_in_turn, peak_tensor_mb
+from sosp_cli.measure import (PeakMemory, count_macs, count_work, in_turn, op_times_in_turn,
+                              peak_tensor_mb)
 from sosp_cli.models import check_model, create_model
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import AUTO_LAYOUT, curvature_product, gradient
@@ -313,8 +315,8 @@ def main() -> None:
         # host-independent cost of one call: FLOPs and computing ATen ops (kernel launches)
         work = {m: count_work(lambda: run_method(m, model, ss, data, device, args.tf32)) for m in methods}
         times = {m: [] for m in methods}
-        for _ in range(args.repeats):
-            for m in methods:
+        for order in in_turn(methods, args.repeats):   # reversed every other repeat
+            for m in order:
                 times[m].append(timed(lambda: run_method(m, model, ss, data, device, args.tf32), device))
         med = {m: statistics.median(t) for m, t in times.items()}
         row = {"classes": classes, "width": width, "S": ss.num_structures, "MMACs": macs / 1e6,

@@ -81,11 +81,20 @@ def peak_tensor_mb(fn) -> float:
     return peak / 2**20
 
 
+def in_turn(items: Sequence, repeats: int) -> list[list]:
+    """The order of ``repeats`` rounds that each run every one of ``items`` once, reversed every
+    other round (A B C, C B A, A B C, …): a host whose speed drifts during a round slows the
+    ones timed last; reversed, each pair of adjacent items is timed once in each order, so that
+    a steady drift cancels over two rounds instead of favouring whichever always runs first."""
+    items = list(items)
+    return [items if r % 2 == 0 else items[::-1] for r in range(repeats)]
+
+
 def op_times_in_turn(fns: dict, device: torch.device | str = "cpu", rounds: int = 3) -> dict[str, dict]:
     """Where one call of each of ``fns`` ({name: function}) spends its time:
     ``{name: {operation: (milliseconds, calls)}}`` per call, averaged over ``rounds`` rounds that
-    each profile one call of every function in turn (a host whose speed drifts slows all of them
-    alike, as in :func:`latencies_in_turn`) — each ATen operation's and autograd node's *self*
+    each profile one call of every function in turn (:func:`in_turn`: a host whose speed drifts
+    slows all of them alike) — each ATen operation's and autograd node's *self*
     time (its children's excluded, so the values add up to the call's), host time on a CPU,
     kernel time on CUDA, from ``torch.profiler``. For when one method's time is not the multiple
     of another's that their FLOPs predict (``scripts/bench_saliency.py --profile``)."""
@@ -96,8 +105,9 @@ def op_times_in_turn(fns: dict, device: torch.device | str = "cpu", rounds: int 
     for fn in fns.values():
         fn()   # warm: the allocator holds each call's memory, as it does for a timed repeat
     sums = {name: {} for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for order in in_turn(fns, rounds):
+        for name in order:
+            fn = fns[name]
             with profile(activities=activities) as prof:
                 fn()
                 if cuda:
@@ -114,8 +124,8 @@ def op_times_in_turn(fns: dict, device: torch.device | str = "cpu", rounds: int 
 def latencies_in_turn(models: Sequence[nn.Module], example_input: torch.Tensor, batch_size: int,
                       repeats: int = 10, device: torch.device | str = "cpu") -> list[dict]:
     """Wall time of one forward pass of each model in eval mode, timed in turn: every repeat runs
-    each model once (after two warm-up rounds), so that a host whose speed drifts slows every
-    model alike. Per model: ``ms``, the median time, and ``speedup``, the median of the
+    each model once (after two warm-up rounds), in the order of :func:`in_turn`, so that a host
+    whose speed drifts slows every model alike. Per model: ``ms``, the median time, and ``speedup``, the median of the
     per-repeat ratios (first model's time) / (this model's time) — 1 for the first."""
     device = torch.device(device)
     modes = [m.training for m in models]
@@ -123,8 +133,8 @@ def latencies_in_turn(models: Sequence[nn.Module], example_input: torch.Tensor, 
         m.eval().to(device)
     x = example_input[:1].to(device).expand(batch_size, *example_input.shape[1:]).contiguous()
     times = [[] for _ in models]
-    for i in range(repeats + 2):
-        for m, t in zip(models, times):
+    for i, order in enumerate(in_turn(range(len(models)), repeats + 2)):
+        for m, t in ((models[k], times[k]) for k in order):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

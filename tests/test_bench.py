@@ -271,6 +271,28 @@ def test_latencies_are_timed_in_turn_and_the_speedup_is_the_median_ratio():
     assert rows[1]["ms"] > rows[0]["ms"] >= 2.0
 
 
+def test_rounds_alternate_their_order_so_that_a_steady_drift_cancels(monkeypatch):
+    """``measure.in_turn``: every round runs each item once, every other round in reverse. On a
+    host that slows steadily (a fake clock: call k takes 1 + 0.1 k), two identical models timed
+    in a fixed order would read a speed-up of ~0.95 for the second; in turn it reads 1."""
+    from sosp_cli import measure
+
+    assert measure.in_turn("abc", 3) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    assert measure.in_turn([], 2) == [[], []] and measure.in_turn("ab", 0) == []
+    clock, calls = [0.0], [0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+    class Drifting(torch.nn.Module):
+        def forward(self, x):
+            calls[0] += 1
+            clock[0] += 1 + 0.1 * calls[0]
+            return x
+
+    rows = measure.latencies_in_turn([Drifting(), Drifting()], torch.zeros(1, 3), 2, repeats=6)
+    assert calls[0] == 16 and rows[1]["speedup"] == pytest.approx(1.0, abs=0.005)
+    assert rows[0]["ms"] == pytest.approx(rows[1]["ms"], rel=0.01)
+
+
 def test_profile_shows_where_each_methods_time_goes(tmp_path):
     """``--profile N``: each method's N most time-consuming operations beside Taylor's, self times
     per call that add up to no more than the call's total (in the rows as ``profile_ms``)."""
