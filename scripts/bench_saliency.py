@@ -36,7 +36,6 @@ import argparse
 import gc
 import json
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -47,8 +46,8 @@ import torch.nn as nn
 
 from sosp_cli.config import MethodConfig
 from sosp_cli.errors import SospError, check_choice
-from sosp_cli.measure import (PeakMemory, count_macs, count_work, in_turn, op_times_in_turn,
-                              peak_tensor_mb)
+from sosp_cli.measure import (PeakMemory, bootstrap_interval, count_macs, count_work, in_turn,
+                              op_times_in_turn, peak_tensor_mb)
 from sosp_cli.models import check_model, create_model
 from sosp_cli.pruning import BATCHNORM, SaliencyInput, get_criterion, list_criteria, saliency_model
 from sosp_cli.pruning.derivatives import AUTO_LAYOUT, curvature_product, gradient
@@ -171,15 +170,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def paired_ci(ratios: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the median of the per-repeat ratios (fixed seed: the
-    same timings give the same interval)."""
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    tail = (1 - level) / 2
-    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
 
 
 def memory_child(args) -> None:
@@ -322,14 +312,15 @@ def main() -> None:
         row = {"classes": classes, "width": width, "S": ss.num_structures, "MMACs": macs / 1e6,
                **{f"{m}_s": med[m] for m in methods},
                **{f"{m}_gflops": work[m][0] / 1e9 for m in methods},
-               **{f"{m}_ops": work[m][1] for m in methods}}
+               **{f"{m}_ops": work[m][1] for m in methods},
+               "times": times}   # every repeat's seconds per method, in the JSON (scripts/pool_bench.py)
         for m in methods:   # median ratio, and the ratio of the fastest runs (less host noise)
             if m != "taylor" and "taylor" in methods:
                 row[f"{m}/taylor"] = med[m] / med["taylor"]
                 row[f"{m}/taylor_min"] = min(times[m]) / min(times["taylor"])
                 paired = [a / b for a, b in zip(times[m], times["taylor"])]
                 row[f"{m}/taylor_paired"] = statistics.median(paired)
-                row[f"{m}/taylor_paired_ci95"] = "{:.2f}-{:.2f}".format(*paired_ci(paired))
+                row[f"{m}/taylor_paired_ci95"] = "{:.2f}-{:.2f}".format(*bootstrap_interval(paired))
                 row[f"{m}/taylor_flops"] = work[m][0] / work["taylor"][0]
                 row[f"{m}/taylor_ops"] = work[m][1] / work["taylor"][1]
         if args.profile:
@@ -344,14 +335,16 @@ def main() -> None:
                 if peak["tensor_mb"] is not None:   # CPU: the bytes tensors hold (CUDA's peak is that)
                     row[f"{m}_tensor_mb"] = peak["tensor_mb"]
         rows.append(row)
-        print(json.dumps(row), flush=True)
-    keys = [k for k in rows[0] if k != "profile_ms"]
+        print(json.dumps({k: v for k, v in row.items() if k != "times"}), flush=True)
+    keys = [k for k in rows[0] if k not in ("profile_ms", "times")]
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": str(device), "device_name": name, "batchnorm": args.batchnorm,
+            json.dump({"device": str(device), "device_name": name, "model": args.model, "size": args.size,
+                       "batches": args.batches, "batch_size": args.batch_size, "repeats": args.repeats,
+                       "batchnorm": args.batchnorm,
                        "batchnorm_calibrated": not args.uncalibrated, "threads": torch.get_num_threads(),
                        "retain_freed_memory": retained, "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark,
                        # what ``sosp_h`` (method.stack_batch=auto) runs on this device

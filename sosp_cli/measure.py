@@ -7,6 +7,7 @@ and matmul operations are counted (BatchNorm, activations and pooling are not).
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import threading
 import time
@@ -79,6 +80,30 @@ def peak_tensor_mb(fn) -> float:
         live += nbytes
         peak = max(peak, live)
     return peak / 2**20
+
+
+def bootstrap_interval(values: Sequence[float], level: float = 0.95,
+                       resamples: int = 2000) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median of ``values`` (resampled with replacement;
+    fixed seed: the same values give the same interval): the saliency benchmark's interval of a
+    run's median per-repeat ratio."""
+    rng = random.Random(0)
+    values = list(values)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of the mean of ``values``, independent estimates of one quantity
+    (``scripts/pool_bench.py``: one per benchmark run): mean ± t(n − 1) · s / √n; None for fewer
+    than two values."""
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return None
+    mean, half = statistics.fmean(values), t.ppf((1 + level) / 2, len(values) - 1) * statistics.stdev(values)
+    return mean - half / len(values) ** 0.5, mean + half / len(values) ** 0.5
 
 
 def in_turn(items: Sequence, repeats: int) -> list[list]:

@@ -1,6 +1,7 @@
 """The saliency benchmark script (README, "Saliency benchmark") runs and its statistics hold."""
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,90 @@ def _bench():
 
 
 def test_paired_interval_brackets_the_median_and_is_reproducible():
-    bench = _bench()
+    from sosp_cli.measure import bootstrap_interval
     ratios = [1.9, 2.0, 2.05, 2.1, 2.3, 1.95, 2.02]
-    lo, hi = bench.paired_ci(ratios)
+    lo, hi = bootstrap_interval(ratios)
     assert min(ratios) <= lo <= sorted(ratios)[3] <= hi <= max(ratios)
-    assert bench.paired_ci(ratios) == (lo, hi)
-    assert bench.paired_ci([2.0] * 5) == (2.0, 2.0)
+    assert bootstrap_interval(ratios) == (lo, hi)
+    assert bootstrap_interval([2.0] * 5) == (2.0, 2.0)
+
+
+def test_mean_interval_is_students_t():
+    from sosp_cli.measure import mean_interval
+    # n = 4 runs, mean 2: t(3) at 97.5 % = 3.182446 (a table's value) → 2 ± 3.182446 · s / 2
+    lo, hi = mean_interval([1.9, 1.95, 2.05, 2.1])
+    s = statistics.stdev([1.9, 1.95, 2.05, 2.1])
+    assert (lo, hi) == pytest.approx((2 - 3.182446 * s / 2, 2 + 3.182446 * s / 2), abs=1e-6)
+    assert mean_interval([2.0]) is None and mean_interval([2.0, 2.0]) == (2.0, 2.0)
+
+
+POOL = SCRIPT.parent / "pool_bench.py"
+
+
+def _pool():
+    spec = importlib.util.spec_from_file_location("pool_bench", POOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_file(path, paired: dict, device="Xeon", model=None):
+    """A bench_saliency.py --json file with sosp_h / taylor paired ratios {width: ratio}."""
+    data = {"device_name": device, "batchnorm": "running",
+            "rows": [{"classes": 10, "width": w, "S": int(1120 * w), "sosp_h/taylor_paired": r,
+                      "sosp_h/taylor_flops": 1.989, "gradient/taylor_paired": 1.0} for w, r in paired.items()]}
+    if model:
+        data["model"] = model
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_pooling_averages_each_widths_paired_ratio_over_runs(tmp_path, monkeypatch, capsys):
+    """``scripts/pool_bench.py``: per device, model, width and method, the mean of the runs'
+    paired ratios, an interval over runs inside their range, and the runs' extremes; files
+    written before the model was recorded count as resnet56; another device is its own row."""
+    pool = _pool()
+    runs = [_run_file(tmp_path / "a.json", {1: 1.90, 4: 1.95}),
+            _run_file(tmp_path / "b.json", {1: 1.88, 4: 2.00}, model="resnet56"),
+            _run_file(tmp_path / "c.json", {4: 1.99}),
+            _run_file(tmp_path / "d.json", {4: 2.10}, device="EPYC")]
+    rows = pool.pool({p: pool.read_run(p) for p in runs}, ["sosp_h"])
+    by = {(r["device_name"], r["width"]): r for r in rows}
+    assert sorted(by) == [("EPYC", 4), ("Xeon", 1), ("Xeon", 4)] and {r["method"] for r in rows} == {"sosp_h"}
+    x4 = by[("Xeon", 4)]
+    assert x4["runs"] == 3 and x4["mean"] == pytest.approx((1.95 + 2.00 + 1.99) / 3)
+    assert (x4["min"], x4["max"], x4["flops"], x4["model"]) == (1.95, 2.00, [1.989], "resnet56")
+    assert x4["ci95"][0] < x4["mean"] < x4["ci95"][1]
+    assert by[("Xeon", 1)]["mean"] == pytest.approx(1.89) and by[("EPYC", 4)]["ci95"] is None
+    assert {r["method"] for r in pool.pool({p: pool.read_run(p) for p in runs})} == {"sosp_h", "gradient"}
+    out = tmp_path / "pooled.json"
+    monkeypatch.setattr(sys, "argv", ["pool_bench.py", *runs[:3], "--methods", "sosp_h", "--json", str(out)])
+    pool.main()
+    assert "| Xeon | resnet56 | 10 | ×4 | 4480 | sosp_h | 3 | 1.980 |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"][1]["files"] == runs[:3]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "{d}/nothing.json cannot be read (No such file or directory)"),
+    ("not_json", "{d}/bad.json is not JSON (Expecting value, line 1)"),
+    ("no_rows", "{d}/survey.json is not a bench_saliency.py --json file (no rows of widths)"),
+    ("method", "method 'sosp_i' is in none of the runs; they have: gradient, sosp_h"),
+    ("twice", "{d}/a.json is given twice; give each run once"),
+    ("json_folder", "argument --json: {d} cannot be written (it is a folder)"),
+])
+def test_pooling_rejects_bad_input_in_one_line(case, message, tmp_path, monkeypatch, capsys):
+    pool = _pool()
+    good = _run_file(tmp_path / "a.json", {1: 1.9})
+    (tmp_path / "bad.json").write_text("not json")
+    (tmp_path / "survey.json").write_text(json.dumps({"rows": [{"model": "alexnet"}]}))
+    args = {"missing": [good, f"{tmp_path}/nothing.json"], "not_json": [good, f"{tmp_path}/bad.json"],
+            "no_rows": [f"{tmp_path}/survey.json"], "method": [good, "--methods", "sosp_i"],
+            "twice": [good, good], "json_folder": [good, "--json", str(tmp_path)]}[case]
+    monkeypatch.setattr(sys, "argv", ["pool_bench.py", *args])
+    with pytest.raises(SystemExit) as exit_:
+        pool.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "pool_bench.py: error: " + message.format(d=tmp_path)
 
 
 @pytest.mark.parametrize("batchnorm", ["running", "batch"])
@@ -42,7 +121,13 @@ def test_benchmark_script_runs_and_writes_its_rows(tmp_path, batchnorm):
     assert data["sosp_h_stack_batch"] == "pair"   # method.stack_batch=auto on a CPU
     (row,) = data["rows"]
     assert data["device_name"] and row["S"] > 0
+    assert (data["model"], data["size"], data["batches"], data["batch_size"], data["repeats"]) == ("resnet56", 32, 1, 8, 2)
     assert row["sosp_h_s"] > 0 and row["taylor_s"] > 0
+    # every repeat's time is kept (scripts/pool_bench.py), and the statistics are theirs
+    times = row["times"]
+    assert sorted(times) == sorted(["taylor", "sosp_h", *halves]) and all(len(t) == 2 for t in times.values())
+    assert row["sosp_h/taylor_paired"] == pytest.approx((times["sosp_h"][0] / times["taylor"][0]
+                                                          + times["sosp_h"][1] / times["taylor"][1]) / 2)
     # SOSP-H's exact Gauss-Newton product is at most two first-order passes' convolutions, less
     # the layers without a tangent (exact count: tests/test_stacked.py)
     assert 1.9 < row["sosp_h/taylor_flops"] < 2.0 and row["taylor_gflops"] > 0
