@@ -51,8 +51,8 @@ def pool(runs: dict[str, dict], methods: list[str] | None = None) -> list[dict]:
     groups: dict[tuple, dict[str, list]] = {}
     for path, data in runs.items():
         for r in data["rows"]:
-            key = (data.get("device_name", "?"), data.get("model", "resnet56"), data.get("batchnorm", "running"),
-                   r.get("classes", 10), r["width"], r.get("S"))
+            key = (data.get("device_name", "?"), data.get("model", "resnet56"),
+                   data.get("batchnorm", "running"), r.get("classes", 10), r["width"], r.get("S"))
             for k, v in r.items():
                 if k.endswith(RATIO):
                     groups.setdefault(key, {}).setdefault(k[:-len(RATIO)], []).append(
@@ -95,9 +95,11 @@ def main() -> None:
     print("| device | model | classes | width | S | method | runs | mean / taylor | 95 % CI (runs) "
           "| min – max | FLOPs / taylor |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['device_name']} | {r['model']} | {r['classes']} | ×{r['width']:g} | {r['S']} | {r['method']} "
-              f"| {r['runs']} | {r['mean']:.3f} | {'{:.3f}–{:.3f}'.format(*r['ci95']) if r['ci95'] else '—'} "
-              f"| {r['min']:.2f} – {r['max']:.2f} | {', '.join(f'{f:.3f}' for f in r['flops']) or '—'} |")
+        ci = "{:.3f}–{:.3f}".format(*r["ci95"]) if r["ci95"] else "—"
+        flops = ", ".join(f"{f:.3f}" for f in r["flops"]) or "—"
+        print(f"| {r['device_name']} | {r['model']} | {r['classes']} | ×{r['width']:g} | {r['S']} "
+              f"| {r['method']} | {r['runs']} | {r['mean']:.3f} | {ci} "
+              f"| {r['min']:.2f} – {r['max']:.2f} | {flops} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
 

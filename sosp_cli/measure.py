@@ -119,8 +119,8 @@ def op_times_in_turn(fns: dict, device: torch.device | str = "cpu", rounds: int 
     """Where one call of each of ``fns`` ({name: function}) spends its time:
     ``{name: {operation: (milliseconds, calls)}}`` per call, averaged over ``rounds`` rounds that
     each profile one call of every function in turn (:func:`in_turn`: a host whose speed drifts
-    slows all of them alike) — each ATen operation's and autograd node's *self*
-    time (its children's excluded, so the values add up to the call's), host time on a CPU,
+    slows all of them alike) — each ATen operation's and autograd node's *self* time (its
+    children's excluded, so the values add up to the call's), host time on a CPU,
     kernel time on CUDA, from ``torch.profiler``. For when one method's time is not the multiple
     of another's that their FLOPs predict (``scripts/bench_saliency.py --profile``)."""
     from torch.profiler import ProfilerActivity, profile
@@ -150,8 +150,9 @@ def latencies_in_turn(models: Sequence[nn.Module], example_input: torch.Tensor, 
                       repeats: int = 10, device: torch.device | str = "cpu") -> list[dict]:
     """Wall time of one forward pass of each model in eval mode, timed in turn: every repeat runs
     each model once (after two warm-up rounds), in the order of :func:`in_turn`, so that a host
-    whose speed drifts slows every model alike. Per model: ``ms``, the median time, and ``speedup``, the median of the
-    per-repeat ratios (first model's time) / (this model's time) — 1 for the first."""
+    whose speed drifts slows every model alike. Per model: ``ms``, the median time, and
+    ``speedup``, the median of the per-repeat ratios (first model's time) / (this model's time)
+    — 1 for the first."""
     device = torch.device(device)
     modes = [m.training for m in models]
     for m in models:
