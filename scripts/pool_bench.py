@@ -12,7 +12,8 @@ single run), the smallest and largest run, and the FLOPs ratio.
     python scripts/pool_bench.py docs/bench_saliency_cpu_xeon_fold*.json --methods sosp_h
 
 Rows are grouped by the device's name, the model (files written before the script recorded it:
-``resnet56``), the BatchNorm mode, the number of classes, the width and S; runs with another batch
+``resnet56``), the BatchNorm mode and whether its statistics were calibrated, the number of
+classes, the width and S; runs with another batch
 size, number of batches or input size are not told apart by files that predate those fields —
 pool runs of one command.
 """
@@ -46,13 +47,15 @@ def read_run(path: str) -> dict:
 
 
 def pool(runs: dict[str, dict], methods: list[str] | None = None) -> list[dict]:
-    """One row per (device, model, BatchNorm mode, classes, width, S) and method: the runs'
-    paired ratios to Taylor pooled (see the module's docstring)."""
+    """One row per (device, model, BatchNorm mode and calibration, classes, width, S) and method:
+    the runs' paired ratios to Taylor pooled (see the module's docstring)."""
     groups: dict[tuple, dict[str, list]] = {}
     for path, data in runs.items():
         for r in data["rows"]:
-            key = (data.get("device_name", "?"), data.get("model", "resnet56"),
-                   data.get("batchnorm", "running"), r.get("classes", 10), r["width"], r.get("S"))
+            # files from before BatchNorm calibration have no such field: initial statistics
+            bn = data.get("batchnorm", "running") + (", calibrated" if data.get("batchnorm_calibrated") else "")
+            key = (data.get("device_name", "?"), data.get("model", "resnet56"), bn, r.get("classes", 10),
+                   r["width"], r.get("S"))
             for k, v in r.items():
                 if k.endswith(RATIO):
                     groups.setdefault(key, {}).setdefault(k[:-len(RATIO)], []).append(
@@ -92,12 +95,12 @@ def main() -> None:
         rows = pool({p: read_run(p) for p in args.runs}, args.methods)
     except ValueError as exc:
         parser.error(str(exc))
-    print("| device | model | classes | width | S | method | runs | mean / taylor | 95 % CI (runs) "
-          "| min – max | FLOPs / taylor |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| device | model | BatchNorm | classes | width | S | method | runs | mean / taylor | 95 % CI (runs) "
+          "| min – max | FLOPs / taylor |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ci = "{:.3f}–{:.3f}".format(*r["ci95"]) if r["ci95"] else "—"
         flops = ", ".join(f"{f:.3f}" for f in r["flops"]) or "—"
-        print(f"| {r['device_name']} | {r['model']} | {r['classes']} | ×{r['width']:g} | {r['S']} "
+        print(f"| {r['device_name']} | {r['model']} | {r['batchnorm']} | {r['classes']} | ×{r['width']:g} | {r['S']} "
               f"| {r['method']} | {r['runs']} | {r['mean']:.3f} | {ci} "
               f"| {r['min']:.2f} – {r['max']:.2f} | {flops} |")
     if args.json:

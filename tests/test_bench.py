@@ -47,9 +47,9 @@ def _pool():
     return module
 
 
-def _run_file(path, paired: dict, device="Xeon", model=None):
+def _run_file(path, paired: dict, device="Xeon", model=None, calibrated=True):
     """A bench_saliency.py --json file with sosp_h / taylor paired ratios {width: ratio}."""
-    data = {"device_name": device, "batchnorm": "running",
+    data = {"device_name": device, "batchnorm": "running", "batchnorm_calibrated": calibrated,
             "rows": [{"classes": 10, "width": w, "S": int(1120 * w), "sosp_h/taylor_paired": r,
                       "sosp_h/taylor_flops": 1.989, "gradient/taylor_paired": 1.0} for w, r in paired.items()]}
     if model:
@@ -61,15 +61,19 @@ def _run_file(path, paired: dict, device="Xeon", model=None):
 def test_pooling_averages_each_widths_paired_ratio_over_runs(tmp_path, monkeypatch, capsys):
     """``scripts/pool_bench.py``: per device, model, width and method, the mean of the runs'
     paired ratios, an interval over runs inside their range, and the runs' extremes; files
-    written before the model was recorded count as resnet56; another device is its own row."""
+    written before the model was recorded count as resnet56; another device, or BatchNorm
+    statistics not calibrated, is a row of its own."""
     pool = _pool()
     runs = [_run_file(tmp_path / "a.json", {1: 1.90, 4: 1.95}),
             _run_file(tmp_path / "b.json", {1: 1.88, 4: 2.00}, model="resnet56"),
             _run_file(tmp_path / "c.json", {4: 1.99}),
-            _run_file(tmp_path / "d.json", {4: 2.10}, device="EPYC")]
+            _run_file(tmp_path / "d.json", {4: 2.10}, device="EPYC"),
+            _run_file(tmp_path / "e.json", {4: 2.30}, calibrated=False)]
     rows = pool.pool({p: pool.read_run(p) for p in runs}, ["sosp_h"])
-    by = {(r["device_name"], r["width"]): r for r in rows}
-    assert sorted(by) == [("EPYC", 4), ("Xeon", 1), ("Xeon", 4)] and {r["method"] for r in rows} == {"sosp_h"}
+    by = {(r["device_name"], r["width"]) if r["batchnorm"] == "running, calibrated" else r["batchnorm"]: r
+          for r in rows}
+    assert sorted(by, key=str) == [("EPYC", 4), ("Xeon", 1), ("Xeon", 4), "running"]
+    assert {r["method"] for r in rows} == {"sosp_h"} and by["running"]["mean"] == 2.30
     x4 = by[("Xeon", 4)]
     assert x4["runs"] == 3 and x4["mean"] == pytest.approx((1.95 + 2.00 + 1.99) / 3)
     assert (x4["min"], x4["max"], x4["flops"], x4["model"]) == (1.95, 2.00, [1.989], "resnet56")
@@ -79,7 +83,7 @@ def test_pooling_averages_each_widths_paired_ratio_over_runs(tmp_path, monkeypat
     out = tmp_path / "pooled.json"
     monkeypatch.setattr(sys, "argv", ["pool_bench.py", *runs[:3], "--methods", "sosp_h", "--json", str(out)])
     pool.main()
-    assert "| Xeon | resnet56 | 10 | ×4 | 4480 | sosp_h | 3 | 1.980 |" in capsys.readouterr().out
+    assert "| Xeon | resnet56 | running, calibrated | 10 | ×4 | 4480 | sosp_h | 3 | 1.980 |" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"][1]["files"] == runs[:3]
 
 
