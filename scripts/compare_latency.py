@@ -2,9 +2,9 @@
 
 Each argument is a sosp-run model file (``pretrained.pt``, ``pruned.pt``, ``finetuned.pt``, ...)
 or a run folder, which stands for its ``pruned.pt``; the first is the reference (typically a
-run's ``pretrained.pt``). Every repeat times one forward pass of each model in turn, in eval mode
-on the same input (the models' input shape, each of ``--batch-sizes``), so that a host whose
-speed drifts slows every model alike. Per model and batch size: the median milliseconds, and the
+run's ``pretrained.pt``). Every repeat times one forward pass of each model in turn (the order
+reversed every other repeat), in eval mode on the same input (the models' input shape, each of
+``--batch-sizes``), so that a host whose speed drifts slows every model alike. Per model and batch size: the median milliseconds, and the
 speed-up against the reference — the median of the per-repeat ratios — with the model's
 parameters and MACs. The timing is ``result.json``'s (``sosp_cli.measure.latencies_in_turn``),
 across runs: e.g. ``prune.round_to=1`` against ``8`` (README, "Budgets and selection").
