@@ -64,6 +64,14 @@ EXTRA = ("gradient", "sosp_h_fwad", *VARIANTS)   # timed besides the criteria (s
 DEFAULT_METHODS = ("gradient", *METHODS, "sosp_h_joint", "sosp_h_fwad", "sosp_h_half")
 
 
+def refuse_repeats(parser: argparse.ArgumentParser, values: list[str], noun: str) -> None:
+    """A one-line argparse error for the first of ``values`` given more than once (files to
+    compare or pool: ``compare_latency.py``, ``pool_bench.py``)."""
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        parser.error(f"{twice[0]} is given twice; give each {noun} once")
+
+
 def positive(kind):
     """argparse type: a number of ``kind`` that is > 0, else a one-line error naming it."""
     def parse(text: str):

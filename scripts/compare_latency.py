@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_saliency import cpu_name, positive  # noqa: E402
+from bench_saliency import cpu_name, positive, refuse_repeats  # noqa: E402
 
 from sosp_cli.checkpoint import load_model  # noqa: E402
 from sosp_cli.errors import SospError  # noqa: E402
@@ -51,9 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.models) < 2:
         parser.error("give a reference and at least one model to compare with it")
-    twice = sorted({a for a in args.models if args.models.count(a) > 1})
-    if twice:
-        parser.error(f"{twice[0]} is given twice; give each model once")
+    refuse_repeats(parser, args.models, "model")
     if args.json and (why := unwritable(args.json)):
         parser.error(f"argument --json: {args.json} cannot be written ({why})")
     models, shapes = {}, {}

@@ -25,7 +25,9 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_saliency import refuse_repeats  # noqa: E402
+
 from sosp_cli.measure import mean_interval  # noqa: E402
 from sosp_cli.utils import unwritable  # noqa: E402
 
@@ -56,10 +58,9 @@ def pool(runs: dict[str, dict], methods: list[str] | None = None) -> list[dict]:
             bn = data.get("batchnorm", "running") + (", calibrated" if data.get("batchnorm_calibrated") else "")
             key = (data.get("device_name", "?"), data.get("model", "resnet56"), bn, r.get("classes", 10),
                    r["width"], r.get("S"))
-            for k, v in r.items():
-                if k.endswith(RATIO):
-                    groups.setdefault(key, {}).setdefault(k[:-len(RATIO)], []).append(
-                        (path, v, r.get(k[:-len(RATIO)] + "/taylor_flops")))
+            for method in (k[:-len(RATIO)] for k in r if k.endswith(RATIO)):
+                groups.setdefault(key, {}).setdefault(method, []).append(
+                    (path, r[method + RATIO], r.get(method + "/taylor_flops")))
     found = sorted({m for g in groups.values() for m in g})
     if not found:
         raise ValueError("no run has a method timed with taylor (columns <method>/taylor_paired)")
@@ -86,9 +87,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
     parser.add_argument("--json", default=None, help="also write the pooled rows to this file")
     args = parser.parse_args()
-    twice = sorted({a for a in args.runs if args.runs.count(a) > 1})
-    if twice:
-        parser.error(f"{twice[0]} is given twice; give each run once")
+    refuse_repeats(parser, args.runs, "run")
     if args.json and (why := unwritable(args.json)):
         parser.error(f"argument --json: {args.json} cannot be written ({why})")
     try:

@@ -102,8 +102,9 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
 
     if len(values) < 2:
         return None
-    mean, half = statistics.fmean(values), t.ppf((1 + level) / 2, len(values) - 1) * statistics.stdev(values)
-    return mean - half / len(values) ** 0.5, mean + half / len(values) ** 0.5
+    n, mean = len(values), statistics.fmean(values)
+    half = t.ppf((1 + level) / 2, n - 1) * statistics.stdev(values) / n ** 0.5
+    return mean - half, mean + half
 
 
 def in_turn(items: Sequence, repeats: int) -> list[list]:

@@ -325,8 +325,7 @@ def _site_tangents(ss: StructureSet, model: nn.Module, x: torch.Tensor, produced
         def hook(module, args, out):
             if not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 return None
-            if isinstance(module, nn.Linear) and out.dim() != 2:
-                raise _Untestable   # features on the last dimension: refused at the gate sites
+            _require_channels_on_dim_one(module, out)
             primal = fwad.unpack_dual(out).primal
             if name not in noise:
                 noise[name] = torch.randn(primal.shape, generator=generator, dtype=torch.float64)
@@ -337,8 +336,7 @@ def _site_tangents(ss: StructureSet, model: nn.Module, x: torch.Tensor, produced
         def hook(module, args):
             if not args or not isinstance(args[0], torch.Tensor):
                 return None
-            if isinstance(module, nn.Linear) and args[0].dim() != 2:
-                raise _Untestable
+            _require_channels_on_dim_one(module, args[0])
             primal, tangent = fwad.unpack_dual(args[0])
             reads[name] = None if tangent is None else tangent.detach().clone()
             return (primal,) + tuple(args[1:])
@@ -367,6 +365,13 @@ class _Untestable(Exception):
     """A model :func:`_check_channels_stay_apart` cannot test."""
 
 
+def _require_channels_on_dim_one(module: nn.Module, x: torch.Tensor) -> None:
+    """:class:`_Untestable` for a linear layer whose input or output ``x`` is not [batch,
+    features]: its features are on the last dimension (refused at the gate sites)."""
+    if isinstance(module, nn.Linear) and x.dim() != 2:
+        raise _Untestable
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A depthwise conv: one filter per channel (part of a structure, not a gate site)."""
     return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
@@ -390,7 +395,7 @@ def _structure_group(root: str, channels: int, offset: int, group, names: dict,
     for it in group.items:
         module = it.dep.target.module
         if is_grouped(module):
-            n = module.out_channels if dg.is_out_channel_pruning_fn(it.dep.handler) else module.in_channels
+            n = _channel_count(module, dg.is_out_channel_pruning_fn(it.dep.handler))
             per_channel = channels // n if n < channels and channels % n == 0 else 1
             grouped[names[module]] = (module.groups, module.groups * per_channel)
     g = math.lcm(*(factor for _, factor in grouped.values()), _split_parts(root, channels, group))
@@ -555,7 +560,13 @@ def _combines_channels(grad_fn, channels: int) -> bool:
     rank = None if sizes is None else len(sizes)
     if rank is not None and (rank < 2 or sizes[1] < channels):
         return False
-    return any(d == 1 or (rank is not None and d == 1 - rank) for d in dims)
+    return any(_is_dim_one(d, rank) for d in dims)
+
+
+def _is_dim_one(dim: int, rank: int | None) -> bool:
+    """Whether ``dim`` (signed: :func:`_signed`) is dimension 1 of a tensor of ``rank``
+    dimensions (unknown rank: only a non-negative 1 is known to be)."""
+    return dim == 1 or (rank is not None and dim == 1 - rank)
 
 
 # matrix products: (saved operand, a dimension it sums over); what ``@`` and einsum run, and
@@ -622,7 +633,7 @@ def _multiplies_a_parameter(grad_fn) -> bool:
 def _saved_dim_is_channels(grad_fn) -> bool:
     """Whether the dimension ``grad_fn`` saved (``_saved_dim``, negative ones as torch stores them:
     wrapped to unsigned 64 bits) is dimension 1 of its input (``_saved_self_sym_sizes``)."""
-    return _signed(grad_fn._saved_dim) % len(grad_fn._saved_self_sym_sizes) == 1
+    return _is_dim_one(_signed(grad_fn._saved_dim), len(grad_fn._saved_self_sym_sizes))
 
 
 def _channel_count(module: nn.Module, outputs: bool) -> int | None:
